@@ -1,0 +1,320 @@
+"""The ``textinv`` command: argv to configs, friendly errors, exit codes.
+
+Exit codes: 0 done, 2 a user error (one line on stderr, no traceback), 1 an internal fault,
+130 interrupted. ``TEXTINV_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from textinv.config import INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, TrainConfig, UserError
+
+logger = logging.getLogger("textinv")
+
+TRAIN_HELP = {
+    "pretrained_model_name_or_path": "diffusers pipeline folder or hub id of the base model",
+    "revision": "hub revision (branch, tag or commit) of the base model",
+    "tokenizer_name": "tokenizer folder or hub id, if not the model's own",
+    "train_data_dir": "folder with the 3-5 training images",
+    "learnable_property": "what the token learns: an object or a style",
+    "placeholder_token": "the new word, e.g. '<cat-toy>'",
+    "initializer_token": "a one-token word the vectors start from, e.g. 'toy'",
+    "num_vectors": "vectors in the new token (more = more capacity)",
+    "resolution": "training image size in pixels (multiple of 8)",
+    "height": "training image height; overrides --resolution",
+    "width": "training image width; overrides --resolution",
+    "center_crop": "crop the image centre to the target aspect ratio before resizing",
+    "random_flip": "mirror images at random (p=0.5); --no_random_flip turns it off",
+    "interpolation": "resampling filter for resizing",
+    "repeats": "times each image appears per epoch",
+    "train_batch_size": "examples per process per micro-batch",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "num_train_epochs": "epochs to train when --max_train_steps is not given",
+    "max_train_steps": "optimizer steps to train (overrides --num_train_epochs)",
+    "learning_rate": "peak learning rate (before --scale_lr)",
+    "scale_lr": "multiply the learning rate by batch size x accumulation x processes",
+    "lr_scheduler": "learning-rate schedule",
+    "lr_warmup_steps": "warm-up steps of the schedule",
+    "lr_num_cycles": "restarts of cosine_with_restarts",
+    "lr_power": "power of the polynomial schedule",
+    "adam_beta1": "AdamW beta1",
+    "adam_beta2": "AdamW beta2",
+    "adam_weight_decay": "AdamW decoupled weight decay on the token vectors",
+    "adam_epsilon": "AdamW epsilon",
+    "max_grad_norm": "clip the gradient norm to this; <= 0 turns clipping off",
+    "seed": "seed for a reproducible run (random when not given, and recorded in run.json)",
+    "dataloader_num_workers": "worker processes decoding and resizing images (once, before training)",
+    "output_dir": "where the embedding (and the full pipeline) are written",
+    "save_steps": "also write learned_embeds-steps-N.safetensors every N steps",
+    "only_save_embeds": "write only the embedding files, not the full pipeline",
+    "overwrite_output_dir": "replace another run's results in --output_dir",
+}
+CHOICES = {
+    "learnable_property": LEARNABLE_PROPERTIES,
+    "lr_scheduler": LR_SCHEDULERS,
+    "interpolation": INTERPOLATIONS,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line and exit 2 (not a usage dump)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, named as in ppdiffusers' train_textual_inversion.py."""
+    hints = typing.get_type_hints(TrainConfig)
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name not in TRAIN_HELP:
+            continue
+        flag = f"--{spec.name}"
+        kind = _base_type(hints[spec.name])
+        required = spec.default is dataclasses.MISSING
+        default_text = "" if required else f" (default: {spec.default})"
+        help_text = TRAIN_HELP[spec.name] + default_text
+        if kind is bool and spec.default is True:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            # The BooleanOptionalAction spelling is --no-x; ppdiffusers-style flags use underscores.
+            parser.add_argument(f"--no_{spec.name}", dest=spec.name, action="store_false", help=argparse.SUPPRESS)
+        elif kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(
+                flag,
+                type=_typed(kind, flag),
+                default=None,
+                required=required,
+                choices=CHOICES.get(spec.name),
+                metavar=None if spec.name in CHOICES else spec.name.upper(),
+                help=help_text,
+            )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {
+        spec.name: getattr(args, spec.name)
+        for spec in dataclasses.fields(TrainConfig)
+        if spec.name in TRAIN_HELP and getattr(args, spec.name, None) is not None
+    }
+    # --num_train_epochs alone means "train that many epochs", not the default step count.
+    if "num_train_epochs" in given and "max_train_steps" not in given:
+        given["max_train_steps"] = None
+    return TrainConfig(**given)
+
+
+def _base_type(hint: Any) -> type:
+    arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+    return arguments[0] if arguments else hint
+
+
+def _typed(kind: type, flag: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+# --- commands ------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from textinv.train import train
+
+    config = config_from_args(args)
+    config.validate()
+    result = train(config)
+    print(f"learned {config.placeholder_token} -> {result.embedding_path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from textinv.generate import generate
+
+    result = generate(
+        args.model,
+        args.prompt,
+        embeddings=args.embeddings or [],
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        output_dir=args.output_dir,
+        device=args.device,
+    )
+    for path in result.paths:
+        print(path)
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from textinv.tiny import build_tiny_pipeline
+
+    print(build_tiny_pipeline(args.output_dir, family=args.family, seed=args.seed))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from textinv.generate import generate
+    from textinv.tiny import build_tiny_pipeline, demo_images_dir
+    from textinv.train import RUN_FILE, train
+
+    output_dir = Path(args.output_dir)
+    images = demo_images_dir()
+    previous = output_dir / RUN_FILE
+    overwrite = False
+    if previous.is_file():
+        try:
+            overwrite = json.loads(previous.read_text())["config"]["train_data_dir"] == str(images)
+        except (ValueError, KeyError, TypeError):
+            overwrite = False
+    base_model = output_dir / "base-model"
+    if base_model.exists() and overwrite:
+        import shutil
+
+        shutil.rmtree(base_model)
+    build_tiny_pipeline(base_model, seed=0)
+    config = TrainConfig(
+        pretrained_model_name_or_path=str(base_model),
+        train_data_dir=str(images),
+        placeholder_token="<red-cartoon>",
+        initializer_token="cartoon",
+        resolution=64,
+        train_batch_size=2,
+        max_train_steps=args.steps,
+        learning_rate=5e-3,
+        lr_warmup_steps=0,
+        save_steps=max(1, args.steps // 2),
+        seed=42,
+        output_dir=str(output_dir),
+        overwrite_output_dir=overwrite,
+    )
+    result = train(config)
+    images_out = generate(
+        str(output_dir),
+        "a <red-cartoon> on the beach",
+        num_images=1,
+        num_inference_steps=25,
+        seed=1,
+        output_dir=output_dir / "samples",
+    )
+    print(f"embedding: {result.embedding_path}")
+    for path in images_out.paths:
+        print(f"image:     {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from textinv import __version__
+
+    parser = _Parser(prog="textinv", description="Textual Inversion for Stable Diffusion.")
+    parser.add_argument("--version", action="version", version=f"textinv {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train_parser = commands.add_parser("train", help="learn a new token from a few images")
+    add_train_arguments(train_parser)
+    train_parser.set_defaults(handler=cmd_train)
+
+    gen = commands.add_parser("generate", help="generate images with a model and embeddings")
+    gen.add_argument("--model", required=True, help="pipeline folder or hub id (a training output_dir works)")
+    gen.add_argument("--embeddings", action="append", metavar="FILE", help="embedding file to load (repeatable)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative_prompt")
+    gen.add_argument("--num_images", type=_typed(int, "--num_images"), default=1)
+    gen.add_argument("--num_inference_steps", type=_typed(int, "--num_inference_steps"), default=50)
+    gen.add_argument("--guidance_scale", type=_typed(float, "--guidance_scale"), default=7.5)
+    gen.add_argument("--seed", type=_typed(int, "--seed"), help="image i uses seed+i")
+    gen.add_argument("--height", type=_typed(int, "--height"))
+    gen.add_argument("--width", type=_typed(int, "--width"))
+    gen.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    gen.add_argument("--output_dir", default="textinv-images")
+    gen.set_defaults(handler=cmd_generate)
+
+    tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline folder for trying things out")
+    tiny.add_argument("output_dir")
+    tiny.add_argument("--family", default="sd1", choices=["sd1"])
+    tiny.add_argument("--seed", type=_typed(int, "--seed"), default=0)
+    tiny.set_defaults(handler=cmd_tiny)
+
+    demo = commands.add_parser("demo", help="train and generate on the built-in tiny pipeline and images")
+    demo.add_argument("--output_dir", default="demo-output")
+    demo.add_argument("--steps", type=_typed(int, "--steps"), default=200)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "diffusers", "accelerate", "huggingface_hub", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Loading bars of diffusers/transformers would drown textinv's own progress bar.
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "textinv") -> int:
+    debug = os.environ.get("TEXTINV_DEBUG") == "1"
+    try:
+        parser = build_parser()
+        parser.prog = prog
+        args = parser.parse_args(argv)
+        _configure_logging()
+        return int(args.handler(args) or 0)
+    except UserError as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:
+        if debug:
+            raise
+        if error.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            where = f" ({error.filename})" if error.filename else ""
+            print(f"{prog}: error: {error.strerror}{where}; free space or choose another folder", file=sys.stderr)
+            return 2
+        print(f"{prog}: internal error: {error} (TEXTINV_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+    except Exception as error:  # an internal fault: still one line, with a way to see more
+        if debug:
+            raise
+        print(
+            f"{prog}: internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+            "(TEXTINV_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def train_script_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python train_textual_inversion.py --flags``: the ppdiffusers command line, unchanged."""
+    return main(["train", *(sys.argv[1:] if argv is None else argv)], prog="train_textual_inversion.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

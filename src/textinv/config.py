@@ -1,0 +1,174 @@
+"""Every training option, its default and its validation, in one place.
+
+Defaults follow PaddlePaddle ppdiffusers' ``examples/textual_inversion/train_textual_inversion.py``
+(``parse_args``) where that script has the flag, so its command lines behave the same here.
+Where textinv deliberately differs, the field's comment says so.
+
+This module must not import torch: the CLI validates a config before paying for torch's import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file...). The CLI prints it as one line, exit 2."""
+
+
+LEARNABLE_PROPERTIES = ("object", "style")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+INTERPOLATIONS = ("nearest", "linear", "bilinear", "bicubic", "lanczos")
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on ------------------------------------------------------------------
+    pretrained_model_name_or_path: str
+    train_data_dir: str
+    placeholder_token: str
+    initializer_token: str
+    revision: Optional[str] = None
+    tokenizer_name: Optional[str] = None
+    learnable_property: str = "object"
+    # A token of N vectors (new in ppdiffusers' later versions; default 1).
+    num_vectors: int = 1
+
+    # --- images ------------------------------------------------------------------------------
+    resolution: int = 512
+    height: Optional[int] = None  # overrides resolution
+    width: Optional[int] = None  # overrides resolution
+    center_crop: bool = False
+    # ppdiffusers always flips with p=0.5; diffusers and kohya make it a switch. On by default.
+    random_flip: bool = True
+    # ppdiffusers' training dataset is built with interpolation="bilinear".
+    interpolation: str = "bilinear"
+    repeats: int = 100
+
+    # --- optimisation ------------------------------------------------------------------------
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: int = 100
+    # Overrides num_train_epochs when set; None means "derive from num_train_epochs".
+    max_train_steps: Optional[int] = 5000
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = -1.0  # <= 0 turns clipping off
+    seed: Optional[int] = None
+    dataloader_num_workers: int = 0
+
+    # --- outputs -----------------------------------------------------------------------------
+    output_dir: str = "text-inversion-model"
+    save_steps: int = 500
+    # ppdiffusers declares this store_true with default=True (so it can never be False there);
+    # textinv saves the full pipeline unless asked not to, as diffusers' example does.
+    only_save_embeds: bool = False
+    overwrite_output_dir: bool = False
+
+    # Things the CLI learned about how the config was given (not options).
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def image_height(self) -> int:
+        return self.height if self.height is not None else self.resolution
+
+    @property
+    def image_width(self) -> int:
+        return self.width if self.width is not None else self.resolution
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("extra", None)
+        return data
+
+    def validate(self) -> None:
+        """Raise UserError naming the first bad value and how to fix it."""
+        _require_text("--pretrained_model_name_or_path", self.pretrained_model_name_or_path)
+        _require_text("--train_data_dir", self.train_data_dir)
+        _require_text("--placeholder_token", self.placeholder_token)
+        _require_text("--initializer_token", self.initializer_token)
+        if any(ch.isspace() for ch in self.placeholder_token):
+            raise UserError(
+                f"--placeholder_token {self.placeholder_token!r} contains white space; "
+                "use one word such as '<cat-toy>'"
+            )
+        _choice("--learnable_property", self.learnable_property, LEARNABLE_PROPERTIES)
+        _choice("--lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _choice("--interpolation", self.interpolation, INTERPOLATIONS)
+        for name, value in (
+            ("--resolution", self.resolution),
+            ("--height", self.height),
+            ("--width", self.width),
+        ):
+            if value is None:
+                continue
+            if value < 8 or value % 8:
+                raise UserError(
+                    f"{name} {value} must be a positive multiple of 8 (the VAE downsamples by 8); "
+                    f"try {max(8, round(value / 8) * 8)}"
+                )
+        for name, value in (
+            ("--num_vectors", self.num_vectors),
+            ("--repeats", self.repeats),
+            ("--train_batch_size", self.train_batch_size),
+            ("--gradient_accumulation_steps", self.gradient_accumulation_steps),
+            ("--num_train_epochs", self.num_train_epochs),
+            ("--save_steps", self.save_steps),
+            ("--lr_num_cycles", self.lr_num_cycles),
+        ):
+            _at_least(name, value, 1)
+        if self.max_train_steps is not None:
+            _at_least("--max_train_steps", self.max_train_steps, 1)
+        _at_least("--lr_warmup_steps", self.lr_warmup_steps, 0)
+        _at_least("--dataloader_num_workers", self.dataloader_num_workers, 0)
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning_rate {self.learning_rate} must be > 0, e.g. 5e-4")
+        for name, value in (("--adam_beta1", self.adam_beta1), ("--adam_beta2", self.adam_beta2)):
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"{name} {value} must be in [0, 1), e.g. 0.9")
+        if not self.adam_epsilon > 0:
+            raise UserError(f"--adam_epsilon {self.adam_epsilon} must be > 0, e.g. 1e-8")
+        if not self.adam_weight_decay >= 0:
+            raise UserError(f"--adam_weight_decay {self.adam_weight_decay} must be >= 0")
+        if self.lr_power <= 0:
+            raise UserError(f"--lr_power {self.lr_power} must be > 0, e.g. 1.0")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed {self.seed} must be in [0, 2**63)")
+        _require_text("--output_dir", self.output_dir)
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--output_dir {self.output_dir!r} is a file; give a directory path")
+
+
+def _require_text(name: str, value: Optional[str]) -> None:
+    if value is None or not str(value).strip():
+        raise UserError(f"{name} is required and must not be empty")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} {value!r} is not one of: {', '.join(choices)}")
+
+
+def _at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UserError(f"{name} {value} must be >= {minimum}")

@@ -1,0 +1,260 @@
+"""Training data: finding and checking images, their views, captions, and the latent cache.
+
+A *view* is one training image after resize/crop, flipped or not. Views are deterministic, so
+each goes through the VAE once (:func:`encode_latent_cache`); training steps then draw latents
+from the cached distribution ``mean + std * eps`` exactly as ``latent_dist.sample()`` would.
+
+The order of examples is a pure function of ``(seed, example index)`` (:class:`ExampleStream`):
+which image, whether flipped, which template, and the seed of its noise. So a run can resume at
+any example, and N processes reading every N-th example see what one process would.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from textinv.config import UserError
+
+logger = logging.getLogger(__name__)
+
+# Pillow can decompress a small file into a gigantic bitmap; refuse past this many pixels.
+MAX_IMAGE_PIXELS = 8192 * 8192
+MIN_IMAGE_SIDE = 8
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "linear": Image.Resampling.BILINEAR,  # PIL's "linear" is bilinear, as ppdiffusers maps it
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _image_suffixes() -> set[str]:
+    return {suffix.lower() for suffix in Image.registered_extensions()}
+
+
+def discover_images(train_data_dir: str | Path) -> list[Path]:
+    """The readable images in ``train_data_dir`` (not recursive), sorted by name.
+
+    Unreadable image files are reported in one warning and skipped; none readable is an error.
+    """
+    folder = Path(train_data_dir).expanduser()
+    if not folder.exists():
+        raise UserError(f"--train_data_dir {str(folder)!r} does not exist; give the folder holding your 3-5 images")
+    if not folder.is_dir():
+        raise UserError(f"--train_data_dir {str(folder)!r} is a file; give the folder that holds the images")
+    suffixes = _image_suffixes()
+    entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    candidates = [p for p in entries if p.suffix.lower() in suffixes]
+    if not candidates:
+        listed = ", ".join(p.name for p in entries[:5]) or "nothing"
+        raise UserError(
+            f"--train_data_dir {str(folder)!r} has no image files (found: {listed}); "
+            "put .jpg/.png/.webp images in it"
+        )
+    readable, problems = [], []
+    for path in candidates:
+        problem = check_image(path)
+        if problem is None:
+            readable.append(path)
+        else:
+            problems.append(f"{path.name} ({problem})")
+    if not readable:
+        raise UserError(
+            f"--train_data_dir {str(folder)!r} has no readable image: {'; '.join(problems)}; "
+            "replace these with valid images"
+        )
+    if problems:
+        logger.warning("skipping %d unreadable image(s): %s", len(problems), "; ".join(problems))
+    return readable
+
+
+def check_image(path: Path) -> str | None:
+    """None if ``path`` decodes as a usable image, else a short reason."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                return f"{width}x{height} is larger than {MAX_IMAGE_PIXELS} pixels"
+            if min(width, height) < MIN_IMAGE_SIDE:
+                return f"{width}x{height} is smaller than {MIN_IMAGE_SIDE} pixels a side"
+            image.load()
+    except UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except Image.DecompressionBombError:
+        return "too many pixels"
+    except (OSError, ValueError, SyntaxError) as error:
+        return f"damaged: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    return None
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) as RGB; transparency goes on white."""
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
+        image.load()
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def make_view(image: Image.Image, height: int, width: int, center_crop: bool, interpolation: str) -> Image.Image:
+    """Resize to ``width x height``; with ``center_crop``, first crop the centre to that aspect ratio."""
+    if center_crop:
+        src_w, src_h = image.size
+        target_ratio = width / height
+        if src_w / src_h > target_ratio:
+            crop_w, crop_h = round(src_h * target_ratio), src_h
+        else:
+            crop_w, crop_h = src_w, round(src_w / target_ratio)
+        left, top = (src_w - crop_w) // 2, (src_h - crop_h) // 2
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+    return image.resize((width, height), resample=_RESAMPLE[interpolation])
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] float32 in [-1, 1], the VAE's input range."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class _ViewDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path], height: int, width: int, center_crop: bool, interpolation: str) -> None:
+        self.paths, self.height, self.width = list(paths), height, width
+        self.center_crop, self.interpolation = center_crop, interpolation
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        view = make_view(load_rgb(self.paths[index]), self.height, self.width, self.center_crop, self.interpolation)
+        return to_tensor(view)
+
+
+def load_views(
+    paths: Sequence[Path],
+    height: int,
+    width: int,
+    center_crop: bool,
+    interpolation: str,
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """All images as unflipped views, ``[num_images, 3, H, W]``, decoded by ``num_workers`` workers."""
+    loader = torch.utils.data.DataLoader(
+        _ViewDataset(paths, height, width, center_crop, interpolation),
+        batch_size=1,
+        num_workers=num_workers,
+    )
+    return torch.cat(list(loader))
+
+
+@dataclass
+class LatentCache:
+    """VAE latent distributions of every view: ``[num_images, num_flips, C, h, w]``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+    shift_factor: float = 0.0
+
+    @property
+    def num_flips(self) -> int:
+        return int(self.mean.shape[1])
+
+    def sample(self, image_index: int, flipped: bool, generator: torch.Generator) -> torch.Tensor:
+        """One scaled latent drawn from a view's distribution (what latent_dist.sample() gives)."""
+        flip = 1 if flipped and self.num_flips > 1 else 0
+        mean, std = self.mean[image_index, flip], self.std[image_index, flip]
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return (mean + std * eps - self.shift_factor) * self.scaling_factor
+
+
+@torch.no_grad()
+def encode_latent_cache(vae: Any, views: torch.Tensor, random_flip: bool) -> LatentCache:
+    """Encode each view (and its mirror when flipping) once."""
+    flips = [False, True] if random_flip else [False]
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    means, stds = [], []
+    for view in views:
+        per_image_mean, per_image_std = [], []
+        for flipped in flips:
+            pixels = view.flip(-1) if flipped else view
+            dist = vae.encode(pixels.unsqueeze(0).to(device, dtype)).latent_dist
+            per_image_mean.append(dist.mean[0].float().cpu())
+            per_image_std.append(dist.std[0].float().cpu())
+        means.append(torch.stack(per_image_mean))
+        stds.append(torch.stack(per_image_std))
+    config = vae.config
+    return LatentCache(
+        mean=torch.stack(means),
+        std=torch.stack(stds),
+        scaling_factor=float(getattr(config, "scaling_factor", 0.18215)),
+        shift_factor=float(getattr(config, "shift_factor", None) or 0.0),
+    )
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: which view, which caption, and the seed of its random draws."""
+
+    index: int
+    image_index: int
+    flipped: bool
+    caption: str
+    noise_seed: int
+
+
+class ExampleStream:
+    """The endless, reproducible sequence of training examples.
+
+    Examples ``[k*L, (k+1)*L)`` form epoch ``k`` (``L = num_images * repeats``): a shuffled pass over
+    every image ``repeats`` times, as the reference scripts' shuffled, repeated dataset gives.
+    """
+
+    def __init__(
+        self,
+        num_images: int,
+        repeats: int,
+        templates: Sequence[str],
+        placeholder_text: str,
+        random_flip: bool,
+        seed: int,
+    ) -> None:
+        self.num_images, self.repeats = num_images, repeats
+        self.templates, self.placeholder_text = tuple(templates), placeholder_text
+        self.random_flip, self.seed = random_flip, seed
+
+    @property
+    def epoch_length(self) -> int:
+        return self.num_images * self.repeats
+
+    @lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 0, epoch])))
+        return rng.permutation(self.epoch_length)
+
+    def __getitem__(self, index: int) -> Example:
+        epoch, position = divmod(index, self.epoch_length)
+        slot = int(self._order(epoch)[position])
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 1, index])))
+        flipped = bool(self.random_flip and rng.random() < 0.5)
+        template = self.templates[int(rng.integers(len(self.templates)))]
+        return Example(
+            index=index,
+            image_index=slot % self.num_images,
+            flipped=flipped,
+            caption=template.format(self.placeholder_text),
+            noise_seed=int(rng.integers(2**62)),
+        )

@@ -1,0 +1,132 @@
+"""Writing files so that a crash never leaves a half-written one, and never clobbering a run.
+
+Every writer in textinv goes through :func:`atomic_write` (a file) or :func:`atomic_dir`
+(a directory): the content is written beside the target under a temporary name, flushed
+to disk, then renamed over the target in one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from textinv.config import UserError
+
+# Files whose presence means a directory holds a textinv (or diffusers/ppdiffusers) run's results.
+RUN_MARKERS = (
+    "run.json",
+    "learned_embeds.safetensors",
+    "learned_embeds.bin",
+    "learned_embeds.pdparams",
+    "model_index.json",
+)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform (e.g. Windows).
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename tmp_path to ``target``.
+
+    On any error the temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike[str], data: Any) -> Path:
+    return atomic_write_text(target, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces ``target`` whole.
+
+    An existing ``target`` is moved aside first and deleted only after the new one is in place,
+    so at every moment one complete version exists on disk.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def unique_path(path: Path) -> Path:
+    """``path`` if it is free, else ``stem-2.suffix``, ``stem-3.suffix``... (never overwrite)."""
+    if not path.exists():
+        return path
+    counter = 2
+    while True:
+        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+        counter += 1
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Create ``path`` if needed and prove we can write in it, or raise UserError."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {str(path)!r} is a file, not a directory; give a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".textinv-write-test-", delete=True)
+        probe.close()
+    except OSError as error:
+        raise UserError(
+            f"{flag} {str(path)!r} is not writable ({error.strerror or error}); "
+            "choose a directory you can write to"
+        ) from None
+
+
+def previous_run_markers(output_dir: Path) -> list[str]:
+    """Names of files in ``output_dir`` that show it holds another run's results."""
+    if not output_dir.is_dir():
+        return []
+    found = [name for name in RUN_MARKERS if (output_dir / name).exists()]
+    found += sorted(p.name for p in output_dir.glob("learned_embeds-steps-*"))[:3]
+    return found

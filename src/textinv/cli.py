@@ -131,18 +131,21 @@ def _typed(kind: type, flag: str) -> Callable[[str], Any]:
 
 # --- commands ------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from textinv.train import train
-
     config = config_from_args(args)
-    config.validate()
+    config.validate()  # before importing torch: a typo costs no start-up time
+
+    from textinv.training import train
+
+    _quiet_model_loading()
     result = train(config)
     print(f"learned {config.placeholder_token} -> {result.embedding_path}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from textinv.generate import generate
+    from textinv.generation import generate
 
+    _quiet_model_loading()
     result = generate(
         args.model,
         args.prompt,
@@ -172,10 +175,11 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import json
 
-    from textinv.generate import generate
+    from textinv.generation import generate
     from textinv.tiny import build_tiny_pipeline, demo_images_dir
-    from textinv.train import RUN_FILE, train
+    from textinv.training import RUN_FILE, train
 
+    _quiet_model_loading()
     output_dir = Path(args.output_dir)
     images = demo_images_dir()
     previous = output_dir / RUN_FILE
@@ -267,7 +271,10 @@ def _configure_logging() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # Loading bars of diffusers/transformers would drown textinv's own progress bar.
+
+
+def _quiet_model_loading() -> None:
+    """Loading bars of diffusers/transformers would drown textinv's own progress bar."""
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 

@@ -69,8 +69,9 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     torch.manual_seed(seed)  # only for anything a library draws; our own draws use explicit generators
     device = accelerator.device
 
-    parts = load_model_parts(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
+    # Cheap checks first: a missing image folder should not cost a model load.
     image_paths = discover_images(config.train_data_dir)
+    parts = load_model_parts(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
     logger.info("training on %d image(s) from %s", len(image_paths), config.train_data_dir)
 
     # --- latents: every view through the VAE once, then the VAE leaves memory -----------------

@@ -1,0 +1,28 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - create .venv if missing, install, train + generate on the built-in tiny pipeline
+#   make test   - create .venv if missing, install, run the test suite
+# TORCH is what pip installs first. The default is the CPU build that lies on this project's
+# machines; on a GPU machine install your CUDA build of torch into .venv first and run
+# `make demo TORCH=` (empty) so nothing replaces it.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/textinv: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	test -z "$(TORCH)" || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/textinv
+	$(BIN)/textinv demo --output_dir demo-output
+
+test: $(BIN)/textinv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo-output .pytest_cache

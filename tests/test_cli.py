@@ -1,0 +1,206 @@
+"""The command line: bad input ends in one line and exit 2; good input does what it says."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "textinv.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def train_args(model: Path, images: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={images}",
+        "--placeholder_token=<cat-toy>",
+        "--initializer_token=toy",
+        "--resolution=64",
+        "--train_batch_size=1",
+        "--max_train_steps=3",
+        "--seed=1",
+        f"--output_dir={output_dir}",
+        *extra,
+    ]
+
+
+@pytest.fixture()
+def empty_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    return folder
+
+
+def test_missing_train_data_dir(tiny_model: Path, tmp_path: Path) -> None:
+    assert_user_error(run_cli(*train_args(tiny_model, tmp_path / "nope", tmp_path / "out")), "nope", "does not exist")
+
+
+def test_empty_train_data_dir_flag(tiny_model: Path, tmp_path: Path) -> None:
+    args = train_args(tiny_model, tmp_path, tmp_path / "out")
+    args[2] = "--train_data_dir="
+    assert_user_error(run_cli(*args), "--train_data_dir")
+
+
+def test_train_data_dir_without_images(tiny_model: Path, empty_dir: Path, tmp_path: Path) -> None:
+    (empty_dir / "readme.txt").write_text("hi")
+    assert_user_error(run_cli(*train_args(tiny_model, empty_dir, tmp_path / "out")), "no image files", "readme.txt")
+
+
+def test_train_data_dir_with_only_unreadable_images(tiny_model: Path, empty_dir: Path, tmp_path: Path) -> None:
+    (empty_dir / "a.png").write_text("not an image")
+    (empty_dir / "b.jpg").write_bytes(b"")
+    assert_user_error(run_cli(*train_args(tiny_model, empty_dir, tmp_path / "out")), "a.png", "b.jpg")
+
+
+def test_some_unreadable_images_warn_and_train_goes_on(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for image in train_images.iterdir():
+        (folder / image.name).write_bytes(image.read_bytes())
+    (folder / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    result = run_cli(*train_args(tiny_model, folder, tmp_path / "out", "--only_save_embeds"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "corrupt.png" in result.stderr and "skipping 1 unreadable" in result.stderr
+    assert (tmp_path / "out" / "learned_embeds.safetensors").is_file()
+
+
+def test_missing_model_folder(train_images: Path, tmp_path: Path) -> None:
+    assert_user_error(run_cli(*train_args(tmp_path / "no-model", train_images, tmp_path / "out")), "no-model", "does not exist")
+
+
+def test_folder_that_is_not_a_pipeline(train_images: Path, tmp_path: Path) -> None:
+    assert_user_error(run_cli(*train_args(train_images, train_images, tmp_path / "out")), "model_index.json")
+
+
+def test_pipeline_missing_a_part(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text((tiny_model / "model_index.json").read_text())
+    assert_user_error(run_cli(*train_args(broken, train_images, tmp_path / "out")), "missing", "unet")
+
+
+@pytest.mark.parametrize("flag", ["--resolution=100", "--height=60", "--width=7"])
+def test_sizes_must_be_multiples_of_8(tiny_model: Path, train_images: Path, tmp_path: Path, flag: str) -> None:
+    name = flag.split("=")[0]
+    assert_user_error(run_cli(*train_args(tiny_model, train_images, tmp_path / "out", flag)), name, "multiple of 8")
+
+
+@pytest.mark.parametrize("token", ["toy", "<|endoftext|>"])
+def test_placeholder_already_in_vocabulary(tiny_model: Path, train_images: Path, tmp_path: Path, token: str) -> None:
+    args = train_args(tiny_model, train_images, tmp_path / "out", f"--placeholder_token={token}")
+    assert_user_error(run_cli(*args), "--placeholder_token", token)
+
+
+def test_initializer_of_several_tokens(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    args = train_args(tiny_model, train_images, tmp_path / "out", "--initializer_token=toy robot")
+    assert_user_error(run_cli(*args), "--initializer_token", "2 tokens", "--num_vectors 2")
+
+
+def test_max_train_steps_below_one(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    assert_user_error(run_cli(*train_args(tiny_model, train_images, tmp_path / "out", "--max_train_steps=0")), "--max_train_steps 0")
+
+
+def test_wrong_type_and_unknown_flag(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    assert_user_error(run_cli(*train_args(tiny_model, train_images, tmp_path / "out", "--learning_rate=fast")), "fast")
+    assert_user_error(run_cli(*train_args(tiny_model, train_images, tmp_path / "out", "--lr_scheduler=steep")), "steep")
+    assert_user_error(run_cli(*train_args(tiny_model, train_images, tmp_path / "out", "--frobnicate")), "--frobnicate")
+
+
+def test_output_dir_with_another_run_is_refused(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "learned_embeds.safetensors").write_bytes(b"precious")
+    result = run_cli(*train_args(tiny_model, train_images, out))
+    assert_user_error(result, "already holds another run", "--overwrite_output_dir")
+    assert (out / "learned_embeds.safetensors").read_bytes() == b"precious"
+
+
+def test_output_dir_that_is_a_file(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert_user_error(run_cli(*train_args(tiny_model, train_images, target)), "is a file")
+    assert target.read_text() == "keep me"
+
+
+def test_tiny_then_generate_is_reproducible(tmp_path: Path) -> None:
+    model = tmp_path / "tiny"
+    assert run_cli("tiny", str(model)).returncode == 0
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert_user_error(run_cli("tiny", str(model)), "not empty")
+    common = ["generate", "--model", str(model), "--prompt", "a toy", "--num_images", "2", "--num_inference_steps", "3",
+              "--seed", "5", "--height", "64", "--width", "64"]
+    first = run_cli(*common, "--output_dir", str(tmp_path / "a"))
+    second = run_cli(*common, "--output_dir", str(tmp_path / "b"))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:]
+    a = sorted((tmp_path / "a").glob("*.png"))
+    b = sorted((tmp_path / "b").glob("*.png"))
+    assert [p.name for p in a] == ["a-toy-seed5.png", "a-toy-seed6.png"]
+    pixels = [np.asarray(Image.open(p)) for p in a + b]
+    assert pixels[0].shape == (64, 64, 3)
+    assert np.array_equal(pixels[0], pixels[2]) and np.array_equal(pixels[1], pixels[3])
+    assert not np.array_equal(pixels[0], pixels[1])
+    # A second run into the same folder never overwrites the first images.
+    again = run_cli(*common, "--output_dir", str(tmp_path / "a"))
+    assert again.returncode == 0
+    assert len(list((tmp_path / "a").glob("*.png"))) == 4
+
+
+def test_generate_bad_input(tiny_model: Path, tmp_path: Path) -> None:
+    assert_user_error(run_cli("generate", "--model", str(tmp_path / "none"), "--prompt", "x"), "does not exist")
+    assert_user_error(
+        run_cli("generate", "--model", str(tiny_model), "--prompt", "x", "--num_images", "0"), "--num_images 0"
+    )
+    assert_user_error(
+        run_cli("generate", "--model", str(tiny_model), "--prompt", "x", "--embeddings", str(tmp_path / "missing.safetensors")),
+        "missing.safetensors",
+    )
+
+
+def test_generate_with_embedding_changes_the_image(tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    embedding = tmp_path / "learned_embeds.safetensors"
+    save_file({"<thing>": torch.randn(1, 32, generator=torch.Generator().manual_seed(0)) * 5}, str(embedding))
+    common = ["generate", "--model", str(tiny_model), "--num_inference_steps", "3", "--seed", "1", "--height", "64", "--width", "64"]
+    with_token = run_cli(*common, "--prompt", "a <thing>", "--embeddings", str(embedding), "--output_dir", str(tmp_path / "t"))
+    assert with_token.returncode == 0, with_token.stderr[-2000:]
+    without = run_cli(*common, "--prompt", "a toy", "--output_dir", str(tmp_path / "n"))
+    assert without.returncode == 0
+    image_t = np.asarray(Image.open(next((tmp_path / "t").glob("*.png"))))
+    image_n = np.asarray(Image.open(next((tmp_path / "n").glob("*.png"))))
+    assert not np.array_equal(image_t, image_n)
+
+
+def test_demo_writes_embedding_and_image(tmp_path: Path) -> None:
+    result = run_cli("demo", "--output_dir", str(tmp_path / "demo"), "--steps", "30")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "demo" / "learned_embeds.safetensors").is_file()
+    images = list((tmp_path / "demo" / "samples").glob("*.png"))
+    assert len(images) == 1 and Image.open(images[0]).size == (64, 64)
+    # Running the demo again replaces its own previous results instead of refusing.
+    assert run_cli("demo", "--output_dir", str(tmp_path / "demo"), "--steps", "5").returncode == 0

@@ -1,7 +1,7 @@
 """The ``textinv`` command: argv to configs, friendly errors, exit codes.
 
 Exit codes: 0 done, 2 a user error (one line on stderr, no traceback), 1 an internal fault,
-130 interrupted. ``TEXTINV_DEBUG=1`` shows tracebacks.
+130 (SIGINT) or 143 (SIGTERM) stopped after saving a checkpoint. ``TEXTINV_DEBUG=1`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from textinv.config import INTERPOLATIONS, LEARNABLE_PROPERTIES, LR_SCHEDULERS, TrainConfig, UserError
+from textinv.config import (
+    INTERPOLATIONS,
+    LEARNABLE_PROPERTIES,
+    LR_SCHEDULERS,
+    TrainConfig,
+    TrainingInterrupted,
+    UserError,
+)
 
 logger = logging.getLogger("textinv")
 
@@ -57,6 +64,9 @@ TRAIN_HELP = {
     "save_steps": "also write learned_embeds-steps-N.safetensors every N steps",
     "only_save_embeds": "write only the embedding files, not the full pipeline",
     "overwrite_output_dir": "replace another run's results in --output_dir",
+    "checkpointing_steps": "write a resumable checkpoint-N folder every N steps",
+    "checkpoints_total_limit": "keep at most this many checkpoints (the oldest go first)",
+    "resume_from_checkpoint": "resume a stopped run: 'latest' or a checkpoint-N folder",
 }
 CHOICES = {
     "learnable_property": LEARNABLE_PROPERTIES,
@@ -159,6 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         output_dir=args.output_dir,
         device=args.device,
+        replace=args.replace,
     )
     for path in result.paths:
         print(path)
@@ -225,6 +236,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print what an embedding file holds: a short table, or JSON with ``--json``."""
+    import json
+
+    from textinv.embeddings import describe
+
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['file']}: {info['format']}, {len(info['tokens'])} token(s)")
+    rows = [("token", "vectors", "encoder", "dim", "dtype", "family", "step", "vector norms")]
+    for entry in info["tokens"]:
+        for encoder, dim in entry["dims"].items():
+            norms = entry["norms"][encoder]
+            shown = " ".join(f"{n:.3f}" for n in norms[:8]) + (f" ... ({len(norms)})" if len(norms) > 8 else "")
+            step = "-" if entry["step"] is None else str(entry["step"])
+            dtype = entry["dtype"].get(encoder, "?")
+            rows.append(
+                (entry["token"], str(entry["num_vectors"]), encoder, str(dim), dtype, entry["family"], step, shown)
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Write an embedding file's token in another format."""
+    from textinv.embeddings import convert, detect_format
+
+    written = convert(args.input, args.output, to=args.to, token=args.token, overwrite=args.overwrite)
+    print(f"wrote {written} ({detect_format(written)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from textinv import __version__
 
@@ -249,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=_typed(int, "--width"))
     gen.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     gen.add_argument("--output_dir", default="textinv-images")
+    gen.add_argument("--replace", action="store_true", help="let an embedding replace a token the model already has")
     gen.set_defaults(handler=cmd_generate)
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline folder for trying things out")
@@ -256,6 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", default="sd1", choices=["sd1"])
     tiny.add_argument("--seed", type=_typed(int, "--seed"), default=0)
     tiny.set_defaults(handler=cmd_tiny)
+
+    show = commands.add_parser("inspect", help="show the format, tokens, shapes and model family of an embedding")
+    show.add_argument("file", help="embedding file (any format) or a folder holding learned_embeds.*")
+    show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show.set_defaults(handler=cmd_inspect)
+
+    conv = commands.add_parser("convert", help="convert an embedding file to another format")
+    conv.add_argument("input", help="embedding file to read (any format)")
+    conv.add_argument("output", help="file to write; its suffix picks the format unless --to is given")
+    conv.add_argument("--to", choices=["diffusers", "a1111", "sdxl", "pdparams"], help="output format")
+    conv.add_argument("--token", help="write the token under this name")
+    conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    conv.set_defaults(handler=cmd_convert)
 
     demo = commands.add_parser("demo", help="train and generate on the built-in tiny pipeline and images")
     demo.add_argument("--output_dir", default="demo-output")
@@ -295,6 +356,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "textinv") -> int:
             raise
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stopped:
+        print(f"{prog}: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

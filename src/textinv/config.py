@@ -19,6 +19,20 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file...). The CLI prints it as one line, exit 2."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a step, and a checkpoint was written."""
+
+    def __init__(self, step: int, max_steps: int, signum: int, checkpoint: Optional[str]) -> None:
+        import signal
+
+        self.step, self.max_steps, self.signum, self.checkpoint = step, max_steps, signum, checkpoint
+        where = f"; checkpoint {checkpoint}" if checkpoint else ""
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step} of {max_steps}{where}; "
+            "run the same command with --resume_from_checkpoint latest to continue"
+        )
+
+
 LEARNABLE_PROPERTIES = ("object", "style")
 LR_SCHEDULERS = (
     "constant",
@@ -82,6 +96,10 @@ class TrainConfig:
     # textinv saves the full pipeline unless asked not to, as diffusers' example does.
     only_save_embeds: bool = False
     overwrite_output_dir: bool = False
+    # Resumable checkpoints (diffusers' example's flags and defaults: every 500 steps, no limit).
+    checkpointing_steps: Optional[int] = 500
+    checkpoints_total_limit: Optional[int] = None
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint-N folder
 
     # Things the CLI learned about how the config was given (not options).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -138,6 +156,12 @@ class TrainConfig:
             _at_least(name, value, 1)
         if self.max_train_steps is not None:
             _at_least("--max_train_steps", self.max_train_steps, 1)
+        if self.checkpointing_steps is not None:
+            _at_least("--checkpointing_steps", self.checkpointing_steps, 1)
+        if self.checkpoints_total_limit is not None:
+            _at_least("--checkpoints_total_limit", self.checkpoints_total_limit, 1)
+        if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint.strip():
+            raise UserError("--resume_from_checkpoint is empty; give 'latest' or a checkpoint-N folder")
         _at_least("--lr_warmup_steps", self.lr_warmup_steps, 0)
         _at_least("--dataloader_num_workers", self.dataloader_num_workers, 0)
         if not self.learning_rate > 0:

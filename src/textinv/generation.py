@@ -81,6 +81,7 @@ def generate(
     width: Optional[int] = None,
     output_dir: Optional[str | Path] = None,
     device: Optional[str] = None,
+    replace: bool = False,
 ) -> GenerationResult:
     """Generate ``num_images`` images; image ``i`` uses seed ``seed + i`` so each is reproducible alone.
 
@@ -96,12 +97,14 @@ def generate(
             raise UserError(f"{name} {value} must be a positive multiple of 8")
     if not prompt or not prompt.strip():
         raise UserError("--prompt must not be empty")
-    pipe = model if not isinstance(model, (str, Path)) else load_pipeline(str(model), embeddings, device)
+    pipe = (
+        model if not isinstance(model, (str, Path)) else load_pipeline(str(model), embeddings, device, replace=replace)
+    )
     if not isinstance(model, (str, Path)):
         from textinv.embeddings import load_embeddings
 
         for embedding_file in embeddings:
-            load_embeddings(pipe, embedding_file)
+            load_embeddings(pipe, embedding_file, replace=replace)
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     seeds = [seed + index for index in range(num_images)]

@@ -1,8 +1,13 @@
-"""The training loop: noise, predict, loss, step, save. Read it top to bottom in :func:`train`."""
+"""The training loop: noise, predict, loss, step, checkpoint, save. Read :func:`train` top to bottom.
+
+Observers (:class:`TrainObserver`) see the run start, every step and the end; progress display,
+logs and validation hook in there instead of into the loop.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -10,16 +15,19 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from textinv.config import TrainConfig, UserError
+from textinv import checkpoints
+from textinv.config import TrainConfig, TrainingInterrupted, UserError
 from textinv.data import (
     Example,
     ExampleStream,
@@ -44,6 +52,21 @@ logger = logging.getLogger(__name__)
 
 EMBEDDING_FILE = "learned_embeds.safetensors"
 RUN_FILE = "run.json"
+# Settings a resumed run must share with the run it continues (else it is another run).
+IDENTITY_KEYS = ("model", "placeholder_token", "num_vectors", "initializer_token", "images", "learnable_property")
+
+
+class TrainingDiverged(UserError):
+    """The loss or the vectors stopped being finite."""
+
+
+@dataclass
+class StepState:
+    step: int
+    max_steps: int
+    loss: float
+    lr: float
+    step_seconds: float
 
 
 @dataclass
@@ -56,37 +79,82 @@ class TrainResult:
     saved: list[Path] = field(default_factory=list)
 
 
-def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
-    """Learn the placeholder token's vectors from ``config.train_data_dir``; write them to output_dir."""
+@dataclass
+class RunContext:
+    """What observers may look at (and what the loop shares with its helpers)."""
+
+    config: TrainConfig
+    output_dir: Path
+    parts: ModelParts
+    trainable: TrainableTokens
+    accelerator: Any
+    stream: ExampleStream
+    max_steps: int
+    seed: int
+    record: dict[str, Any]
+    stop_requested: Optional[int] = None  # a signal number, once asked to stop
+
+    @property
+    def is_main_process(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        self.stop_requested = signum
+
+
+class TrainObserver:
+    """Override what you need; every hook runs on every process (check ``run.is_main_process``)."""
+
+    def on_start(self, run: RunContext) -> None:
+        pass
+
+    def on_step(self, run: RunContext, state: StepState) -> None:
+        pass
+
+    def on_end(self, run: RunContext, result: TrainResult) -> None:
+        pass
+
+
+def train(
+    config: TrainConfig,
+    show_progress: bool = True,
+    observers: Sequence[TrainObserver] = (),
+    latent_cache: Optional[LatentCache] = None,
+) -> TrainResult:
+    """Learn the placeholder token's vectors; write them (and checkpoints) to output_dir.
+
+    ``latent_cache`` replaces the images of ``train_data_dir`` with ready-made latents
+    (benchmarks that plant a concept use it).
+    """
     from accelerate import Accelerator
 
     config.validate()
     output_dir = Path(config.output_dir).expanduser()
     accelerator = Accelerator()
-    if accelerator.is_main_process:
-        _claim_output_dir(output_dir, config.overwrite_output_dir)
-    seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-    torch.manual_seed(seed)  # only for anything a library draws; our own draws use explicit generators
+    resume_dir = _prepare_output_dir(config, output_dir, accelerator)
     device = accelerator.device
 
     # Cheap checks first: a missing image folder should not cost a model load.
-    image_paths = discover_images(config.train_data_dir)
+    image_paths = discover_images(config.train_data_dir) if latent_cache is None else []
     parts = load_model_parts(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
-    logger.info("training on %d image(s) from %s", len(image_paths), config.train_data_dir)
+    identity = _run_identity(config, parts, image_paths, latent_cache)
+    previous_record = _check_resume_identity(output_dir, identity) if resume_dir else None
 
     # --- latents: every view through the VAE once, then the VAE leaves memory -----------------
-    views = load_views(
-        image_paths,
-        config.image_height,
-        config.image_width,
-        config.center_crop,
-        config.interpolation,
-        config.dataloader_num_workers,
-    )
-    parts.vae.to(device)
-    latent_cache = encode_latent_cache(parts.vae, views, config.random_flip)
+    if latent_cache is None:
+        views = load_views(
+            image_paths,
+            config.image_height,
+            config.image_width,
+            config.center_crop,
+            config.interpolation,
+            config.dataloader_num_workers,
+        )
+        parts.vae.to(device)
+        latent_cache = encode_latent_cache(parts.vae, views, config.random_flip)
+        del views
     parts.vae = None
-    del views
+    num_images = int(latent_cache.mean.shape[0])
 
     # --- the placeholder token: the only trainable tensor -------------------------------------
     tokenizer, text_encoder = parts.tokenizer, parts.text_encoder
@@ -99,12 +167,16 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     trainable = TrainableTokens(text_encoder, placeholder_ids[0], initial_vectors).to(device)
 
     # --- schedule --------------------------------------------------------------------------------
+    resume_state, resume_rng = (None, None)
+    if resume_dir is not None:
+        resume_state, resume_rng = checkpoints.read_checkpoint(resume_dir, accelerator.process_index)
+    seed = _choose_seed(config, previous_record, resume_state)
     stream = ExampleStream(
-        num_images=len(image_paths),
+        num_images=num_images,
         repeats=config.repeats,
         templates=templates_for(config.learnable_property),
         placeholder_text=expand_placeholder(config.placeholder_token, config.placeholder_token, config.num_vectors),
-        random_flip=config.random_flip,
+        random_flip=config.random_flip and latent_cache.num_flips > 1,
         seed=seed,
     )
     num_processes = accelerator.num_processes
@@ -119,11 +191,28 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         eps=config.adam_epsilon,
     )
     lr_scheduler = _lr_scheduler(config, optimizer, max_steps)
+    losses: list[float] = []
+    start_step = 0
+    if resume_state is not None:
+        with torch.no_grad():
+            trainable.vectors.copy_(resume_state.vectors.to(trainable.vectors))
+        optimizer.load_state_dict(resume_state.optimizer)
+        lr_scheduler.load_state_dict(resume_state.lr_scheduler)
+        losses = list(resume_state.losses)
+        start_step = resume_state.step
+        if resume_rng is not None:
+            checkpoints.set_rng_state(resume_rng)
+        logger.info("resuming from %s at step %d of %d", resume_dir, start_step, max_steps)
+    else:
+        torch.manual_seed(seed)  # only for anything a library draws; our draws use explicit generators
     model = accelerator.prepare(trainable)
 
-    run_record = _run_record(config, seed, parts, len(image_paths), max_steps, learning_rate, device)
+    record = _run_record(config, seed, parts, identity, max_steps, learning_rate, device, num_processes)
+    if previous_record is not None:
+        record["resumed"] = previous_record.get("resumed", []) + [{"from_step": start_step, "at": _now()}]
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / RUN_FILE, run_record)
+        atomic_write_json(output_dir / RUN_FILE, record)
+    run = RunContext(config, output_dir, parts, trainable, accelerator, stream, max_steps, seed, record)
     logger.info(
         "%d steps, %d example(s) per step (batch %d x accumulation %d x %d process(es)), lr %.3g, %s",
         max_steps,
@@ -134,34 +223,54 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         learning_rate,
         parts.prediction_type,
     )
+    all_observers = [_Progress(show_progress), *observers]
+    for observer in all_observers:
+        observer.on_start(run)
 
     # --- the loop --------------------------------------------------------------------------------
-    losses: list[float] = []
     saved: list[Path] = []
-    progress = _Progress(max_steps, enabled=show_progress and accelerator.is_main_process)
     started = time.perf_counter()
-    for step in range(1, max_steps + 1):
-        step_loss = 0.0
-        for micro in range(config.gradient_accumulation_steps):
-            first = (step - 1) * examples_per_update + (micro * num_processes + accelerator.process_index) * config.train_batch_size
-            examples = [stream[index] for index in range(first, first + config.train_batch_size)]
-            is_last_micro = micro == config.gradient_accumulation_steps - 1
-            with accelerator.no_sync(model) if not is_last_micro else contextlib.nullcontext():
-                loss = denoising_loss(model, parts, tokenizer, latent_cache, examples, device)
-                accelerator.backward(loss / config.gradient_accumulation_steps)
-            step_loss += loss.detach().item() / config.gradient_accumulation_steps
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        progress.update(step, step_loss, lr_scheduler.get_last_lr()[0])
+    with _stop_on_signals(run):
+        for step in range(start_step + 1, max_steps + 1):
+            step_started = time.perf_counter()
+            last_good = trainable.vectors.detach().clone()
+            step_loss = torch.zeros((), device=device)
+            for micro in range(config.gradient_accumulation_steps):
+                offset = (micro * num_processes + accelerator.process_index) * config.train_batch_size
+                first = (step - 1) * examples_per_update + offset
+                examples = [stream[index] for index in range(first, first + config.train_batch_size)]
+                is_last_micro = micro == config.gradient_accumulation_steps - 1
+                with accelerator.no_sync(model) if not is_last_micro else contextlib.nullcontext():
+                    loss = denoising_loss(model, parts, tokenizer, latent_cache, examples, device)
+                    accelerator.backward(loss / config.gradient_accumulation_steps)
+                step_loss += loss.detach() / config.gradient_accumulation_steps
+            mean_loss = float(accelerator.reduce(step_loss, reduction="mean")) if num_processes > 1 else float(step_loss)
+            if not math.isfinite(mean_loss):
+                _stop_diverged(run, f"the loss became {mean_loss} at step {step}", step - 1, optimizer, lr_scheduler, losses)
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable.parameters(), config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(trainable.vectors).all():
+                with torch.no_grad():
+                    trainable.vectors.copy_(last_good)
+                _stop_diverged(run, f"the token vectors became non-finite at step {step}", step - 1, optimizer, lr_scheduler, losses)
+            losses.append(mean_loss)
+            state = StepState(step, max_steps, mean_loss, lr_scheduler.get_last_lr()[0], time.perf_counter() - step_started)
+            for observer in all_observers:
+                observer.on_step(run, state)
 
-        if accelerator.is_main_process and step % config.save_steps == 0 and step < max_steps:
-            snapshot = output_dir / f"learned_embeds-steps-{step}.safetensors"
-            saved.append(save_diffusers(_embedding(config, trainable, step), snapshot))
-    progress.close()
+            if accelerator.is_main_process and step % config.save_steps == 0 and step < max_steps:
+                snapshot = output_dir / f"learned_embeds-steps-{step}.safetensors"
+                saved.append(save_diffusers(_embedding(config, trainable, step), snapshot))
+            stop = _agreed_stop(run)
+            if (config.checkpointing_steps and step % config.checkpointing_steps == 0 and step < max_steps) or stop:
+                checkpoint = _save_checkpoint(run, step, optimizer, lr_scheduler, losses)
+                if stop:
+                    _write_embedding(run, step)
+                    _finish_record(run, "interrupted", step, losses, started, saved)
+                    raise TrainingInterrupted(step, max_steps, stop, str(checkpoint))
     elapsed = time.perf_counter() - started
 
     # --- outputs ---------------------------------------------------------------------------------
@@ -172,19 +281,16 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         if not config.only_save_embeds:
             trainable.write_into_encoder()
             saved.extend(save_pipeline(parts, output_dir))
-        run_record.update(
-            status="completed",
-            steps_done=max_steps,
-            train_seconds=round(elapsed, 3),
-            seconds_per_step=round(elapsed / max_steps, 4),
-            final_loss=losses[-1],
-            outputs=[str(p.relative_to(output_dir)) for p in saved],
-        )
-        atomic_write_json(output_dir / RUN_FILE, run_record)
+    record["vectors_sha256_by_rank"] = _vectors_digest_by_rank(run)
+    if accelerator.is_main_process:
+        _finish_record(run, "completed", max_steps, losses, started, saved, elapsed)
     trainable.detach_hook()
     accelerator.wait_for_everyone()
+    result = TrainResult(output_dir, embedding_path, embedding, max_steps, losses, saved)
+    for observer in all_observers:
+        observer.on_end(run, result)
     logger.info("learned %s in %d steps (%.1f s); wrote %s", config.placeholder_token, max_steps, elapsed, embedding_path)
-    return TrainResult(output_dir, embedding_path, embedding, max_steps, losses, saved)
+    return result
 
 
 def denoising_loss(
@@ -260,26 +366,180 @@ def save_pipeline(parts: ModelParts, output_dir: Path) -> list[Path]:
     return written
 
 
+# --- output dir, resume, identity ------------------------------------------------------------------
+def _prepare_output_dir(config: TrainConfig, output_dir: Path, accelerator: Any) -> Optional[Path]:
+    """Check output_dir may be written; returns the checkpoint to resume from, if any."""
+    if accelerator.is_main_process:
+        check_writable_dir(output_dir, "--output_dir")
+    accelerator.wait_for_everyone()
+    if config.resume_from_checkpoint:
+        checkpoint = checkpoints.resolve_checkpoint(config.resume_from_checkpoint, output_dir)
+        if accelerator.is_main_process:
+            _remove_stale_temporaries(output_dir)
+        return checkpoint
+    markers = previous_run_markers(output_dir) + [p.name for p in checkpoints.list_checkpoints(output_dir)][:2]
+    if markers and not config.overwrite_output_dir:
+        raise UserError(
+            f"--output_dir {str(output_dir)!r} already holds another run's results ({', '.join(markers)}); "
+            "choose a new --output_dir, pass --resume_from_checkpoint latest to continue it, "
+            "or --overwrite_output_dir to replace it"
+        )
+    if markers and accelerator.is_main_process:
+        for stale in output_dir.glob("learned_embeds-steps-*"):
+            stale.unlink()
+        for old in checkpoints.list_checkpoints(output_dir):
+            shutil.rmtree(old)
+        _remove_stale_temporaries(output_dir)
+        logger.warning("--overwrite_output_dir: replacing the previous results in %s", output_dir)
+    return None
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporary files/folders a killed run left behind (names made by textinv.files)."""
+    for leftover in output_dir.glob(".*"):
+        if leftover.name.endswith(".tmp") or ".old-" in leftover.name:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _run_identity(config: TrainConfig, parts: ModelParts, image_paths: Sequence[Path], latents: Optional[LatentCache]) -> dict[str, Any]:
+    images: Any
+    if latents is not None:
+        images = {"latents_sha256": hashlib.sha256(latents.mean.numpy().tobytes()).hexdigest()}
+    else:
+        images = sorted((p.name, hashlib.sha256(p.read_bytes()).hexdigest()) for p in image_paths)
+    identity = {
+        "model": str(Path(parts.source).resolve()),
+        "placeholder_token": config.placeholder_token,
+        "num_vectors": config.num_vectors,
+        "initializer_token": config.initializer_token,
+        "images": images,
+        "learnable_property": config.learnable_property,
+    }
+    return json.loads(json.dumps(identity))  # the form it takes in run.json (lists, not tuples)
+
+
+def _check_resume_identity(output_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    try:
+        previous = json.loads((output_dir / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(
+            f"cannot resume: {str(output_dir / RUN_FILE)!r} is missing or damaged, so the run's settings are unknown"
+        ) from None
+    before = previous.get("identity", {})
+    for key in IDENTITY_KEYS:
+        if before.get(key) != identity[key]:
+            shown = "the training images differ" if key == "images" else f"{key} was {before.get(key)!r}, now {identity[key]!r}"
+            raise UserError(
+                f"cannot resume: {shown}; this is another run. Use the original settings, "
+                "or start fresh in a new --output_dir"
+            )
+    return previous
+
+
+def _choose_seed(config: TrainConfig, previous: Optional[dict[str, Any]], resume: Optional[checkpoints.CheckpointState]) -> int:
+    if resume is not None:
+        if config.seed is not None and config.seed != resume.seed:
+            raise UserError(f"cannot resume: --seed {config.seed} differs from the run's seed {resume.seed}; drop --seed or use {resume.seed}")
+        return resume.seed
+    return config.seed if config.seed is not None else secrets.randbelow(2**31)
+
+
+# --- stopping: signals, divergence -------------------------------------------------------------------
+@contextlib.contextmanager
+def _stop_on_signals(run: RunContext) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        if run.stop_requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        run.stop_requested = signum
+        logger.warning("%s received: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _agreed_stop(run: RunContext) -> int:
+    """The stop signal if any process was asked to stop (all processes stop at the same step)."""
+    requested = run.stop_requested or 0
+    if run.accelerator.num_processes > 1:
+        flag = torch.tensor([requested], device=run.accelerator.device)
+        requested = int(run.accelerator.reduce(flag, reduction="sum").item() and max(requested, signal.SIGTERM))
+    return requested
+
+
+def _stop_diverged(run: RunContext, what: str, good_step: int, optimizer: Any, lr_scheduler: Any, losses: list[float]) -> None:
+    where = ""
+    if good_step > 0:
+        checkpoint = _save_checkpoint(run, good_step, optimizer, lr_scheduler, losses)
+        _write_embedding(run, good_step)
+        where = f"; the last good vectors (step {good_step}) are in {run.output_dir / EMBEDDING_FILE} and {checkpoint}"
+    _finish_record(run, "diverged", good_step, losses, None, [])
+    raise TrainingDiverged(
+        f"{what}{where}. Lower --learning_rate (e.g. by 10x), turn on --max_grad_norm 1.0, or train in fp32"
+    )
+
+
+def _save_checkpoint(run: RunContext, step: int, optimizer: Any, lr_scheduler: Any, losses: list[float]) -> Path:
+    """Every process writes its RNG state into the staging folder; the main process renames it."""
+    accelerator = run.accelerator
+    target = run.output_dir / f"checkpoint-{step}"
+    staging = run.output_dir / f".checkpoint-{step}.staging.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    checkpoints.write_rng_state(staging, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = checkpoints.CheckpointState(
+            step=step,
+            vectors=run.trainable.vectors.detach().cpu().clone(),
+            optimizer=optimizer.state_dict(),
+            lr_scheduler=lr_scheduler.state_dict(),
+            losses=losses[:step],
+            seed=run.seed,
+        )
+        with atomic_dir(target) as folder:
+            for rng_file in staging.iterdir():
+                os.replace(rng_file, folder / rng_file.name)
+            checkpoints.write_state(folder, state)
+            save_diffusers(_embedding(run.config, run.trainable, step), folder / EMBEDDING_FILE)
+        shutil.rmtree(staging, ignore_errors=True)
+        checkpoints.prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
+        logger.info("saved %s", target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _write_embedding(run: RunContext, step: int) -> None:
+    if run.is_main_process:
+        save_diffusers(_embedding(run.config, run.trainable, step), run.output_dir / EMBEDDING_FILE)
+
+
+def _vectors_digest_by_rank(run: RunContext) -> list[str]:
+    """A digest of the final vectors from every process (they must agree under DDP)."""
+    vectors = run.trainable.vectors.detach().float().contiguous()
+    gathered = run.accelerator.gather(vectors.unsqueeze(0)) if run.accelerator.num_processes > 1 else vectors.unsqueeze(0)
+    return [hashlib.sha256(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in gathered]
+
+
 def _embedding(config: TrainConfig, trainable: TrainableTokens, step: int) -> Embedding:
     return Embedding(
         token=config.placeholder_token,
         vectors={TEXT_ENCODER: trainable.vectors.detach().float().cpu().clone()},
         step=step,
     )
-
-
-def _claim_output_dir(output_dir: Path, overwrite: bool) -> None:
-    check_writable_dir(output_dir, "--output_dir")
-    markers = previous_run_markers(output_dir)
-    if markers and not overwrite:
-        raise UserError(
-            f"--output_dir {str(output_dir)!r} already holds another run's results ({', '.join(markers)}); "
-            "choose a new --output_dir, or pass --overwrite_output_dir to replace them"
-        )
-    if markers:
-        for stale in output_dir.glob("learned_embeds-steps-*"):
-            stale.unlink()
-        logger.warning("--overwrite_output_dir: replacing the previous results in %s", output_dir)
 
 
 def _lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, max_steps: int) -> Any:
@@ -297,14 +557,20 @@ def _lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, max_ste
     )
 
 
+# --- run record (run.json) ----------------------------------------------------------------------------
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def _run_record(
     config: TrainConfig,
     seed: int,
     parts: ModelParts,
-    num_images: int,
+    identity: dict[str, Any],
     max_steps: int,
     learning_rate: float,
     device: torch.device,
+    num_processes: int,
 ) -> dict[str, Any]:
     import accelerate
     import diffusers
@@ -315,12 +581,13 @@ def _run_record(
     return {
         "status": "running",
         "config": config.to_dict(),
+        "identity": identity,
         "seed": seed,
         "model": {"source": parts.source, "family": parts.family, "prediction_type": parts.prediction_type},
-        "num_images": num_images,
         "max_train_steps": max_steps,
         "effective_learning_rate": learning_rate,
         "device": str(device),
+        "num_processes": num_processes,
         "versions": {
             "textinv": textinv.__version__,
             "torch": torch.__version__,
@@ -329,43 +596,76 @@ def _run_record(
             "accelerate": accelerate.__version__,
             "python": platform.python_version(),
         },
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started_at": _now(),
         "pid": os.getpid(),
     }
 
 
-class _Progress:
-    """A tqdm bar on a terminal; plain log lines (about 20 a run) otherwise."""
+def _finish_record(
+    run: RunContext,
+    status: str,
+    step: int,
+    losses: list[float],
+    started: Optional[float],
+    saved: list[Path],
+    elapsed: Optional[float] = None,
+) -> None:
+    if not run.is_main_process:
+        return
+    record = run.record
+    record.update(status=status, steps_done=step, finished_at=_now())
+    if losses:
+        record.update(final_loss=losses[-1], best_loss=min(losses))
+    if elapsed is None and started is not None:
+        elapsed = time.perf_counter() - started
+    if elapsed is not None:
+        record.update(train_seconds=round(elapsed, 3))
+    record["outputs"] = sorted({*record.get("outputs", []), *(str(p.relative_to(run.output_dir)) for p in saved)})
+    atomic_write_json(run.output_dir / RUN_FILE, record)
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.bar = None
+
+class _Progress(TrainObserver):
+    """A tqdm bar on a terminal; plain log lines (about 20 a run) otherwise. Main process only."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
         self.started = time.perf_counter()
-        self.every = max(1, total // 20)
-        if enabled and sys.stderr.isatty():
+        self.first_step = 0
+        self.every = 1
+
+    def on_start(self, run: RunContext) -> None:
+        self.enabled = self.enabled and run.is_main_process
+        self.every = max(1, run.max_steps // 20)
+        self.started = time.perf_counter()
+        if self.enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=run.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, lr: float) -> None:
+    def on_step(self, run: RunContext, state: StepState) -> None:
         if not self.enabled:
             return
+        if not self.first_step:
+            self.first_step = state.step
+            if self.bar is not None:
+                self.bar.update(state.step - 1)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        elif step % self.every == 0 or step == self.total:
-            elapsed = time.perf_counter() - self.started
-            per_step = elapsed / step
+            self.bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{state.lr:.2e}", refresh=False)
+        elif state.step % self.every == 0 or state.step == state.max_steps:
+            done = state.step - self.first_step + 1
+            per_step = (time.perf_counter() - self.started) / done
             logger.info(
                 "step %d/%d loss %.4f lr %.2e %.3f s/step ETA %.0f s",
-                step,
-                self.total,
-                loss,
-                lr,
+                state.step,
+                state.max_steps,
+                state.loss,
+                state.lr,
                 per_step,
-                per_step * (self.total - step),
+                per_step * (state.max_steps - state.step),
             )
 
-    def close(self) -> None:
+    def on_end(self, run: RunContext, result: TrainResult) -> None:
         if self.bar is not None:
             self.bar.close()

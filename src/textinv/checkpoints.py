@@ -1,0 +1,157 @@
+"""Resumable checkpoints: small (the trainable state is tiny), atomic, pruned only when complete.
+
+A checkpoint is a folder ``checkpoint-{step}`` in output_dir holding:
+
+- ``state.pt``: step, placeholder vectors, optimizer and LR-scheduler state, loss history
+  (read back with ``torch.load(weights_only=True)``: plain data and tensors only);
+- ``rng_state_{rank}.pt``: python, numpy, torch (and CUDA) RNG states of each process;
+- ``learned_embeds.safetensors``: the vectors at that step, loadable like any embedding.
+
+The folder is assembled under a temporary name and renamed into place, so a checkpoint either
+exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from textinv.config import UserError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class CheckpointState:
+    step: int
+    vectors: torch.Tensor
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    losses: list[float]
+    seed: int
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for entry in output_dir.iterdir():
+        match = CHECKPOINT_PATTERN.match(entry.name)
+        if match and entry.is_dir() and (entry / STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
+    """``latest`` (the newest in output_dir) or a checkpoint folder path."""
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise UserError(
+                f"--resume_from_checkpoint latest: {str(output_dir)!r} has no checkpoint-N folder; "
+                "train with --checkpointing_steps N to make some, or drop the flag"
+            )
+        return checkpoints[-1]
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = output_dir / spec
+    if not (path / STATE_FILE).is_file():
+        raise UserError(
+            f"--resume_from_checkpoint {spec!r} is not a checkpoint folder (no {STATE_FILE}); "
+            "give 'latest' or a checkpoint-N folder"
+        )
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_state(folder: Path, state: CheckpointState) -> None:
+    torch.save(
+        {
+            "step": state.step,
+            "vectors": state.vectors.detach().cpu(),
+            "optimizer": state.optimizer,
+            "lr_scheduler": state.lr_scheduler,
+            "losses": list(state.losses),
+            "seed": state.seed,
+        },
+        folder / STATE_FILE,
+    )
+
+
+def write_rng_state(folder: Path, rank: int) -> None:
+    torch.save(rng_state(), folder / f"rng_state_{rank}.pt")
+
+
+def read_checkpoint(folder: Path, rank: int = 0) -> tuple[CheckpointState, Optional[dict[str, Any]]]:
+    """The training state, and this process's RNG state if it was saved."""
+    try:
+        data = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        rng_file = folder / f"rng_state_{rank}.pt"
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    except Exception as error:
+        raise UserError(f"checkpoint {str(folder)!r} cannot be read ({type(error).__name__}); resume from another one") from None
+    state = CheckpointState(
+        step=int(data["step"]),
+        vectors=data["vectors"],
+        optimizer=data["optimizer"],
+        lr_scheduler=data["lr_scheduler"],
+        losses=[float(x) for x in data["losses"]],
+        seed=int(data["seed"]),
+    )
+    return state, rng
+
+
+def prune_checkpoints(output_dir: Path, keep: Optional[int]) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond ``keep``; returns what was removed."""
+    if keep is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    removed = checkpoints[: max(0, len(checkpoints) - keep)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("removed old checkpoint %s (--checkpoints_total_limit %d)", path.name, keep)
+    return removed
+
+
+def _to_lists(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_lists(v) for v in value]
+    return value
+
+
+def _to_tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuples(v) for v in value)
+    return value

@@ -1,0 +1,206 @@
+"""Never lose a run: exact resume, signals, divergence, kill -9, checkpoint limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, train_config
+from textinv import training
+from textinv.checkpoints import list_checkpoints, read_checkpoint
+from textinv.config import TrainingInterrupted, UserError
+
+# 3 images x 2 repeats = 6 examples an epoch; batch 1 x accumulation 2 = 2 examples a step,
+# so epochs end after steps 3, 6, ...; a cosine schedule with warm-up makes the LR state matter.
+RESUME_SETTINGS = dict(
+    max_train_steps=8, gradient_accumulation_steps=2, repeats=2, lr_scheduler="cosine", lr_warmup_steps=2,
+    only_save_embeds=True, checkpointing_steps=100, seed=11,
+)
+
+
+def _sigint_on_loss_call(monkeypatch: pytest.MonkeyPatch, call_number: int) -> None:
+    """Deliver a real SIGINT while the call_number-th micro-batch loss is being computed."""
+    real = training.denoising_loss
+    calls = {"count": 0}
+
+    def loss_with_signal(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == call_number:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "denoising_loss", loss_with_signal)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+    config = train_config(tiny_model, train_images, tmp_path_factory.mktemp("full") / "out", **RESUME_SETTINGS)
+    return training.train(config, show_progress=False).embedding.vectors["text_encoder"]
+
+
+@pytest.mark.parametrize(
+    "loss_call, stopped_after",
+    [
+        (3, 2),  # first micro-batch of step 2: inside an accumulation cycle
+        (6, 3),  # last micro-batch of step 3: the step that ends epoch 1
+        (11, 6),  # inside step 6's cycle, the step that ends epoch 2
+    ],
+)
+def test_exact_resume(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, train_images: Path, tmp_path: Path,
+    uninterrupted: torch.Tensor, loss_call: int, stopped_after: int,
+) -> None:
+    config = train_config(tiny_model, train_images, tmp_path / "out", **RESUME_SETTINGS)
+    _sigint_on_loss_call(monkeypatch, loss_call)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        training.train(config, show_progress=False)
+    assert stopped.value.step == stopped_after and stopped.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler must be restored"
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == [f"checkpoint-{stopped_after}"]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+
+    resumed_config = train_config(
+        tiny_model, train_images, tmp_path / "out", **{**RESUME_SETTINGS, "seed": None}, resume_from_checkpoint="latest"
+    )
+    resumed = training.train(resumed_config, show_progress=False)
+    assert len(resumed.losses) == 8
+    assert torch.equal(resumed.embedding.vectors["text_encoder"], uninterrupted)
+
+
+def test_checkpoints_are_complete_and_limited(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    config = train_config(
+        tiny_model, train_images, tmp_path / "out", max_train_steps=7, checkpointing_steps=2, checkpoints_total_limit=2,
+        only_save_embeds=True,
+    )
+    result = training.train(config, show_progress=False)
+    kept = list_checkpoints(result.output_dir)
+    assert [p.name for p in kept] == ["checkpoint-4", "checkpoint-6"]
+    state, rng = read_checkpoint(kept[-1])
+    assert state.step == 6 and state.vectors.shape == (1, 32) and len(state.losses) == 6
+    assert rng is not None and set(rng) >= {"python", "numpy", "torch"}
+    snapshot = load_file(str(kept[-1] / "learned_embeds.safetensors"))["<cat-toy>"]
+    assert torch.equal(snapshot, state.vectors)
+    assert sum(p.stat().st_size for p in kept[-1].iterdir()) < 200_000, "a checkpoint should be tiny"
+    assert not [p for p in result.output_dir.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+def test_resume_refuses_another_run(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    base = dict(max_train_steps=4, checkpointing_steps=2, only_save_embeds=True)
+    training.train(train_config(tiny_model, train_images, out, **base), show_progress=False)
+    with pytest.raises(UserError, match="placeholder_token"):
+        training.train(
+            train_config(tiny_model, train_images, out, **base, placeholder_token="<other>", resume_from_checkpoint="latest"),
+            show_progress=False,
+        )
+    other_images = tmp_path / "other-images"
+    other_images.mkdir()
+    for image in sorted(train_images.iterdir())[:2]:
+        (other_images / image.name).write_bytes(image.read_bytes())
+    with pytest.raises(UserError, match="training images differ"):
+        training.train(train_config(tiny_model, other_images, out, **base, resume_from_checkpoint="latest"), show_progress=False)
+    with pytest.raises(UserError, match="--seed 5 differs"):
+        training.train(train_config(tiny_model, train_images, out, **{**base, "seed": 5}, resume_from_checkpoint="latest"), show_progress=False)
+    with pytest.raises(UserError, match="no checkpoint-N"):
+        training.train(train_config(tiny_model, train_images, tmp_path / "fresh", **base, resume_from_checkpoint="latest"), show_progress=False)
+
+
+def test_divergence_stops_and_keeps_last_good_vectors(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    config = train_config(tiny_model, train_images, tmp_path / "out", learning_rate=1e36, max_train_steps=20, only_save_embeds=True)
+    with pytest.raises(training.TrainingDiverged) as diverged:
+        training.train(config, show_progress=False)
+    message = str(diverged.value)
+    assert "at step" in message and "--learning_rate" in message
+    saved = load_file(str(tmp_path / "out" / "learned_embeds.safetensors"))["<cat-toy>"]
+    assert torch.isfinite(saved).all()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "diverged"
+
+
+def _train_command(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPO / "train_textual_inversion.py"),
+        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={images}",
+        "--placeholder_token=<cat-toy>", "--initializer_token=toy", "--resolution=64", "--train_batch_size=1",
+        "--learning_rate=5e-3", "--lr_warmup_steps=0", "--seed=3", f"--output_dir={out}", *extra,
+    ]
+
+
+def test_sigterm_checkpoints_and_resume_finishes(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = _train_command(tiny_model, train_images, out, "--max_train_steps=100000", "--only_save_embeds")
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "run.json").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "SIGTERM" in last and "--resume_from_checkpoint latest" in last and "Traceback" not in stderr
+    checkpoint = list_checkpoints(out)[-1]
+    stopped_step = read_checkpoint(checkpoint)[0].step
+    assert stopped_step >= 1
+    finish = subprocess.run(
+        _train_command(tiny_model, train_images, out, f"--max_train_steps={stopped_step + 3}", "--only_save_embeds",
+                       "--resume_from_checkpoint=latest"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["steps_done"] == stopped_step + 3
+
+
+def _load_everything(out: Path) -> int:
+    """Load every file a killed run left (temporaries excepted); returns how many were checked."""
+    checked = 0
+    for path in out.rglob("*"):
+        if any(part.startswith(".") for part in path.relative_to(out).parts) or path.is_dir():
+            continue
+        if path.suffix == ".safetensors":
+            assert all(torch.isfinite(t).all() for t in load_file(str(path)).values()), path
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".pt":
+            torch.load(path, weights_only=True)
+        checked += 1
+    return checked
+
+
+def test_kill_9_at_random_moments_leaves_every_file_loadable(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rng = random.Random(1234)
+    common = ["--max_train_steps=400", "--checkpointing_steps=1", "--save_steps=1", "--checkpoints_total_limit=3", "--only_save_embeds"]
+    checked = 0
+    for attempt in range(10):
+        resume = ["--resume_from_checkpoint=latest"] if list_checkpoints(out) else ["--overwrite_output_dir"]
+        started = (out / "run.json").stat().st_mtime if (out / "run.json").exists() else 0.0
+        process = subprocess.Popen(_train_command(tiny_model, train_images, out, *common, *resume), stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            # run.json is rewritten when training starts: kill some time after that, mid-steps or mid-write.
+            if (out / "run.json").exists() and (out / "run.json").stat().st_mtime > started:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 2.0))
+        process.kill()
+        process.wait()
+        checked += _load_everything(out)
+    assert checked > 20, "the kills came too early to test anything"
+    assert list_checkpoints(out), "no checkpoint survived"
+    finish = subprocess.run(
+        _train_command(tiny_model, train_images, out, *common[1:], "--max_train_steps=401", "--resume_from_checkpoint=latest"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    _load_everything(out)

@@ -24,5 +24,11 @@ demo: $(BIN)/textinv
 test: $(BIN)/textinv
 	$(BIN)/python -m pytest -q
 
+# Speed/memory and learning benchmarks (minutes; the first run builds a ~4 GB SD1.5-shaped
+# pipeline with random weights in ~/.cache/textinv-bench). They print tables; nothing is asserted.
+bench: $(BIN)/textinv
+	$(BIN)/python bench/train_step.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/learning.py
+
 clean:
 	rm -rf demo-output .pytest_cache

@@ -12,7 +12,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """The team's folder of real third-party files (../shared/data beside the clone).
+
+    TEXTINV_SHARED_DATA overrides it for clones kept elsewhere; its absence fails the tests that
+    need it (with the paths tried) rather than skipping them.
+    """
+    candidates = [Path(os.environ["TEXTINV_SHARED_DATA"])] if os.environ.get("TEXTINV_SHARED_DATA") else []
+    candidates += [REPO.parent / "shared" / "data", Path("/work/shared/data")]
+    for candidate in candidates:
+        if (candidate / "SOURCES.md").is_file():
+            return candidate
+    return candidates[0]
+
+
+SHARED_DATA = _shared_data()
 
 
 @pytest.fixture(scope="session")

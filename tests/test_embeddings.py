@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import SHARED_DATA
 from textinv.config import UserError
 from textinv.embeddings import (
     TEXT_ENCODER,
@@ -31,7 +32,7 @@ from textinv.embeddings import (
 )
 
 # The team's read-only collection of real files made by other tools (see its SOURCES.md).
-EMBEDDINGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "embeddings"
+EMBEDDINGS = SHARED_DATA / "embeddings"
 REPO = Path(__file__).resolve().parents[1]
 TINY_DIM = 32  # text encoder width of textinv.tiny's pipeline
 
@@ -596,3 +597,36 @@ def test_cli_parser_has_the_new_flags() -> None:
     with pytest.raises(UserError):
         parser.parse_args(["convert", "a.pt", "b.pt", "--to", "png"])
     assert parser.parse_args(["inspect", "f.pt", "--json"]).json is True
+
+
+# --- training from an existing embedding (--init_embeddings) -------------------------------------
+
+
+def test_training_starts_from_an_embedding_file_of_another_format(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    from conftest import train_config
+    from textinv import training
+
+    start = torch.randn(3, TINY_DIM, generator=torch.Generator().manual_seed(3))
+    source = write_embedding(Embedding("their-token", {TEXT_ENCODER: start}, step=900), tmp_path / "theirs.pt")
+    assert detect_format(source) == "a1111"
+    # A tiny learning rate: the result must be the file's vectors (3 of them, as the file says), barely moved.
+    config = train_config(tiny_model, train_images, tmp_path / "out", init_embeddings=str(source), initializer_token=None,
+                          learning_rate=1e-9, max_train_steps=2, only_save_embeds=True)
+    result = training.train(config, show_progress=False)
+    learned = result.embedding.vectors[TEXT_ENCODER]
+    assert learned.shape == (3, TINY_DIM)
+    assert (learned - start).abs().max().item() < 1e-5
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["identity"]["init_embeddings"] == str(source)
+
+
+def test_init_embeddings_vector_count_and_token_choice_are_checked(tmp_path: Path) -> None:
+    from textinv.training import starting_vectors
+
+    two_tokens = tmp_path / "two.safetensors"
+    save_file({"<a>": torch.ones(2, TINY_DIM), "<b>": torch.zeros(1, TINY_DIM)}, str(two_tokens))
+    with pytest.raises(UserError, match="several tokens"):
+        starting_vectors(str(two_tokens), "<cat-toy>", 1)
+    assert torch.equal(starting_vectors(str(two_tokens), "<a>", 1), torch.ones(2, TINY_DIM))
+    with pytest.raises(UserError, match="has 2 vectors but --num_vectors is 4"):
+        starting_vectors(str(two_tokens), "<a>", 4)

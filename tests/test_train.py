@@ -146,9 +146,11 @@ def test_only_save_embeds_skips_pipeline_and_snapshots_follow_save_steps(
     result = train(config, show_progress=False)
     names = sorted(p.name for p in result.output_dir.iterdir())
     assert names == [
+        "README.md",  # the model card
         "learned_embeds-steps-4.safetensors",
         "learned_embeds-steps-8.safetensors",
         "learned_embeds.safetensors",
+        "logs",  # TensorBoard events (--report_to tensorboard is the default)
         "run.json",
     ]
     step4 = load_file(str(result.output_dir / "learned_embeds-steps-4.safetensors"))["<cat-toy>"]

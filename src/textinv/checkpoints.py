@@ -3,7 +3,9 @@
 A checkpoint is a folder ``checkpoint-{step}`` in output_dir holding:
 
 - ``state.pt``: step, placeholder vectors, optimizer and LR-scheduler state, loss history
-  (read back with ``torch.load(weights_only=True)``: plain data and tensors only);
+  (read back with ``torch.load(weights_only=True)``: plain data and tensors only). The vectors
+  of every text encoder are under ``vectors_by_encoder`` (SDXL has two); ``vectors`` holds the
+  first encoder's, as checkpoints written before SDXL support did (and still read);
 - ``rng_state_{rank}.pt``: python, numpy, torch (and CUDA) RNG states of each process;
 - ``learned_embeds.safetensors``: the vectors at that step, loadable like any embedding.
 
@@ -17,7 +19,7 @@ import logging
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,14 +34,23 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.pt"
 
 
+FIRST_ENCODER = "text_encoder"  # the key of a one-encoder checkpoint's vectors (textinv.embeddings.TEXT_ENCODER)
+
+
 @dataclass
 class CheckpointState:
     step: int
-    vectors: torch.Tensor
+    vectors: torch.Tensor  # the first text encoder's
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     losses: list[float]
     seed: int
+    # Every text encoder's vectors by encoder name; empty means {FIRST_ENCODER: vectors}.
+    vectors_by_encoder: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.vectors_by_encoder:
+            self.vectors_by_encoder = {FIRST_ENCODER: self.vectors}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -101,6 +112,7 @@ def write_state(folder: Path, state: CheckpointState) -> None:
         {
             "step": state.step,
             "vectors": state.vectors.detach().cpu(),
+            "vectors_by_encoder": {name: tensor.detach().cpu() for name, tensor in state.vectors_by_encoder.items()},
             "optimizer": state.optimizer,
             "lr_scheduler": state.lr_scheduler,
             "losses": list(state.losses),
@@ -129,6 +141,7 @@ def read_checkpoint(folder: Path, rank: int = 0) -> tuple[CheckpointState, Optio
         lr_scheduler=data["lr_scheduler"],
         losses=[float(x) for x in data["losses"]],
         seed=int(data["seed"]),
+        vectors_by_encoder=dict(data.get("vectors_by_encoder") or {}),  # absent in older checkpoints
     )
     return state, rng
 

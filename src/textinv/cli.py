@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from textinv.config import (
+    DEFAULT_VALIDATION_STEPS,
     INTERPOLATIONS,
     LEARNABLE_PROPERTIES,
     LR_SCHEDULERS,
+    MIXED_PRECISIONS,
+    REPORT_TO,
+    TIMESTEP_SAMPLINGS,
     TrainConfig,
     TrainingInterrupted,
     UserError,
@@ -34,7 +38,8 @@ TRAIN_HELP = {
     "train_data_dir": "folder with the 3-5 training images",
     "learnable_property": "what the token learns: an object or a style",
     "placeholder_token": "the new word, e.g. '<cat-toy>'",
-    "initializer_token": "a one-token word the vectors start from, e.g. 'toy'",
+    "initializer_token": "a one-token word the vectors start from, e.g. 'toy' (not needed with --init_embeddings)",
+    "init_embeddings": "start the vectors from an embedding file of any format (diffusers, A1111, pdparams...)",
     "num_vectors": "vectors in the new token (more = more capacity)",
     "resolution": "training image size in pixels (multiple of 8)",
     "height": "training image height; overrides --resolution",
@@ -64,14 +69,41 @@ TRAIN_HELP = {
     "save_steps": "also write learned_embeds-steps-N.safetensors every N steps",
     "only_save_embeds": "write only the embedding files, not the full pipeline",
     "overwrite_output_dir": "replace another run's results in --output_dir",
+    "cache_latents": "encode each training view with the VAE once (--no_cache_latents: every step)",
+    "gradient_checkpointing": "save memory by recomputing activations in the backward pass (slower steps)",
+    "enable_xformers_memory_efficient_attention": "use xformers attention when installed (else PyTorch's SDPA)",
+    "mixed_precision": "frozen weights in fp16 (CUDA only) or bf16; the learned vectors stay fp32",
+    "allow_tf32": "allow TF32 matmuls on Ampere or newer NVIDIA GPUs",
+    "compile": "torch.compile the UNet (minutes of compiling first; pays on long GPU runs)",
     "checkpointing_steps": "write a resumable checkpoint-N folder every N steps",
     "checkpoints_total_limit": "keep at most this many checkpoints (the oldest go first)",
     "resume_from_checkpoint": "resume a stopped run: 'latest' or a checkpoint-N folder",
+    # Validation, logs, hub (issue 6)
+    "validation_prompt": "prompt to sample while training, with the placeholder in it (repeatable); none = no validation",
+    "num_validation_images": "images per validation prompt; image i uses seed+i at every round, so rounds compare",
+    "validation_steps": f"sample the validation prompts every N steps; if neither this nor --validation_epochs is given: {DEFAULT_VALIDATION_STEPS}",
+    "validation_epochs": "sample the validation prompts every N epochs (--validation_steps wins when both are given)",
+    "validation_num_inference_steps": "denoising steps per validation image",
+    "validation_guidance_scale": "classifier-free guidance scale of validation images",
+    "report_to": f"where to log loss, learning rate, vector norms and validation images: {', '.join(REPORT_TO)}",
+    "logging_dir": "log folder, relative to --output_dir unless absolute (`tensorboard --logdir OUTPUT_DIR/logs`)",
+    "push_to_hub": "upload --output_dir to the Hugging Face Hub after training (needs a token)",
+    "hub_token": "Hub token for --push_to_hub; if not given: HF_TOKEN, or the token saved by `hf auth login`",
+    "hub_model_id": "Hub repository for --push_to_hub, 'name' or 'user/name'; if not given: the output_dir's folder name",
+    # Model families and languages (issue 7)
+    "language": "caption templates: en, zh (Chinese) or zh_en (both); if not given: zh/zh_en for Chinese models "
+    "(by name, as ppdiffusers, or by text encoder), else en",
+    "timestep_sampling": "how training draws timesteps: uniform (ppdiffusers) or logit_normal (middle steps more often)",
+    "timestep_logit_mean": "mean of the logit-normal timestep draw (0 = centred)",
+    "timestep_logit_std": "spread of the logit-normal timestep draw",
+    "snr_gamma": "min-SNR-gamma loss weighting, e.g. 5.0; leave out for plain MSE",
 }
 CHOICES = {
+    "mixed_precision": MIXED_PRECISIONS,
     "learnable_property": LEARNABLE_PROPERTIES,
     "lr_scheduler": LR_SCHEDULERS,
     "interpolation": INTERPOLATIONS,
+    "timestep_sampling": TIMESTEP_SAMPLINGS,
 }
 
 
@@ -90,8 +122,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         flag = f"--{spec.name}"
         kind = _base_type(hints[spec.name])
-        required = spec.default is dataclasses.MISSING
-        default_text = "" if required else f" (default: {spec.default})"
+        has_factory = spec.default_factory is not dataclasses.MISSING
+        required = spec.default is dataclasses.MISSING and not has_factory
+        default_text = "" if required or has_factory else f" (default: {spec.default})"
         help_text = TRAIN_HELP[spec.name] + default_text
         if kind is bool and spec.default is True:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -102,6 +135,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(
                 flag,
+                # A list field (--validation_prompt) is a repeatable flag.
+                action="append" if typing.get_origin(hints[spec.name]) is list else "store",
                 type=_typed(kind, flag),
                 default=None,
                 required=required,
@@ -148,8 +183,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _quiet_model_loading()
     result = train(config)
-    print(f"learned {config.placeholder_token} -> {result.embedding_path}")
+    if _launch_rank() == 0:
+        print(f"learned {config.placeholder_token} -> {result.embedding_path}")
     return 0
+
+
+def _launch_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when run alone)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -272,6 +316,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """The Textual Inversion paper's image and text similarity of a learned word."""
+    from textinv.evaluation import evaluate, read_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    _quiet_model_loading()
+    result = evaluate(
+        args.model,
+        args.embeddings,
+        args.train_data_dir,
+        prompts=prompts,
+        clip_model=args.clip_model,
+        num_images=args.num_images,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(f"image similarity {result.image_similarity:.4f}  ('{result.details['image_prompt']}' vs the training images)")
+    print(f"text similarity  {result.text_similarity:.4f}  (mean over {len(result.prompts)} edit prompts)")
+    if args.json:
+        from textinv.files import atomic_write_json
+
+        print(f"wrote {atomic_write_json(args.json, result.to_dict())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from textinv import __version__
 
@@ -301,7 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline folder for trying things out")
     tiny.add_argument("output_dir")
-    tiny.add_argument("--family", default="sd1", choices=["sd1"])
+    from textinv.tiny import FAMILIES as TINY_FAMILIES
+
+    tiny.add_argument(
+        "--family",
+        default="sd1",
+        choices=TINY_FAMILIES,
+        help="model family: sd1, sd2 (512 epsilon), sd2-v (768 v_prediction), sdxl (two text encoders), "
+        "zh-bert (Taiyi: BERT), zh-xlmr (AltDiffusion: XLM-R) (default: sd1)",
+    )
     tiny.add_argument("--seed", type=_typed(int, "--seed"), default=0)
     tiny.set_defaults(handler=cmd_tiny)
 
@@ -318,6 +398,23 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     conv.set_defaults(handler=cmd_convert)
 
+    from textinv.evaluation import DEFAULT_CLIP_MODEL
+
+    ev = commands.add_parser("eval", help="score a learned word: CLIP image and text similarity (Textual Inversion paper)")
+    ev.add_argument("--model", required=True, help="base pipeline folder or hub id")
+    ev.add_argument("--embeddings", required=True, metavar="FILE", help="embedding file of the learned word (any format)")
+    ev.add_argument("--train_data_dir", required=True, help="the word's training images (image similarity compares with them)")
+    ev.add_argument("--prompts", metavar="FILE", help="edit prompts, one a line with {} for the word (default: a built-in list)")
+    ev.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help=f"CLIP model folder or hub id (default: {DEFAULT_CLIP_MODEL})")
+    ev.add_argument("--num_images", type=_typed(int, "--num_images"), default=8, help="images per prompt (the paper: 64)")
+    ev.add_argument("--num_inference_steps", type=_typed(int, "--num_inference_steps"), default=50)
+    ev.add_argument("--guidance_scale", type=_typed(float, "--guidance_scale"), default=7.5)
+    ev.add_argument("--seed", type=_typed(int, "--seed"), default=0, help="image i of every prompt uses seed+i")
+    ev.add_argument("--batch_size", type=_typed(int, "--batch_size"), default=4, help="images generated at once")
+    ev.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
+    ev.add_argument("--json", metavar="OUT", help="also write every score to this JSON file")
+    ev.set_defaults(handler=cmd_eval)
+
     demo = commands.add_parser("demo", help="train and generate on the built-in tiny pipeline and images")
     demo.add_argument("--output_dir", default="demo-output")
     demo.add_argument("--steps", type=_typed(int, "--steps"), default=200)
@@ -326,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Under a multi-process launch only rank 0 reports progress; the others speak up for problems.
+    level = logging.INFO if _launch_rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "diffusers", "accelerate", "huggingface_hub", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -350,6 +449,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "textinv") -> int:
         parser.prog = prog
         args = parser.parse_args(argv)
         _configure_logging()
+        if args.command in ("train", "generate", "demo", "eval"):
+            from textinv.memory import return_freed_memory_promptly
+
+            return_freed_memory_promptly()
         return int(args.handler(args) or 0)
     except UserError as error:
         if debug:

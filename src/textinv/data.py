@@ -90,8 +90,9 @@ def check_image(path: Path) -> str | None:
             image.load()
     except UnidentifiedImageError:
         return "not an image Pillow can read"
-    except Image.DecompressionBombError:
-        return "too many pixels"
+    except Image.DecompressionBombError as error:
+        # Pillow refuses to open it at all ("Image size (N pixels) exceeds limit of M pixels, ...").
+        return f"{str(error).split(',')[0]}; shrink it to at most {MAX_IMAGE_PIXELS} pixels"
     except (OSError, ValueError, SyntaxError) as error:
         return f"damaged: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
     return None
@@ -169,6 +170,10 @@ class LatentCache:
     shift_factor: float = 0.0
 
     @property
+    def num_images(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
     def num_flips(self) -> int:
         return int(self.mean.shape[1])
 
@@ -176,8 +181,42 @@ class LatentCache:
         """One scaled latent drawn from a view's distribution (what latent_dist.sample() gives)."""
         flip = 1 if flipped and self.num_flips > 1 else 0
         mean, std = self.mean[image_index, flip], self.std[image_index, flip]
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        return (mean + std * eps - self.shift_factor) * self.scaling_factor
+        return _scaled_sample(mean, std, generator, self.shift_factor, self.scaling_factor)
+
+
+def _scaled_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, shift: float, scale: float) -> torch.Tensor:
+    eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+    return (mean + std * eps - shift) * scale
+
+
+class LatentsEachStep:
+    """No cache: every example's view goes through the VAE again, as the reference scripts do.
+
+    Same interface and the same draws as :class:`LatentCache` (``--no_cache_latents``); it exists to
+    show the cache changes nothing but the time, and for memory-rich runs that want it.
+    """
+
+    def __init__(self, vae: Any, views: torch.Tensor, random_flip: bool) -> None:
+        self.vae, self.views, self.random_flip = vae, views, random_flip
+        config = vae.config
+        self.scaling_factor = float(getattr(config, "scaling_factor", 0.18215))
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.views.shape[0])
+
+    @property
+    def num_flips(self) -> int:
+        return 2 if self.random_flip else 1
+
+    @torch.no_grad()
+    def sample(self, image_index: int, flipped: bool, generator: torch.Generator) -> torch.Tensor:
+        view = self.views[image_index]
+        pixels = view.flip(-1) if flipped and self.random_flip else view
+        parameter = next(self.vae.parameters())
+        dist = self.vae.encode(pixels.unsqueeze(0).to(parameter.device, parameter.dtype)).latent_dist
+        return _scaled_sample(dist.mean[0].float().cpu(), dist.std[0].float().cpu(), generator, self.shift_factor, self.scaling_factor)
 
 
 @torch.no_grad()

@@ -603,7 +603,7 @@ def write_embedding(embedding: Embedding, path: str | Path, format: Optional[str
     if path.is_dir():
         raise UserError(f"{str(path)!r} is a folder; give a file name to write the embedding to")
     written = _WRITERS[chosen](embedding, path)
-    logger.info("wrote %s (%s, %d vector(s)) to %s", embedding.token, chosen, embedding.num_vectors, written)
+    logger.debug("wrote %s (%s, %d vector(s)) to %s", embedding.token, chosen, embedding.num_vectors, written)
     return written
 
 
@@ -699,7 +699,13 @@ _WRITERS: dict[str, Callable[[Embedding, Path], Path]] = {
 
 
 def save_diffusers(embedding: Embedding, path: str | Path) -> Path:
-    """Write ``{token: [n, dim]}`` as safetensors (or a weights-only torch file for ``.bin``)."""
+    """Write ``{token: [n, dim]}`` as safetensors (or a weights-only torch file for ``.bin``).
+
+    A two-encoder (SDXL) embedding is written as ``{clip_l, clip_g}`` safetensors instead: the
+    layout SDXL tools read (diffusers loads each key with ``load_textual_inversion``).
+    """
+    if TEXT_ENCODER_2 in embedding.vectors:
+        return write_embedding(embedding, path, "sdxl")
     return _write_diffusers(embedding, Path(path))
 
 

@@ -8,6 +8,7 @@ to disk, then renamed over the target in one step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -53,11 +54,34 @@ def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], None]) 
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(error, target)
         raise
     _fsync_dir(target.parent)
     return target
+
+
+# Below this many free bytes, a writer's failure is taken to be the full disk.
+DISK_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _raise_if_disk_full(error: BaseException, target: Path) -> None:
+    """Re-raise a full disk as ``OSError(ENOSPC)``, whatever the writer made of it.
+
+    safetensors and torch.save report a failed write as their own exception types (without errno);
+    the CLI turns ENOSPC into one clear line instead of an internal error.
+    """
+    if isinstance(error, OSError) or not isinstance(error, Exception):
+        return
+    text = str(error)
+    said_so = "No space left on device" in text or "os error 28" in text
+    try:
+        nearly_full = shutil.disk_usage(target.parent).free < DISK_NEARLY_FULL_BYTES
+    except OSError:
+        nearly_full = False
+    if said_so or nearly_full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from error
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> Path:
@@ -80,8 +104,9 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(error, target)
         raise
     old = None
     if target.exists():

@@ -42,17 +42,15 @@ def load_pipeline(
     replace: bool = False,
 ) -> Any:
     """A diffusers pipeline from a folder or hub id, with each embedding file's token(s) added."""
-    from diffusers import DiffusionPipeline
-
     from textinv.embeddings import load_embeddings
-    from textinv.models import resolve_model_dir
+    from textinv.models import load_pipeline_folder, resolve_model_dir
 
     path = resolve_model_dir(model)
     target = pick_device(device)
     # Half precision only where it is fast and supported; CPU stays float32.
     dtype = torch.float16 if target.type == "cuda" else torch.float32
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+        pipe = load_pipeline_folder(path, dtype)  # the class model_index.json names: SD, SDXL, AltDiffusion...
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the pipeline in {str(path)!r}: {str(error).splitlines()[0]}") from None
     for embedding_file in embeddings:

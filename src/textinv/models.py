@@ -18,17 +18,79 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 REQUIRED_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 
 
+# Model families textinv trains (what :func:`inspect_pipeline` can name).
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "zh-bert", "zh-xlmr")
+# (text encoder attribute, its tokenizer's attribute) in a diffusers pipeline, in prompt-encoding order.
+ENCODER_SLOTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+# Text encoder classes textinv can train with: class name (text_encoder/config.json "architectures",
+# else the class model_index.json names) -> (kind, module, class). Taiyi (IDEA-CCNL) Chinese SD uses
+# BertModel; AltDiffusion (BAAI) uses diffusers' RobertaSeriesModelWithTransformation (XLM-R), which
+# diffusers 0.42 keeps under pipelines.deprecated.alt_diffusion.
+TEXT_ENCODER_CLASSES: dict[str, tuple[str, str, str]] = {
+    "CLIPTextModel": ("clip", "transformers", "CLIPTextModel"),
+    "CLIPTextModelWithProjection": ("clip", "transformers", "CLIPTextModelWithProjection"),
+    "BertModel": ("bert", "transformers", "BertModel"),
+    "RobertaSeriesModelWithTransformation": (
+        "xlmr",
+        "diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series",
+        "RobertaSeriesModelWithTransformation",
+    ),
+}
+SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL, Taiyi (BERT) and AltDiffusion (XLM-R) pipelines"
+
+
+@dataclass(frozen=True)
+class EncoderSlot:
+    """One text encoder of a pipeline folder: where it and its tokenizer are, and its class."""
+
+    name: str  # pipeline attribute and folder: "text_encoder" / "text_encoder_2" (also the Embedding key)
+    tokenizer_name: str  # "tokenizer" / "tokenizer_2"
+    class_name: str
+    kind: str  # "clip", "bert" or "xlmr"
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """What a pipeline folder holds, as far as training cares (read from its JSON files only)."""
+
+    family: str
+    pipeline_class: str
+    encoders: tuple[EncoderSlot, ...]
+    prediction_type: str
+
+
+@dataclass
+class TextEncoderPart:
+    """A loaded tokenizer and its frozen text encoder."""
+
+    name: str  # "text_encoder" / "text_encoder_2": the pipeline attribute, folder and Embedding key
+    tokenizer_name: str  # "tokenizer" / "tokenizer_2"
+    tokenizer: Any
+    text_encoder: Any
+    kind: str  # "clip", "bert" or "xlmr"
+
+
 @dataclass
 class ModelParts:
     """What training needs from a pipeline. Frozen modules are in eval mode with no gradients."""
 
     source: str  # the local folder the parts came from (resolved snapshot for hub ids)
     family: str
-    tokenizer: Any
-    text_encoder: Any
+    text_encoders: list[TextEncoderPart]  # one per text encoder, in the pipeline's order (SDXL: two)
     unet: Any
     vae: Any
     noise_scheduler: Any  # a DDPMScheduler built from the pipeline's scheduler config
+    pipeline_class: str = "StableDiffusionPipeline"
+    vae_scale_factor: int = 8  # pixels per latent pixel (SDXL's time ids are in pixels)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The first (for SD 1.x/2.x and Chinese models the only) tokenizer."""
+        return self.text_encoders[0].tokenizer
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.text_encoders[0].text_encoder
 
     @property
     def prediction_type(self) -> str:
@@ -66,7 +128,7 @@ def resolve_model_dir(name_or_path: str, revision: Optional[str] = None) -> Path
 
 
 def check_pipeline_dir(path: Path) -> dict[str, Any]:
-    """Read model_index.json and check the parts training needs are there."""
+    """Read model_index.json and check it is a kind of pipeline textinv trains, with every part there."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise UserError(
@@ -77,7 +139,10 @@ def check_pipeline_dir(path: Path) -> dict[str, Any]:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UserError(f"{str(index_file)!r} is not valid JSON ({error}); the model folder is damaged") from None
-    missing = [part for part in REQUIRED_PARTS if not (path / part).is_dir()]
+    _check_supported_components(path, index)
+    declared = [name for pair in ENCODER_SLOTS for name in pair if _declared(index, name)]
+    missing = [part for part in REQUIRED_PARTS + tuple(declared) if not (path / part).is_dir()]
+    missing = list(dict.fromkeys(missing))
     if missing:
         raise UserError(
             f"model folder {str(path)!r} is missing {', '.join(missing)}; "
@@ -86,22 +151,105 @@ def check_pipeline_dir(path: Path) -> dict[str, Any]:
     return index
 
 
-def detect_family(path: Path, text_encoder_config: dict[str, Any], scheduler_config: dict[str, Any]) -> str:
-    """Name the model family from what the folder holds."""
-    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-    pipeline_class = index.get("_class_name", "")
-    encoder_class = (text_encoder_config.get("architectures") or [""])[0]
-    if "text_encoder_2" in index or "XL" in pipeline_class:
-        return "sdxl"
-    if encoder_class not in ("CLIPTextModel", ""):
+def _declared(index: dict[str, Any], name: str) -> bool:
+    spec = index.get(name)
+    return isinstance(spec, list) and len(spec) == 2 and spec[1] is not None
+
+
+def _components_text(index: dict[str, Any]) -> str:
+    """``unet: UNet2DConditionModel, transformer: ...``: what a model_index.json declares."""
+    found = [f"{name}: {spec[1]}" for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list) and spec[-1]]
+    return ", ".join(found) or "no components"
+
+
+def _check_supported_components(path: Path, index: dict[str, Any]) -> None:
+    """A pipeline without a UNet or without a first text encoder is another kind of model (SD3, Flux, a refiner...)."""
+    pipeline_class = index.get("_class_name", "an unnamed pipeline")
+    if not _declared(index, "unet"):
         raise UserError(
-            f"model {str(path)!r} has a {encoder_class} text encoder ({pipeline_class}); "
-            "textinv trains Stable Diffusion 1.x/2.x pipelines with a CLIP text encoder"
+            f"model {str(path)!r} is a {pipeline_class} with no UNet ({_components_text(index)}); "
+            f"textinv trains {SUPPORTED_TEXT}"
         )
-    hidden = int(text_encoder_config.get("hidden_size", 0))
-    if scheduler_config.get("prediction_type") == "v_prediction":
-        return "sd2-v"
-    return "sd2" if hidden == 1024 else "sd1"
+    if not _declared(index, "text_encoder") or not _declared(index, "tokenizer"):
+        raise UserError(
+            f"model {str(path)!r} is a {pipeline_class} without a first text encoder and tokenizer "
+            f"({_components_text(index)}; an SDXL refiner?); textinv trains {SUPPORTED_TEXT}"
+        )
+
+
+def inspect_pipeline(path: Path) -> PipelineLayout:
+    """Name the model family from what the folder holds: model_index.json, the text encoders'
+    classes and widths, the UNet's conditioning inputs and the scheduler's prediction type."""
+    index = check_pipeline_dir(path)
+    pipeline_class = str(index.get("_class_name", ""))
+    unet_config = _read_json(path / "unet" / "config.json")
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    prediction_type = str(scheduler_config.get("prediction_type", "epsilon"))
+    encoders = []
+    encoder_configs = []
+    for encoder_name, tokenizer_name in ENCODER_SLOTS:
+        if not _declared(index, encoder_name):
+            continue
+        config = _read_json(path / encoder_name / "config.json")
+        class_name = (config.get("architectures") or [index[encoder_name][1]])[0]
+        if class_name not in TEXT_ENCODER_CLASSES:
+            raise UserError(
+                f"model {str(path)!r} ({pipeline_class}) has a {class_name} {encoder_name}; textinv trains with "
+                "CLIP (SD 1.x/2.x/SDXL), BertModel (Taiyi) or RobertaSeriesModelWithTransformation (AltDiffusion) text encoders"
+            )
+        encoders.append(EncoderSlot(encoder_name, tokenizer_name, class_name, TEXT_ENCODER_CLASSES[class_name][0]))
+        encoder_configs.append(config)
+    _check_unet(path, pipeline_class, unet_config, len(encoders))
+    if len(encoders) == 2:
+        if any(slot.kind != "clip" for slot in encoders):
+            found = " + ".join(slot.class_name for slot in encoders)
+            raise UserError(
+                f"model {str(path)!r} ({pipeline_class}) has two text encoders ({found}); "
+                "textinv trains two-encoder pipelines only as SDXL (CLIPTextModel + CLIPTextModelWithProjection)"
+            )
+        family = "sdxl"
+    else:
+        kind, config = encoders[0].kind, encoder_configs[0]
+        if kind == "bert":
+            family = "zh-bert"
+        elif kind == "xlmr":
+            family = "zh-xlmr"
+        elif prediction_type == "v_prediction":
+            family = "sd2-v"
+        # OpenCLIP ViT-H (SD 2.x) is 1024 wide and uses gelu; OpenAI CLIP ViT-L (SD 1.x) quick_gelu.
+        elif int(config.get("hidden_size", 0)) == 1024 or config.get("hidden_act") == "gelu":
+            family = "sd2"
+        else:
+            family = "sd1"
+    return PipelineLayout(family, pipeline_class, tuple(encoders), prediction_type)
+
+
+def _check_unet(path: Path, pipeline_class: str, unet_config: dict[str, Any], num_encoders: int) -> None:
+    """The UNet must be a text-to-image one whose extra inputs training can supply."""
+    where = f"model {str(path)!r} ({pipeline_class})"
+    unet_class = unet_config.get("_class_name", "UNet2DConditionModel")
+    if unet_class != "UNet2DConditionModel":
+        raise UserError(f"{where} has a {unet_class} denoiser; textinv trains {SUPPORTED_TEXT} (UNet2DConditionModel)")
+    in_channels = int(unet_config.get("in_channels", 4))
+    if in_channels != 4:
+        raise UserError(
+            f"{where} has a UNet with {in_channels} input channels (an inpainting, depth or upscaling model); "
+            "textinv trains text-to-image UNets (4 latent channels)"
+        )
+    extra = unet_config.get("addition_embed_type")
+    if unet_config.get("class_embed_type") is not None or extra not in (None, "text_time"):
+        what = unet_config.get("class_embed_type") or extra
+        raise UserError(f"{where} has a UNet conditioned on {what!r} inputs; textinv trains {SUPPORTED_TEXT}")
+    if (extra == "text_time") != (num_encoders == 2):
+        raise UserError(
+            f"{where} has {num_encoders} text encoder(s) and a UNet with addition_embed_type={extra!r}; "
+            "textinv knows this only as SDXL (two encoders, 'text_time')"
+        )
+
+
+def detect_family(path: Path) -> str:
+    """The model family of a pipeline folder: one of :data:`FAMILIES` (UserError for the rest)."""
+    return inspect_pipeline(path).family
 
 
 def load_model_parts(
@@ -109,19 +257,21 @@ def load_model_parts(
     revision: Optional[str] = None,
     tokenizer_name: Optional[str] = None,
 ) -> ModelParts:
-    """Load tokenizer, text encoder, UNet, VAE and a training noise scheduler, all frozen."""
+    """Load tokenizer(s), text encoder(s), UNet, VAE and a training noise scheduler, all frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer
 
     path = resolve_model_dir(name_or_path, revision)
-    encoder_config = _read_json(path / "text_encoder" / "config.json")
+    layout = inspect_pipeline(path)
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    family = detect_family(path, encoder_config, scheduler_config)
-    if family == "sdxl":
-        raise UserError(f"model {str(path)!r} is an SDXL pipeline; SDXL training is not supported yet")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or path / "tokenizer", revision=revision)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+        text_encoders = []
+        for position, slot in enumerate(layout.encoders):
+            # --tokenizer_name replaces the first tokenizer only (as in ppdiffusers' script).
+            tokenizer_source = tokenizer_name if tokenizer_name and position == 0 else path / slot.tokenizer_name
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, revision=revision)
+            encoder = _text_encoder_class(slot.class_name).from_pretrained(path / slot.name)
+            text_encoders.append(TextEncoderPart(slot.name, slot.tokenizer_name, tokenizer, encoder, slot.kind))
         unet = UNet2DConditionModel.from_pretrained(path / "unet")
         vae = AutoencoderKL.from_pretrained(path / "vae")
         # Training always adds noise the DDPM way, whatever sampler the pipeline ships with;
@@ -131,19 +281,110 @@ def load_model_parts(
         raise
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"could not load the pipeline in {str(path)!r}: {_first_line(error)}") from None
-    for module in (text_encoder, unet, vae):
+    for module in (*(part.text_encoder for part in text_encoders), unet, vae):
         module.requires_grad_(False)
         module.eval()
-    logger.info("loaded %s pipeline from %s (prediction_type=%s)", family, path, noise_scheduler.config.prediction_type)
+    logger.info(
+        "loaded %s pipeline (%s) from %s (prediction_type=%s)",
+        layout.family,
+        layout.pipeline_class,
+        path,
+        noise_scheduler.config.prediction_type,
+    )
     return ModelParts(
         source=str(path),
-        family=family,
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
+        family=layout.family,
+        text_encoders=text_encoders,
         unet=unet,
         vae=vae,
         noise_scheduler=noise_scheduler,
+        pipeline_class=layout.pipeline_class,
+        vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
     )
+
+
+def load_pipeline_folder(path: Path, dtype: Any = None) -> Any:
+    """The folder's diffusers pipeline, of the class model_index.json names.
+
+    ``DiffusionPipeline.from_pretrained`` does it, except where diffusers cannot resolve a text
+    encoder class from model_index.json: diffusers 0.42 keeps AltDiffusion's
+    RobertaSeriesModelWithTransformation under ``pipelines.deprecated``, where neither spelling
+    AltDiffusion folders use ("diffusers", "alt_diffusion") finds it, and refuses it even when passed
+    in. Such pipelines are assembled here from their parts, each loaded by its own class.
+    """
+    import diffusers
+
+    index = _read_json(path / "model_index.json")
+    hand_loaded = [
+        name
+        for name, _ in ENCODER_SLOTS
+        if _declared(index, name) and TEXT_ENCODER_CLASSES.get(index[name][1], ("", "transformers"))[1] != "transformers"
+    ]
+    if not hand_loaded:
+        return diffusers.DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    components: dict[str, Any] = {}
+    for name, spec in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, list):
+            components[name] = spec  # a registered setting such as requires_safety_checker
+            continue
+        library, class_name = spec
+        if class_name is None:
+            components[name] = None
+            continue
+        component = _component_class(library, class_name).from_pretrained(path / name)
+        if dtype is not None and hasattr(component, "parameters"):
+            component = component.to(dtype)
+        components[name] = component
+    logger.debug("assembled %s from its parts (%s loaded by textinv)", index["_class_name"], ", ".join(hand_loaded))
+    return getattr(diffusers, index["_class_name"])(**components)
+
+
+def pipeline_from_parts(parts: ModelParts, vae: Any, scheduler: Any) -> Any:
+    """A pipeline of the base model's class (SD, SDXL, AltDiffusion...) over modules already in memory:
+    training's frozen text encoder(s) and UNet, with ``vae`` and ``scheduler``; no safety checker."""
+    import inspect
+
+    import diffusers
+
+    pipeline_class = getattr(diffusers, parts.pipeline_class, None) or diffusers.StableDiffusionPipeline
+    components: dict[str, Any] = {"vae": vae, "unet": parts.unet, "scheduler": scheduler}
+    for part in parts.text_encoders:
+        components[part.name] = part.text_encoder
+        components[part.tokenizer_name] = part.tokenizer
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    optional = {
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+        "requires_safety_checker": False,
+        "add_watermarker": False,  # SDXL: invisible-watermark is an optional package
+    }
+    components.update({name: value for name, value in optional.items() if name in accepted})
+    return pipeline_class(**components)
+
+
+def _component_class(library: str, class_name: str) -> Any:
+    import importlib
+
+    if class_name in TEXT_ENCODER_CLASSES:
+        return _text_encoder_class(class_name)
+    module = importlib.import_module("transformers" if library == "transformers" else "diffusers")
+    found = getattr(module, class_name, None)
+    if found is None and library != "transformers":
+        # Pipeline-specific parts (e.g. ["stable_diffusion", "StableDiffusionSafetyChecker"]).
+        found = getattr(getattr(importlib.import_module("diffusers.pipelines"), library, None), class_name, None)
+    if found is None:
+        raise UserError(f"cannot find the class {library}.{class_name} the model folder names; update diffusers/transformers")
+    return found
+
+
+def _text_encoder_class(class_name: str) -> Any:
+    import importlib
+
+    _, module_name, attribute = TEXT_ENCODER_CLASSES[class_name]
+    return getattr(importlib.import_module(module_name), attribute)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def check_new_token(tokenizer: Any, token: str, num_vectors: int) -> None:
                 f"--placeholder_token {token!r}: {name!r} is already in the tokenizer's vocabulary "
                 f"(id {vocab[name]}); choose a new word, e.g. '<{token.strip('<>')}-concept>'"
             )
-    existing_ids = tokenizer(token, add_special_tokens=False).input_ids
+    existing_ids = word_ids(tokenizer, token)
     if len(existing_ids) == 1:
         word = tokenizer.convert_ids_to_tokens(existing_ids)[0]
         raise UserError(
@@ -51,9 +51,23 @@ def check_new_token(tokenizer: Any, token: str, num_vectors: int) -> None:
         )
 
 
+def word_ids(tokenizer: Any, text: str) -> list[int]:
+    """The ids ``text`` tokenizes to, without special tokens or bare word-start markers.
+
+    SentencePiece tokenizers (XLM-R) spell a Chinese word after a space as two pieces, a bare
+    ``▁`` then the word (``猫`` -> ``▁``, ``猫``); the marker carries none of the word's meaning,
+    so it does not count. BPE (CLIP, ``</w>`` endings) and WordPiece (BERT, ``##`` pieces) have
+    no such piece and pass through unchanged.
+    """
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    meaningful = [i for i, piece in zip(ids, pieces) if piece.replace("\u2581", "").strip()]
+    return meaningful or ids
+
+
 def initializer_ids(tokenizer: Any, initializer: str, num_vectors: int) -> list[int]:
     """Token ids whose rows start the placeholder vectors: one per vector, or one for all."""
-    ids = tokenizer(initializer, add_special_tokens=False).input_ids
+    ids = word_ids(tokenizer, initializer)
     if not ids:
         raise UserError(f"--initializer_token {initializer!r} tokenizes to nothing; give a word such as 'toy'")
     if len(ids) == 1:
@@ -93,7 +107,7 @@ def add_placeholder_token(
         raise RuntimeError(f"placeholder ids are not contiguous: {ids}")
     embedding = text_encoder.get_input_embeddings()
     if embedding.weight.shape[0] < len(tokenizer):
-        text_encoder.resize_token_embeddings(len(tokenizer))
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # our rows are set below
         embedding = text_encoder.get_input_embeddings()
     dim = embedding.weight.shape[1]
     if initial_vectors.shape[1] != dim:

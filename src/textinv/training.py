@@ -7,6 +7,7 @@ logs and validation hook in there instead of into the loop.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,34 +27,32 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from textinv import checkpoints
+from textinv import checkpoints, speed
+from textinv.conditioning import TrainableTextEncoders, add_placeholder, predict
 from textinv.config import TrainConfig, TrainingInterrupted, UserError
 from textinv.data import (
     Example,
     ExampleStream,
     LatentCache,
+    LatentsEachStep,
     discover_images,
     encode_latent_cache,
     load_views,
 )
-from textinv.embeddings import TEXT_ENCODER, Embedding, save_diffusers
+from textinv.embeddings import Embedding, save_diffusers
 from textinv.files import atomic_dir, atomic_write, atomic_write_json, check_writable_dir, previous_run_markers
 from textinv.models import ModelParts, load_model_parts
-from textinv.templates import templates_for
-from textinv.tokens import (
-    TrainableTokens,
-    add_placeholder_token,
-    check_new_token,
-    expand_placeholder,
-    initializer_ids,
-)
+from textinv.templates import choose_language, templates_for
+from textinv.tokens import expand_placeholder
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING_FILE = "learned_embeds.safetensors"
 RUN_FILE = "run.json"
 # Settings a resumed run must share with the run it continues (else it is another run).
-IDENTITY_KEYS = ("model", "placeholder_token", "num_vectors", "initializer_token", "images", "learnable_property")
+IDENTITY_KEYS = ("model", "placeholder_token", "num_vectors", "initializer_token", "init_embeddings", "images", "learnable_property", "language")
+# What a run.json written before a key existed meant by its absence.
+IDENTITY_DEFAULTS = {"language": "en"}
 
 
 class TrainingDiverged(UserError):
@@ -86,7 +85,7 @@ class RunContext:
     config: TrainConfig
     output_dir: Path
     parts: ModelParts
-    trainable: TrainableTokens
+    trainable: TrainableTextEncoders  # every text encoder's placeholder vectors (.vectors: the first's)
     accelerator: Any
     stream: ExampleStream
     max_steps: int
@@ -129,15 +128,27 @@ def train(
     from accelerate import Accelerator
 
     config.validate()
+    # Validation, logs, model card, hub (issue 6): built now so a missing tracker or token fails before the model loads.
+    from textinv.observers import observers_from_config
+
+    observers = [*observers, *observers_from_config(config)]
     output_dir = Path(config.output_dir).expanduser()
-    accelerator = Accelerator()
+    wants_fp16 = config.mixed_precision == "fp16" and torch.cuda.is_available()
+    accelerator = Accelerator(cpu=_processes_share_cpu(), mixed_precision="fp16" if wants_fp16 else "no")
+    speed.check_precision(config, accelerator.device)
     resume_dir = _prepare_output_dir(config, output_dir, accelerator)
     device = accelerator.device
 
     # Cheap checks first: a missing image folder should not cost a model load.
     image_paths = discover_images(config.train_data_dir) if latent_cache is None else []
+    start_vectors = None
+    if config.init_embeddings:
+        start_vectors = starting_vectors_by_encoder(config.init_embeddings, config.placeholder_token, config.num_vectors)
+        config = dataclasses.replace(config, num_vectors=int(next(iter(start_vectors.values())).shape[0]))
     parts = load_model_parts(config.pretrained_model_name_or_path, config.revision, config.tokenizer_name)
+    language = choose_language(config.language, config.pretrained_model_name_or_path, parts.family)
     identity = _run_identity(config, parts, image_paths, latent_cache)
+    identity["language"] = language  # the templates change the examples, so a resume must keep them
     previous_record = _check_resume_identity(output_dir, identity) if resume_dir else None
 
     # --- latents: every view through the VAE once, then the VAE leaves memory -----------------
@@ -151,20 +162,24 @@ def train(
             config.dataloader_num_workers,
         )
         parts.vae.to(device)
-        latent_cache = encode_latent_cache(parts.vae, views, config.random_flip)
+        if config.cache_latents:
+            latent_cache = encode_latent_cache(parts.vae, views, config.random_flip)
+        else:
+            latent_cache = LatentsEachStep(parts.vae, views, config.random_flip)  # keeps the VAE
         del views
     parts.vae = None
-    num_images = int(latent_cache.mean.shape[0])
+    num_images = latent_cache.num_images
 
-    # --- the placeholder token: the only trainable tensor -------------------------------------
-    tokenizer, text_encoder = parts.tokenizer, parts.text_encoder
-    check_new_token(tokenizer, config.placeholder_token, config.num_vectors)
-    init_ids = initializer_ids(tokenizer, config.initializer_token, config.num_vectors)
-    initial_vectors = text_encoder.get_input_embeddings().weight[init_ids].detach().clone()
-    placeholder_ids = add_placeholder_token(tokenizer, text_encoder, config.placeholder_token, initial_vectors)
-    text_encoder.to(device)
-    parts.unet.to(device)
-    trainable = TrainableTokens(text_encoder, placeholder_ids[0], initial_vectors).to(device)
+    # --- the placeholder token: the only trainable tensors, [n, dim] per text encoder -----------
+    trainable = add_placeholder(
+        parts, config.placeholder_token, config.num_vectors, config.initializer_token, start_vectors, config.init_embeddings or ""
+    )
+    tokenizer = parts.tokenizer
+    for part in parts.text_encoders:
+        part.text_encoder.to(device)
+        speed.apply_to_text_encoder(config, part.text_encoder)
+    parts.unet = speed.apply_to_unet(config, parts.unet.to(device), device)
+    trainable.to(device)
 
     # --- schedule --------------------------------------------------------------------------------
     resume_state, resume_rng = (None, None)
@@ -174,7 +189,7 @@ def train(
     stream = ExampleStream(
         num_images=num_images,
         repeats=config.repeats,
-        templates=templates_for(config.learnable_property),
+        templates=templates_for(config.learnable_property, language),
         placeholder_text=expand_placeholder(config.placeholder_token, config.placeholder_token, config.num_vectors),
         random_flip=config.random_flip and latent_cache.num_flips > 1,
         seed=seed,
@@ -191,11 +206,12 @@ def train(
         eps=config.adam_epsilon,
     )
     lr_scheduler = _lr_scheduler(config, optimizer, max_steps)
+    if accelerator.mixed_precision == "fp16":
+        optimizer = accelerator.prepare(optimizer)  # steps through accelerate's loss scaler
     losses: list[float] = []
     start_step = 0
     if resume_state is not None:
-        with torch.no_grad():
-            trainable.vectors.copy_(resume_state.vectors.to(trainable.vectors))
+        trainable.load_vectors(resume_state.vectors_by_encoder)
         optimizer.load_state_dict(resume_state.optimizer)
         lr_scheduler.load_state_dict(resume_state.lr_scheduler)
         losses = list(resume_state.losses)
@@ -228,12 +244,13 @@ def train(
         observer.on_start(run)
 
     # --- the loop --------------------------------------------------------------------------------
+    loss_settings = LossSettings.from_config(config)
     saved: list[Path] = []
     started = time.perf_counter()
     with _stop_on_signals(run):
         for step in range(start_step + 1, max_steps + 1):
             step_started = time.perf_counter()
-            last_good = trainable.vectors.detach().clone()
+            last_good = {name: vectors.detach().clone() for name, vectors in trainable.vectors_by_encoder().items()}
             step_loss = torch.zeros((), device=device)
             for micro in range(config.gradient_accumulation_steps):
                 offset = (micro * num_processes + accelerator.process_index) * config.train_batch_size
@@ -241,7 +258,7 @@ def train(
                 examples = [stream[index] for index in range(first, first + config.train_batch_size)]
                 is_last_micro = micro == config.gradient_accumulation_steps - 1
                 with accelerator.no_sync(model) if not is_last_micro else contextlib.nullcontext():
-                    loss = denoising_loss(model, parts, tokenizer, latent_cache, examples, device)
+                    loss = denoising_loss(model, parts, tokenizer, latent_cache, examples, device, loss_settings)
                     accelerator.backward(loss / config.gradient_accumulation_steps)
                 step_loss += loss.detach() / config.gradient_accumulation_steps
             mean_loss = float(accelerator.reduce(step_loss, reduction="mean")) if num_processes > 1 else float(step_loss)
@@ -252,9 +269,8 @@ def train(
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(trainable.vectors).all():
-                with torch.no_grad():
-                    trainable.vectors.copy_(last_good)
+            if not trainable.all_finite():
+                trainable.load_vectors(last_good)
                 _stop_diverged(run, f"the token vectors became non-finite at step {step}", step - 1, optimizer, lr_scheduler, losses)
             losses.append(mean_loss)
             state = StepState(step, max_steps, mean_loss, lr_scheduler.get_last_lr()[0], time.perf_counter() - step_started)
@@ -279,6 +295,8 @@ def train(
     if accelerator.is_main_process:
         saved.append(save_diffusers(embedding, embedding_path))
         if not config.only_save_embeds:
+            for part in parts.text_encoders:
+                part.text_encoder.to(dtype=torch.float32)  # the saved pipeline keeps the base model's precision
             trainable.write_into_encoder()
             saved.extend(save_pipeline(parts, output_dir))
     record["vectors_sha256_by_rank"] = _vectors_digest_by_rank(run)
@@ -293,6 +311,89 @@ def train(
     return result
 
 
+def starting_vectors(path: str, placeholder_token: str, num_vectors: int) -> torch.Tensor:
+    """The first text encoder's ``[n, dim]`` vectors of the token in an embedding file of any format
+    (the rules of :func:`starting_vectors_by_encoder`)."""
+    from textinv.embeddings import TEXT_ENCODER
+
+    vectors = starting_vectors_by_encoder(path, placeholder_token, num_vectors).get(TEXT_ENCODER)
+    if vectors is None:
+        raise UserError(f"--init_embeddings {path!r} has no vectors for the first text encoder; it cannot start this model's token")
+    return vectors
+
+
+def starting_vectors_by_encoder(path: str, placeholder_token: str, num_vectors: int) -> dict[str, torch.Tensor]:
+    """The ``[n, dim]`` vectors, by text encoder (SDXL files have two), of the token in an embedding file of any format.
+
+    A file of several tokens must hold one named ``placeholder_token``. ``num_vectors`` other than
+    1 (the default) must agree with the file; otherwise the file's count wins.
+    """
+    from textinv.embeddings import read_embeddings
+
+    embeddings = read_embeddings(path)
+    if len(embeddings) > 1:
+        named = [embedding for embedding in embeddings if embedding.token == placeholder_token]
+        if not named:
+            tokens = ", ".join(embedding.token for embedding in embeddings)
+            raise UserError(
+                f"--init_embeddings {path!r} holds several tokens ({tokens}); name the one to start from "
+                "with --placeholder_token, or convert it alone first (textinv convert --token)"
+            )
+        embeddings = named
+    embedding = embeddings[0]
+    vectors = next(iter(embedding.vectors.values()))  # every encoder has the same count (read_embeddings checks)
+    if num_vectors not in (1, vectors.shape[0]):
+        raise UserError(
+            f"--init_embeddings {path!r} has {vectors.shape[0]} vectors but --num_vectors is {num_vectors}; "
+            f"drop --num_vectors or set it to {vectors.shape[0]}"
+        )
+    logger.info("starting %s from %s (%s, %d vector(s))", placeholder_token, path, embedding.token, vectors.shape[0])
+    return {name: tensor.detach().to(torch.float32).clone() for name, tensor in embedding.vectors.items()}
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How :func:`denoising_loss` draws timesteps and weights examples (TrainConfig, issue 8)."""
+
+    timestep_sampling: str = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
+    snr_gamma: Optional[float] = None
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "LossSettings":
+        return cls(config.timestep_sampling, config.timestep_logit_mean, config.timestep_logit_std, config.snr_gamma)
+
+
+def draw_timestep(generator: torch.Generator, num_train_timesteps: int, settings: LossSettings) -> torch.Tensor:
+    """One timestep, shape [1], drawn from ``generator`` as ``settings`` say (one draw from it either way)."""
+    if settings.timestep_sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (1,), generator=generator)
+    if settings.timestep_sampling == "logit_normal":
+        logit = torch.randn((1,), generator=generator) * settings.timestep_logit_std + settings.timestep_logit_mean
+        return (torch.sigmoid(logit) * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+    raise UserError(f"--timestep_sampling {settings.timestep_sampling!r} is not one of: uniform, logit_normal")
+
+
+def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-example loss weights of min-SNR-gamma (Hang et al. 2023), for the scheduler's target.
+
+    SNR(t) = alpha_bar / (1 - alpha_bar). The weight min(SNR, gamma) is for an x0 target; an epsilon
+    target's error is the x0 error times SNR, a velocity target's times (SNR + 1), hence the division.
+    """
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)[timesteps.long()]
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    clipped = snr.clamp(max=gamma)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        weights = clipped / snr
+    elif prediction_type == "v_prediction":
+        weights = clipped / (snr + 1.0)
+    else:  # "sample": the target is x0 itself
+        weights = clipped
+    return weights.float()
+
+
 def denoising_loss(
     model: Any,
     parts: ModelParts,
@@ -300,8 +401,9 @@ def denoising_loss(
     latent_cache: LatentCache,
     examples: Sequence[Example],
     device: torch.device,
+    settings: LossSettings = LossSettings(),
 ) -> torch.Tensor:
-    """Mean-squared error of the UNet's prediction for a batch of examples.
+    """Mean-squared error of the UNet's prediction for a batch of examples (min-SNR weighted if asked).
 
     Each example's random draws (latent sample, noise, timestep) come from its own generator, in
     that order, so they depend only on the example, not on batch layout or process count.
@@ -313,7 +415,7 @@ def denoising_loss(
         latent = latent_cache.sample(example.image_index, example.flipped, generator)
         latents.append(latent)
         noises.append(torch.randn(latent.shape, generator=generator))
-        timesteps.append(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator))
+        timesteps.append(draw_timestep(generator, scheduler.config.num_train_timesteps, settings))
     latents_t, noise_t, timesteps_t = torch.stack(latents), torch.stack(noises), torch.cat(timesteps)
     noisy = scheduler.add_noise(latents_t, noise_t, timesteps_t)
     if scheduler.config.prediction_type == "epsilon":
@@ -324,41 +426,35 @@ def denoising_loss(
         target = latents_t
     else:
         raise UserError(f"the model's scheduler has prediction_type {scheduler.config.prediction_type!r}, which textinv cannot train")
-    input_ids = tokenizer(
-        [example.caption for example in examples],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    encoder_hidden_states = model(input_ids.to(device))
-    unet_dtype = parts.unet.dtype
-    prediction = parts.unet(
-        noisy.to(device, unet_dtype),
-        timesteps_t.to(device),
-        encoder_hidden_states.to(unet_dtype),
-    ).sample
-    return F.mse_loss(prediction.float(), target.to(device).float())
+    # Text conditioning and the UNet call, as the model family's pipeline does it (textinv.conditioning).
+    prediction = predict(model, parts, [example.caption for example in examples], noisy, timesteps_t, device, tokenizer)
+    if settings.snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.to(device).float())
+    per_example = F.mse_loss(prediction.float(), target.to(device).float(), reduction="none").flatten(1).mean(1)
+    return (per_example * min_snr_weights(scheduler, timesteps_t, settings.snr_gamma).to(device)).mean()
 
 
 def save_pipeline(parts: ModelParts, output_dir: Path) -> list[Path]:
-    """Write the full pipeline: the base model's parts, with the new tokenizer and text encoder.
+    """Write the full pipeline: the base model's parts, with the new tokenizer(s) and text encoder(s).
 
-    Parts other than tokenizer/text_encoder are copied from the base folder (not re-saved from
-    memory, so they stay byte-identical). model_index.json goes last: it marks the pipeline complete.
+    Other parts are copied from the base folder (not re-saved from memory, so they stay
+    byte-identical). model_index.json goes last: it marks the pipeline complete.
     """
     source = Path(parts.source)
     index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
+    # Every tokenizer and text encoder holds the new token (SDXL: both pairs).
+    changed: dict[str, Any] = {}
+    for part in parts.text_encoders:
+        changed[part.tokenizer_name] = part.tokenizer
+        changed[part.name] = part.text_encoder
     written = []
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
         target = output_dir / name
         with atomic_dir(target) as tmp:
-            if name == "tokenizer":
-                parts.tokenizer.save_pretrained(tmp)
-            elif name == "text_encoder":
-                parts.text_encoder.save_pretrained(tmp)
+            if name in changed:
+                changed[name].save_pretrained(tmp)
             else:
                 shutil.copytree(source / name, tmp, dirs_exist_ok=True)
         written.append(target)
@@ -367,6 +463,16 @@ def save_pipeline(parts: ModelParts, output_dir: Path) -> list[Path]:
 
 
 # --- output dir, resume, identity ------------------------------------------------------------------
+def _processes_share_cpu() -> bool:
+    """True for a multi-process launch (torchrun / accelerate) on a machine without CUDA.
+
+    accelerate only picks its CPU (gloo) back-end when asked to, and would otherwise run each
+    process as a separate single-process job; GPUs keep accelerate's own choice (NCCL).
+    """
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return launched_processes > 1 and not torch.cuda.is_available()
+
+
 def _prepare_output_dir(config: TrainConfig, output_dir: Path, accelerator: Any) -> Optional[Path]:
     """Check output_dir may be written; returns the checkpoint to resume from, if any."""
     if accelerator.is_main_process:
@@ -415,6 +521,7 @@ def _run_identity(config: TrainConfig, parts: ModelParts, image_paths: Sequence[
         "placeholder_token": config.placeholder_token,
         "num_vectors": config.num_vectors,
         "initializer_token": config.initializer_token,
+        "init_embeddings": config.init_embeddings,
         "images": images,
         "learnable_property": config.learnable_property,
     }
@@ -430,8 +537,9 @@ def _check_resume_identity(output_dir: Path, identity: dict[str, Any]) -> dict[s
         ) from None
     before = previous.get("identity", {})
     for key in IDENTITY_KEYS:
-        if before.get(key) != identity[key]:
-            shown = "the training images differ" if key == "images" else f"{key} was {before.get(key)!r}, now {identity[key]!r}"
+        earlier = before.get(key, IDENTITY_DEFAULTS.get(key))
+        if earlier != identity[key]:
+            shown = "the training images differ" if key == "images" else f"{key} was {earlier!r}, now {identity[key]!r}"
             raise UserError(
                 f"cannot resume: {shown}; this is another run. Use the original settings, "
                 "or start fresh in a new --output_dir"
@@ -505,6 +613,7 @@ def _save_checkpoint(run: RunContext, step: int, optimizer: Any, lr_scheduler: A
         state = checkpoints.CheckpointState(
             step=step,
             vectors=run.trainable.vectors.detach().cpu().clone(),
+            vectors_by_encoder={name: v.detach().cpu().clone() for name, v in run.trainable.vectors_by_encoder().items()},
             optimizer=optimizer.state_dict(),
             lr_scheduler=lr_scheduler.state_dict(),
             losses=losses[:step],
@@ -529,15 +638,15 @@ def _write_embedding(run: RunContext, step: int) -> None:
 
 def _vectors_digest_by_rank(run: RunContext) -> list[str]:
     """A digest of the final vectors from every process (they must agree under DDP)."""
-    vectors = run.trainable.vectors.detach().float().contiguous()
+    vectors = torch.cat([v.detach().float().flatten() for v in run.trainable.vectors_by_encoder().values()])
     gathered = run.accelerator.gather(vectors.unsqueeze(0)) if run.accelerator.num_processes > 1 else vectors.unsqueeze(0)
     return [hashlib.sha256(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in gathered]
 
 
-def _embedding(config: TrainConfig, trainable: TrainableTokens, step: int) -> Embedding:
+def _embedding(config: TrainConfig, trainable: TrainableTextEncoders, step: int) -> Embedding:
     return Embedding(
         token=config.placeholder_token,
-        vectors={TEXT_ENCODER: trainable.vectors.detach().float().cpu().clone()},
+        vectors={name: v.detach().float().cpu().clone() for name, v in trainable.vectors_by_encoder().items()},
         step=step,
     )
 
@@ -578,9 +687,12 @@ def _run_record(
 
     import textinv
 
+    config_record = config.to_dict()
+    if config_record.get("hub_token"):
+        config_record["hub_token"] = "<redacted>"  # a secret: run.json is uploaded with --push_to_hub
     return {
         "status": "running",
-        "config": config.to_dict(),
+        "config": config_record,
         "identity": identity,
         "seed": seed,
         "model": {"source": parts.source, "family": parts.family, "prediction_type": parts.prediction_type},
@@ -620,12 +732,34 @@ def _finish_record(
         elapsed = time.perf_counter() - started
     if elapsed is not None:
         record.update(train_seconds=round(elapsed, 3))
+        timings = record.setdefault("timings", {})  # observers add theirs (validation_seconds...)
+        timings["train_seconds"] = round(elapsed, 3)
+        steps_this_session = step - record.get("resumed", [{}])[-1].get("from_step", 0)
+        if steps_this_session > 0:
+            timings["seconds_per_step"] = round(elapsed / steps_this_session, 4)
     record["outputs"] = sorted({*record.get("outputs", []), *(str(p.relative_to(run.output_dir)) for p in saved)})
     atomic_write_json(run.output_dir / RUN_FILE, record)
 
 
+def add_outputs(run: RunContext, paths: Sequence[Path], persist: bool = False) -> None:
+    """List files an observer wrote under run.json's "outputs" (written at the end of the run,
+    or at once with ``persist``, for files written after it ended, such as the model card)."""
+    if not run.is_main_process:
+        return
+    names = {str(Path(p).relative_to(run.output_dir)) if Path(p).is_relative_to(run.output_dir) else str(p) for p in paths}
+    run.record["outputs"] = sorted({*run.record.get("outputs", []), *names})
+    if persist:
+        atomic_write_json(run.output_dir / RUN_FILE, run.record)
+
+
 class _Progress(TrainObserver):
-    """A tqdm bar on a terminal; plain log lines (about 20 a run) otherwise. Main process only."""
+    """A tqdm bar on a terminal; plain log lines (about 20 a run) otherwise. Main process only.
+
+    Both show the step, loss, learning rate, seconds per step and the time left; seconds per step
+    is wall time (validation rounds included), so the estimate is what the run will really take.
+    """
+
+    LINES_PER_RUN = 20
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -636,36 +770,49 @@ class _Progress(TrainObserver):
 
     def on_start(self, run: RunContext) -> None:
         self.enabled = self.enabled and run.is_main_process
-        self.every = max(1, run.max_steps // 20)
+        self.every = max(1, math.ceil(run.max_steps / self.LINES_PER_RUN))
         self.started = time.perf_counter()
-        if self.enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=run.max_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def on_step(self, run: RunContext, state: StepState) -> None:
         if not self.enabled:
             return
         if not self.first_step:
             self.first_step = state.step
-            if self.bar is not None:
-                self.bar.update(state.step - 1)
+            self.started = time.perf_counter() - state.step_seconds
+            if sys.stderr.isatty():
+                from tqdm.auto import tqdm
+
+                # initial=: a resumed run's bar starts where it stopped.
+                self.bar = tqdm(
+                    total=state.max_steps,
+                    initial=state.step - 1,
+                    desc="train",
+                    unit="step",
+                    dynamic_ncols=True,
+                    bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}",
+                )
+        done = state.step - self.first_step + 1
+        per_step = (time.perf_counter() - self.started) / done
+        eta = _clock(per_step * (state.max_steps - state.step))
         if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {state.loss:.4f} lr {state.lr:.2e} {per_step:.3f} s/step ETA {eta}", refresh=False)
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{state.lr:.2e}", refresh=False)
         elif state.step % self.every == 0 or state.step == state.max_steps:
-            done = state.step - self.first_step + 1
-            per_step = (time.perf_counter() - self.started) / done
             logger.info(
-                "step %d/%d loss %.4f lr %.2e %.3f s/step ETA %.0f s",
+                "step %d/%d loss %.4f lr %.2e %.3f s/step ETA %s",
                 state.step,
                 state.max_steps,
                 state.loss,
                 state.lr,
                 per_step,
-                per_step * (state.max_steps - state.step),
+                eta,
             )
 
     def on_end(self, run: RunContext, result: TrainResult) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,109 @@
+"""`textinv eval`: the Textual Inversion paper's CLIP image and text similarity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SHARED_DATA
+from textinv.cli import main
+from textinv.config import UserError
+from textinv.embeddings import Embedding, write_embedding
+from textinv.evaluation import ClipScorer, load_reference_images, read_prompts, text_without_word
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from textinv.tiny import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", seed=0)
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_clip: Path) -> ClipScorer:
+    return ClipScorer(str(tiny_clip))
+
+
+def _unrelated_images() -> list[Image.Image]:
+    paintings = sorted((SHARED_DATA / "images" / "style_vangogh").glob("*.jpg"))[:3]
+    return [Image.open(path).convert("RGB").resize((96, 96)) for path in paintings]
+
+
+def _noise_images(count: int = 3) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def test_training_images_score_higher_than_unrelated_images(scorer: ClipScorer, train_images: Path) -> None:
+    references = load_reference_images(train_images)
+    itself = scorer.image_similarity(references, references)
+    assert itself > scorer.image_similarity(_unrelated_images(), references)
+    assert itself > scorer.image_similarity(_noise_images(), references)
+    assert -1.0 <= scorer.image_similarity(_noise_images(), references) <= 1.0
+
+
+def test_image_similarity_is_the_mean_pairwise_cosine(scorer: ClipScorer, train_images: Path) -> None:
+    references = load_reference_images(train_images)
+    generated = _noise_images(2)
+    pairwise = [
+        float(torch.nn.functional.cosine_similarity(scorer.embed_images([g]), scorer.embed_images([r])))
+        for g in generated
+        for r in references
+    ]
+    assert scorer.image_similarity(generated, references) == pytest.approx(sum(pairwise) / len(pairwise), abs=1e-5)
+
+
+def test_prompt_files_and_the_text_clip_reads(tmp_path: Path) -> None:
+    assert text_without_word("a {} on the beach") == "a on the beach"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# edits\na {} on the beach\n\nan oil painting of {}\n")
+    assert read_prompts(prompts) == ["a {} on the beach", "an oil painting of {}"]
+    prompts.write_text("a photo on the beach\n")
+    with pytest.raises(UserError, match="line 1"):
+        read_prompts(prompts)
+
+
+def test_eval_command_prints_both_scores_and_writes_json(
+    tiny_model: Path, train_images: Path, tiny_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    embedding_file = write_embedding(
+        Embedding(token="<cat-toy>", vectors={"text_encoder": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))}),
+        tmp_path / "learned_embeds.safetensors",
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} on the beach\na {} in the snow\n")
+    out = tmp_path / "scores.json"
+    code = main([
+        "eval", "--model", str(tiny_model), "--embeddings", str(embedding_file),
+        "--train_data_dir", str(train_images), "--clip_model", str(tiny_clip), "--prompts", str(prompts),
+        "--num_images", "2", "--num_inference_steps", "2", "--json", str(out),
+    ])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    scores = json.loads(out.read_text())
+    assert f"image similarity {scores['image_similarity']:.4f}" in stdout
+    assert f"text similarity  {scores['text_similarity']:.4f}" in stdout
+    assert scores["token"] == "<cat-toy>" and scores["num_images"] == 2
+    assert [p["prompt"] for p in scores["prompts"]] == ["a <cat-toy> on the beach", "a <cat-toy> in the snow"]
+    assert [p["text"] for p in scores["prompts"]] == ["a on the beach", "a in the snow"]
+    per_prompt = [p["text_similarity"] for p in scores["prompts"]]
+    assert scores["text_similarity"] == pytest.approx(sum(per_prompt) / 2)
+    assert all(-1.0 <= value <= 1.0 for value in [scores["image_similarity"], *per_prompt])
+
+
+def test_eval_with_a_folder_that_is_not_clip_is_one_line(
+    tiny_model: Path, train_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main([
+        "eval", "--model", str(tiny_model), "--embeddings", str(tmp_path / "x.safetensors"),
+        "--train_data_dir", str(train_images), "--clip_model", str(tiny_model),
+    ])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--clip_model" in lines[0] and str(tiny_model) in lines[0], stderr

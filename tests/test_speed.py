@@ -1,0 +1,94 @@
+"""Speed and memory settings change the cost of a step, not what is learned."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import train_config
+from textinv import training
+from textinv.checkpoints import list_checkpoints
+from textinv.config import UserError
+
+SETTINGS = dict(max_train_steps=6, repeats=2, only_save_embeds=True, seed=9, checkpointing_steps=3)
+
+
+class _Capture(training.TrainObserver):
+    """Keeps the run so a test can look at the frozen modules after training."""
+
+    def on_start(self, run: training.RunContext) -> None:
+        self.run = run
+
+
+def _train(tiny_model: Path, train_images: Path, output_dir: Path, **overrides) -> tuple[torch.Tensor, _Capture]:
+    capture = _Capture()
+    config = train_config(tiny_model, train_images, output_dir, **{**SETTINGS, **overrides})
+    result = training.train(config, show_progress=False, observers=[capture])
+    return result.embedding.vectors["text_encoder"], capture
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+    vectors, _ = _train(tiny_model, train_images, tmp_path_factory.mktemp("baseline") / "out")
+    return vectors
+
+
+def test_latent_cache_changes_nothing_but_the_time(tiny_model: Path, train_images: Path, tmp_path: Path,
+                                                  baseline: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the cache off every step encodes its view again and draws the same sample: bit-identical."""
+    encoded = []
+    real_sample = training.LatentsEachStep.sample
+    monkeypatch.setattr(training.LatentsEachStep, "sample", lambda self, *args: encoded.append(args) or real_sample(self, *args))
+    uncached, _ = _train(tiny_model, train_images, tmp_path / "out", cache_latents=False)
+    assert len(encoded) == SETTINGS["max_train_steps"]  # one VAE pass per example (batch 1)
+    assert torch.equal(uncached, baseline)
+
+
+def test_gradient_checkpointing_gives_the_same_vectors(tiny_model: Path, train_images: Path, tmp_path: Path, baseline: torch.Tensor) -> None:
+    vectors, capture = _train(tiny_model, train_images, tmp_path / "out", gradient_checkpointing=True)
+    assert capture.run.parts.unet.is_gradient_checkpointing
+    assert (vectors - baseline).abs().max().item() < 1e-6
+
+
+def test_only_the_vectors_train_and_the_optimizer_state_is_their_size(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    _, capture = _train(tiny_model, train_images, tmp_path / "out", num_vectors=2)
+    parts = capture.run.parts
+    for module in (parts.unet, parts.text_encoder):
+        assert not module.training
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+    state = torch.load(list_checkpoints(tmp_path / "out")[-1] / "state.pt", weights_only=True)
+    moments = [tensor for slot in state["optimizer"]["state"].values() for tensor in slot.values() if tensor.dim() == 2]
+    assert moments and all(tuple(t.shape) == (2, 32) for t in moments)
+
+
+def test_bf16_keeps_the_vectors_and_optimizer_in_fp32(tiny_model: Path, train_images: Path, tmp_path: Path, baseline: torch.Tensor) -> None:
+    vectors, capture = _train(tiny_model, train_images, tmp_path / "out", mixed_precision="bf16")
+    assert capture.run.parts.unet.dtype == torch.bfloat16
+    assert capture.run.parts.text_encoder.dtype == torch.bfloat16
+    assert capture.run.trainable.vectors.dtype == torch.float32 and vectors.dtype == torch.float32
+    assert torch.isfinite(vectors).all()
+    # bf16 keeps ~3 significant digits: the update is the fp32 one's direction, not bit-equal to it.
+    parts = capture.run.parts
+    (toy,) = parts.tokenizer.encode("toy", add_special_tokens=False)
+    start = parts.text_encoder.get_input_embeddings().weight[toy].float()
+    update, fp32_update = (vectors - start).flatten(), (baseline - start).flatten()
+    assert not torch.equal(vectors, baseline)
+    assert torch.nn.functional.cosine_similarity(update, fp32_update, dim=0) > 0.9
+
+
+def test_fp16_on_cpu_is_refused_before_loading(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--mixed_precision fp16 needs a CUDA GPU"):
+        _train(tiny_model, train_images, tmp_path / "out", mixed_precision="fp16")
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_xformers_without_cuda_says_so_and_uses_sdpa(tiny_model: Path, train_images: Path, tmp_path: Path,
+                                                    baseline: torch.Tensor, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="textinv.speed"):
+        vectors, _ = _train(tiny_model, train_images, tmp_path / "out", enable_xformers_memory_efficient_attention=True)
+    messages = [record.getMessage() for record in caplog.records if record.name == "textinv.speed"]
+    assert len(messages) == 1 and "scaled-dot-product attention" in messages[0]
+    assert torch.equal(vectors, baseline)

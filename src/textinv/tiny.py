@@ -150,11 +150,15 @@ def _vae(spec: TinySpec, scaling_factor: float = 0.18215) -> Any:
     )
 
 
+# Stable Diffusion's noise schedule (SD 1.x, 2.x and SDXL scheduler configs share it).
+SD_TRAINING_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
 def _sd_scheduler(prediction_type: str = "epsilon") -> Any:
     """SD 1.x's scheduler settings (its scheduler/scheduler_config.json); SD 2.x's are the same betas."""
     from diffusers import DDIMScheduler, PNDMScheduler
 
-    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    betas = SD_TRAINING_BETAS
     if prediction_type == "v_prediction":
         # SD 2.x 768-v ships a DDIM scheduler predicting velocity.
         return DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
@@ -226,10 +230,7 @@ def _build_sdxl(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     vae = _vae(spec, scaling_factor=0.13025)
     # SDXL base's scheduler settings (its scheduler/scheduler_config.json).
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
+        **SD_TRAINING_BETAS,
         steps_offset=1,
         timestep_spacing="leading",
         prediction_type="epsilon",
@@ -289,6 +290,16 @@ def _unigram_tokenizer() -> Any:
     return XLMRobertaTokenizer(vocab=pieces, model_max_length=CHINESE_TOKENIZER_MAX_LENGTH)
 
 
+def _encoder_widths(spec: TinySpec) -> dict[str, int]:
+    """The transformer sizes every tiny text encoder shares (BERT, XLM-R and CLIP configs name them alike)."""
+    return dict(
+        hidden_size=spec.text_hidden_size,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        intermediate_size=spec.text_hidden_size * 4,
+    )
+
+
 def _build_zh_bert(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     """Taiyi's layout: a StableDiffusionPipeline whose tokenizer/text encoder are BertTokenizer/BertModel."""
     from transformers import BertConfig, BertModel
@@ -298,10 +309,7 @@ def _build_zh_bert(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     text_encoder = BertModel(
         BertConfig(
             vocab_size=len(tokenizer),
-            hidden_size=spec.text_hidden_size,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            intermediate_size=spec.text_hidden_size * 4,
+            **_encoder_widths(spec),
             max_position_embeddings=CHINESE_TOKENIZER_MAX_LENGTH,
             pad_token_id=tokenizer.pad_token_id,
         )
@@ -324,10 +332,7 @@ def _build_zh_xlmr(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     text_encoder = RobertaSeriesModelWithTransformation(
         RobertaSeriesConfig(
             vocab_size=len(tokenizer),
-            hidden_size=spec.text_hidden_size,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            intermediate_size=spec.text_hidden_size * 4,
+            **_encoder_widths(spec),
             # XLM-R numbers positions from pad_token_id + 1, so it needs two more than the prompt length.
             max_position_embeddings=CHINESE_TOKENIZER_MAX_LENGTH + 2,
             type_vocab_size=1,

@@ -368,3 +368,33 @@ def test_other_trackers_get_the_same_numbers_and_images(tracker: str, tmp_path: 
     }
     assert [call for call in calls if call[0] == "image"]
     assert calls[-1] == ("close",) and str(tmp_path / "logs") in calls[0][1]
+
+
+def test_sdxl_model_card_code_loads_both_encoders(tmp_path: Path) -> None:
+    """The card's diffusers lines for an SDXL embedding (clip_l + clip_g) run as printed."""
+    import re
+
+    import torch
+
+    from textinv.config import TrainConfig
+    from textinv.embeddings import TEXT_ENCODER, TEXT_ENCODER_2, Embedding, save_diffusers
+    from textinv.model_card import render_model_card
+    from textinv.tiny import TinySpec, build_tiny_pipeline
+
+    spec = TinySpec()
+    base = build_tiny_pipeline(tmp_path / "tiny-sdxl", family="sdxl")
+    out = tmp_path / "out"
+    vectors = {TEXT_ENCODER: torch.ones(2, spec.text_hidden_size), TEXT_ENCODER_2: torch.full((2, spec.text_hidden_size_2), 2.0)}
+    save_diffusers(Embedding("<cat-toy>", vectors), out / "learned_embeds.safetensors")
+    config = TrainConfig(str(base), "images", "<cat-toy>", "toy", num_vectors=2)
+    record = {"model": {"family": "sdxl", "source": str(base)}, "steps_done": 5, "identity": {"images": []}}
+    card = render_model_card(config, record, out)
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = "\n".join(line for line in code.splitlines() if not line.startswith("image = "))
+    scope: dict = {}
+    exec(code, scope)  # the card's own lines, minus generating an image
+    pipe = scope["pipe"]
+    for tokenizer, encoder, expected in ((pipe.tokenizer, pipe.text_encoder, 1.0), (pipe.tokenizer_2, pipe.text_encoder_2, 2.0)):
+        ids = tokenizer.convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1"])
+        rows = encoder.get_input_embeddings().weight[ids]
+        assert torch.all(rows == expected)

@@ -39,6 +39,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _give_usual_permissions(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) entries; results get what open()/mkdir() would give."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode & ~_current_umask())
+
+
 def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename tmp_path to ``target``.
 
@@ -49,6 +61,7 @@ def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], None]) 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    _give_usual_permissions(tmp, 0o666)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
@@ -102,6 +115,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _give_usual_permissions(tmp, 0o777)
     try:
         yield tmp
     except BaseException as error:

@@ -113,10 +113,7 @@ def render_model_card(
         "## Use it with diffusers",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
-        "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base_shown}")',
-        f'pipe.load_textual_inversion("{where}")  # reads {EMBEDDING_FILE}',
+        *_diffusers_usage(record.get("model", {}).get("family", "sd1"), base_shown, where, token, repo_id),
         f'image = pipe("{prompt}", num_inference_steps=50).images[0]',
         "```",
         "",
@@ -144,6 +141,32 @@ def render_model_card(
     if license_name == "other":
         lines += ["The embedding follows the license of its base model.", ""]
     return "\n".join(lines)
+
+
+def _diffusers_usage(family: str, base_shown: str, where: str, token: str, repo_id: Optional[str]) -> list[str]:
+    """Loading lines for the family: SDXL files hold clip_l/clip_g, one per text encoder."""
+    if family == "sdxl":
+        if repo_id:
+            fetch = [f'state = load_file(hf_hub_download("{repo_id}", "{EMBEDDING_FILE}"))']
+            imports = ["from huggingface_hub import hf_hub_download"]
+        else:
+            fetch, imports = [f'state = load_file("{Path(where) / EMBEDDING_FILE}")'], []
+        return [
+            "from diffusers import StableDiffusionXLPipeline",
+            *imports,
+            "from safetensors.torch import load_file",
+            "",
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{base_shown}")',
+            *fetch,
+            f'pipe.load_textual_inversion(state["clip_l"], token="{token}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
+            f'pipe.load_textual_inversion(state["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)',
+        ]
+    return [
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{base_shown}")',
+        f'pipe.load_textual_inversion("{where}")  # reads {EMBEDDING_FILE}',
+    ]
 
 
 def write_model_card(run: RunContext, repo_id: Optional[str] = None) -> Path:

@@ -621,12 +621,12 @@ def test_training_starts_from_an_embedding_file_of_another_format(tiny_model: Pa
 
 
 def test_init_embeddings_vector_count_and_token_choice_are_checked(tmp_path: Path) -> None:
-    from textinv.training import starting_vectors
+    from textinv.training import starting_vectors_by_encoder as starting_vectors
 
     two_tokens = tmp_path / "two.safetensors"
     save_file({"<a>": torch.ones(2, TINY_DIM), "<b>": torch.zeros(1, TINY_DIM)}, str(two_tokens))
     with pytest.raises(UserError, match="several tokens"):
         starting_vectors(str(two_tokens), "<cat-toy>", 1)
-    assert torch.equal(starting_vectors(str(two_tokens), "<a>", 1), torch.ones(2, TINY_DIM))
+    assert torch.equal(starting_vectors(str(two_tokens), "<a>", 1)[TEXT_ENCODER], torch.ones(2, TINY_DIM))
     with pytest.raises(UserError, match="has 2 vectors but --num_vectors is 4"):
         starting_vectors(str(two_tokens), "<a>", 4)

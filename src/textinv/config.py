@@ -20,6 +20,12 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file...). The CLI prints it as one line, exit 2."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line (at most 200 characters), or its type name: what a one-line error quotes."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM stopped training after a step, and a checkpoint was written."""
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from textinv.config import UserError
+from textinv.config import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def check_image(path: Path) -> str | None:
         # Pillow refuses to open it at all ("Image size (N pixels) exceeds limit of M pixels, ...").
         return f"{str(error).split(',')[0]}; shrink it to at most {MAX_IMAGE_PIXELS} pixels"
     except (OSError, ValueError, SyntaxError) as error:
-        return f"damaged: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        return f"damaged: {first_line(error)}"
     return None
 
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from textinv.config import UserError
+from textinv.config import UserError, first_line
 from textinv.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -212,18 +212,18 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         if "weights only" in str(error).lower():
             raise _refused(path, _weights_only_global(error)) from None
-        raise UserError(f"{str(path)!r} is truncated or corrupt ({_first_line(error)})") from None
+        raise UserError(f"{str(path)!r} is truncated or corrupt ({first_line(error)})") from None
     except MemoryError:
         raise UserError(f"{str(path)!r} asks for more memory than an embedding could need; refusing it") from None
     except Exception as error:
         raise UserError(
-            f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {_first_line(error)})"
+            f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {first_line(error)})"
         ) from None
 
 
 def _weights_only_global(error: BaseException) -> str:
     match = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return match.group(1) if match else _first_line(error)
+    return match.group(1) if match else first_line(error)
 
 
 def _refused(path: Path, what: str) -> UserError:
@@ -251,7 +251,7 @@ def _load_raw_pickle(path: Path) -> tuple[Any, str]:
         raise UserError(f"{str(path)!r} asks for more memory than an embedding could need; refusing it") from None
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise UserError(
-            f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {_first_line(error)})"
+            f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {first_line(error)})"
         ) from None
     return first, "numpy-pickle"
 
@@ -333,7 +333,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
     except Exception as error:
         raise UserError(
-            f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {_first_line(error)})"
+            f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {first_line(error)})"
         ) from None
 
 
@@ -369,7 +369,7 @@ def _load_png(path: Path) -> dict[str, Any]:
         return json.loads(base64.b64decode(text, validate=True))
     except (binascii.Error, ValueError, RecursionError) as error:
         raise UserError(
-            f"{str(path)!r}: its 'sd-ti-embedding' text is not base64 JSON ({_first_line(error)})"
+            f"{str(path)!r}: its 'sd-ti-embedding' text is not base64 JSON ({first_line(error)})"
         ) from None
 
 
@@ -541,7 +541,7 @@ def _tensor_from_list(values: Any, path: Path) -> torch.Tensor:
     try:
         return torch.tensor(values, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
-        raise UserError(f"{str(path)!r}: its embedding data is not a table of numbers ({_first_line(error)})") from None
+        raise UserError(f"{str(path)!r}: its embedding data is not a table of numbers ({first_line(error)})") from None
 
 
 def _int_or_none(value: Any) -> Optional[int]:
@@ -868,7 +868,3 @@ def _replace_rows(tokenizer: Any, text_encoder: Any, token: str, vectors: torch.
         for row, vector in zip(ids, vectors):
             weight[row] = vector.to(weight)
 
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else ""

@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from textinv.config import UserError
+from textinv.config import UserError, first_line
 from textinv.files import atomic_write, unique_path
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def load_pipeline(
     try:
         pipe = load_pipeline_folder(path, dtype)  # the class model_index.json names: SD, SDXL, AltDiffusion...
     except (OSError, ValueError) as error:
-        raise UserError(f"could not load the pipeline in {str(path)!r}: {str(error).splitlines()[0]}") from None
+        raise UserError(f"could not load the pipeline in {str(path)!r}: {first_line(error)}") from None
     for embedding_file in embeddings:
         load_embeddings(pipe, embedding_file, replace=replace)
     pipe.set_progress_bar_config(disable=True)

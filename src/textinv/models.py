@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from textinv.config import UserError
+from textinv.config import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def load_model_parts(
     except UserError:
         raise
     except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"could not load the pipeline in {str(path)!r}: {_first_line(error)}") from None
+        raise UserError(f"could not load the pipeline in {str(path)!r}: {first_line(error)}") from None
     for module in (*(part.text_encoder for part in text_encoders), unet, vae):
         module.requires_grad_(False)
         module.eval()
@@ -395,7 +395,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise UserError(f"{str(path)!r} is not valid JSON ({error}); the model folder is damaged") from None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -311,19 +311,9 @@ def train(
     return result
 
 
-def starting_vectors(path: str, placeholder_token: str, num_vectors: int) -> torch.Tensor:
-    """The first text encoder's ``[n, dim]`` vectors of the token in an embedding file of any format
-    (the rules of :func:`starting_vectors_by_encoder`)."""
-    from textinv.embeddings import TEXT_ENCODER
-
-    vectors = starting_vectors_by_encoder(path, placeholder_token, num_vectors).get(TEXT_ENCODER)
-    if vectors is None:
-        raise UserError(f"--init_embeddings {path!r} has no vectors for the first text encoder; it cannot start this model's token")
-    return vectors
-
-
 def starting_vectors_by_encoder(path: str, placeholder_token: str, num_vectors: int) -> dict[str, torch.Tensor]:
-    """The ``[n, dim]`` vectors, by text encoder (SDXL files have two), of the token in an embedding file of any format.
+    """The ``[n, dim]`` vectors, by text encoder (SDXL files have two), of the token in an embedding file of any format
+    (``--init_embeddings``).
 
     A file of several tokens must hold one named ``placeholder_token``. ``num_vectors`` other than
     1 (the default) must agree with the file; otherwise the file's count wins.

@@ -247,6 +247,20 @@ def test_language_choice_follows_ppdiffusers_then_the_encoder() -> None:
     assert templates_for("object", "zh_en") == OBJECT_TEMPLATES_EN + OBJECT_TEMPLATES_ZH
 
 
+def test_chinese_captions_on_a_clip_model_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="textinv.templates"):
+        assert choose_language("zh", "runwayml/stable-diffusion-v1-5", "sd1") == "zh"
+        assert choose_language(None, "someone/chinese-finetune", "sd2") == "zh"  # ppdiffusers' name rule
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2 and "--language zh on a sd1 model" in warnings[0] and "--language en" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="textinv.templates"):
+        choose_language("zh_en", "BAAI/AltDiffusion", "zh-xlmr")
+        choose_language(None, "/models/taiyi", "zh-bert")
+        choose_language("en", "runwayml/stable-diffusion-v1-5", "sd1")
+    assert caplog.records == []
+
+
 def test_bad_language_is_one_line(train_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["train", "--pretrained_model_name_or_path=x", f"--train_data_dir={train_images}", "--placeholder_token=<x>",
                  "--initializer_token=toy", "--language=fr", f"--output_dir={tmp_path / 'out'}"])

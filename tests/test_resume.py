@@ -205,3 +205,21 @@ def test_kill_9_at_random_moments_leaves_every_file_loadable(tiny_model: Path, t
     )
     assert finish.returncode == 0, finish.stderr[-2000:]
     _load_everything(out)
+
+
+def test_a_signal_the_launcher_ignores_stays_ignored() -> None:
+    # A background job of a non-interactive shell starts with SIGINT ignored; training must not
+    # start reacting to it, while SIGTERM still asks for a checkpointed stop.
+    class Run:
+        stop_requested = None
+
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    sigint_before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with training._stop_on_signals(Run()):  # type: ignore[arg-type]
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert callable(signal.getsignal(signal.SIGTERM)) and signal.getsignal(signal.SIGTERM) is not sigterm_before
+        assert signal.getsignal(signal.SIGTERM) is sigterm_before
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, sigint_before)

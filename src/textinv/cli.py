@@ -280,6 +280,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The local web page; Gradio is imported here only, so the other commands never load it."""
+    from textinv.memory import return_freed_memory_promptly
+    from textinv.serve import ServeOptions, serve
+
+    return_freed_memory_promptly()  # it trains like `textinv train`
+    _quiet_model_loading()
+    options = ServeOptions(
+        host=args.host, port=args.port, model=args.model, allow_remote=args.allow_remote, work_dir=args.work_dir
+    )
+    serve(options)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what an embedding file holds: a short table, or JSON with ``--json``."""
     import json
@@ -419,6 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output_dir", default="demo-output")
     demo.add_argument("--steps", type=_typed(int, "--steps"), default=200)
     demo.set_defaults(handler=cmd_demo)
+
+    web = commands.add_parser("serve", help="a local web page to train, watch, download and generate")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    web.add_argument("--port", type=_typed(int, "--port"), default=7860, help="port to listen on (default: 7860)")
+    web.add_argument("--model", help="default model: a local diffusers pipeline folder (default: the tiny demo pipeline)")
+    web.add_argument(
+        "--allow_remote",
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other machines can reach (there is no login: anyone reaching it can train)",
+    )
+    web.add_argument(
+        "--work_dir", "--work-dir", help="folder for uploads, runs and downloads (default: a new temporary folder)"
+    )
+    web.set_defaults(handler=cmd_serve)
     return parser
 
 

@@ -559,7 +559,10 @@ def _stop_on_signals(run: RunContext) -> Iterator[None]:
         run.stop_requested = signum
         logger.warning("%s received: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, ask_to_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A signal the launcher set to be ignored (background jobs of a non-interactive shell ignore
+    # SIGINT) stays ignored: whoever started us asked for that.
+    watched = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, ask_to_stop) for sig in watched}
     try:
         yield
     finally:

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def discover_images(train_data_dir: str | Path) -> list[Path]:
         if problem is None:
             readable.append(path)
         else:
-            problems.append(f"{path.name} ({problem})")
+            problems.append(f"{path.name} {problem}")
     if not readable:
         raise UserError(
             f"--train_data_dir {str(folder)!r} has no readable image: {'; '.join(problems)}; "
@@ -78,23 +78,30 @@ def discover_images(train_data_dir: str | Path) -> list[Path]:
     return readable
 
 
-def check_image(path: Path) -> str | None:
-    """None if ``path`` decodes as a usable image, else a short reason."""
+def check_image(source: Path | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = MIN_IMAGE_SIDE) -> str | None:
+    """None if ``source`` (a path or an open binary file) decodes as a usable image, else why not,
+    worded to follow its name ("is not an image ..."). The size is checked from the header, before
+    any pixel is decoded; ``verify()`` then checks the structure and a fresh open decodes it all.
+    Shared by the CLI's folder and the web page's uploads, so both accept the same images."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                return f"{width}x{height} is larger than {MAX_IMAGE_PIXELS} pixels"
-            if min(width, height) < MIN_IMAGE_SIDE:
-                return f"{width}x{height} is smaller than {MIN_IMAGE_SIDE} pixels a side"
+            if width * height > max_pixels:
+                return f"is {width}x{height} pixels, more than the limit of {max_pixels} pixels; shrink it"
+            if min(width, height) < min_side:
+                return f"is {width}x{height}; images need at least {min_side} pixels a side"
+            image.verify()
+        if not isinstance(source, Path):
+            source.seek(0)
+        with Image.open(source) as image:
             image.load()
     except UnidentifiedImageError:
-        return "not an image Pillow can read"
+        return "is not an image (Pillow cannot read its content)"
     except Image.DecompressionBombError as error:
         # Pillow refuses to open it at all ("Image size (N pixels) exceeds limit of M pixels, ...").
-        return f"{str(error).split(',')[0]}; shrink it to at most {MAX_IMAGE_PIXELS} pixels"
-    except (OSError, ValueError, SyntaxError) as error:
-        return f"damaged: {first_line(error)}"
+        return f"claims a size far beyond the limit of {max_pixels} pixels ({str(error).split(',')[0]}); shrink it"
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        return f"is a damaged image: {first_line(error)}"
     return None
 
 

@@ -52,7 +52,7 @@ from textinv.models import ModelParts, load_model_parts
 from textinv.templates import templates_for
 from textinv.tiny import TinySpec, build_tiny_pipeline
 from textinv.tokens import expand_placeholder
-from textinv.training import RunContext, StepState, TrainObserver
+from textinv.training import RunContext, StepState, TrainObserver, loss_target
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def pretrain_teacher(model_dir: Path, recipe: TeacherRecipe) -> TeacherReport:
         uniform = torch.rand(recipe.batch_size, generator=generator)
         timesteps = (uniform ** (1 / recipe.timestep_root) * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
         prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden[words * len(templates) + picks]).sample
-        loss = torch.nn.functional.mse_loss(prediction, _target(scheduler, latents, noise, timesteps))
+        loss = torch.nn.functional.mse_loss(prediction, loss_target(scheduler, latents, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -160,15 +160,6 @@ def pretrain_teacher(model_dir: Path, recipe: TeacherRecipe) -> TeacherReport:
     unet.eval()
     unet.save_pretrained(str(Path(model_dir) / "unet"))
     return TeacherReport(time.perf_counter() - started, losses)
-
-
-def _target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts, by the scheduler's prediction_type (as textinv.training.denoising_loss)."""
-    if scheduler.config.prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "sample":
-        return latents
-    return noise
 
 
 def teacher(cache_dir: Path, recipe: TeacherRecipe = TeacherRecipe()) -> tuple[Path, TeacherReport]:
@@ -240,7 +231,7 @@ def plant(model_dir: Path, recipe: TeacherRecipe = TeacherRecipe(), seed: int = 
     noise = torch.randn(held_latents.shape, generator=held_generator)
     timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (num_held_out,), generator=held_generator)
     scheduler = parts.noise_scheduler
-    held_out = HeldOut(captions, scheduler.add_noise(held_latents, noise, timesteps), _target(scheduler, held_latents, noise, timesteps), timesteps)
+    held_out = HeldOut(captions, scheduler.add_noise(held_latents, noise, timesteps), loss_target(scheduler, held_latents, noise, timesteps), timesteps)
     return PlantedConcept(Path(model_dir), cache, held_out, _word_row(parts, TARGET_WORD), _word_row(parts, INITIAL_WORD), seed, recipe)
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from textinv.config import TrainConfig, TrainingInterrupted, UserError, first_line
-from textinv.training import TrainObserver
+from textinv.training import EMBEDDING_FILE, TrainObserver, clock_text
+from textinv.validation import GRID_FILE, VALIDATION_DIR
 from textinv.web_uploads import UploadLimits, safe_stem, store_embedding_file, store_images
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 TINY_MODEL_DIR = "models/tiny-sd1"
-EMBEDDING_FILE = "learned_embeds.safetensors"  # what training writes (textinv.training.EMBEDDING_FILE)
-GRID_PATH = Path("validation") / "progress.png"  # where validation draws its grid (textinv.validation)
 MAX_STEPS = 100_000
 MAX_ERROR_CHARS = 400
 ACTIVE = ("starting", "running", "stopping")
@@ -123,11 +122,6 @@ def native_resolution(model_dir: Path) -> int:
         return 512  # SD 1.x's size: a safe guess when the configs say nothing usable
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(max(0.0, seconds)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def token_slug(token: str) -> str:
     """A file-name stem for a token: ``<cat-toy>`` -> ``cat-toy`` (the web UI names the word by the file)."""
     return safe_stem(token.replace(".", "-"), "embedding")
@@ -208,7 +202,7 @@ class JobSnapshot:
             return f"{self.job_id}: starting (loading the model, encoding the images)"
         if self.status in ("running", "stopping"):
             speed = f" · {self.seconds_per_step:.2f} s/step" if self.seconds_per_step else ""
-            eta = f" · ETA {_clock(self.eta_seconds)}" if self.eta_seconds is not None else ""
+            eta = f" · ETA {clock_text(self.eta_seconds)}" if self.eta_seconds is not None else ""
             doing = "stopping after this step" if self.status == "stopping" else "running"
             return f"{self.job_id}: {doing} · step {self.step}/{self.max_steps}{loss}{speed}{eta}"
         if self.status == "done":
@@ -275,7 +269,7 @@ class TrainingJob:
                 # Wall time per step (validation rounds included), as the CLI's progress line reports it.
                 per_step = (now - self._session_started) / (self.step - self._session_first_step + 1)
                 eta = per_step * (self.max_steps - self.step) if self.status in ACTIVE else None
-            grid = self.output_dir / GRID_PATH
+            grid = self.output_dir / VALIDATION_DIR / GRID_FILE
             try:
                 grid_version = grid.stat().st_mtime_ns
             except OSError:

@@ -384,6 +384,18 @@ def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> to
     return weights.float()
 
 
+def loss_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict, by the scheduler's ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise UserError(f"the model's scheduler has prediction_type {kind!r}, which textinv cannot train")
+
+
 def denoising_loss(
     model: Any,
     parts: ModelParts,
@@ -408,14 +420,7 @@ def denoising_loss(
         timesteps.append(draw_timestep(generator, scheduler.config.num_train_timesteps, settings))
     latents_t, noise_t, timesteps_t = torch.stack(latents), torch.stack(noises), torch.cat(timesteps)
     noisy = scheduler.add_noise(latents_t, noise_t, timesteps_t)
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise_t
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents_t, noise_t, timesteps_t)
-    elif scheduler.config.prediction_type == "sample":
-        target = latents_t
-    else:
-        raise UserError(f"the model's scheduler has prediction_type {scheduler.config.prediction_type!r}, which textinv cannot train")
+    target = loss_target(scheduler, latents_t, noise_t, timesteps_t)
     # Text conditioning and the UNet call, as the model family's pipeline does it (textinv.conditioning).
     prediction = predict(model, parts, [example.caption for example in examples], noisy, timesteps_t, device, tokenizer)
     if settings.snr_gamma is None:
@@ -786,7 +791,7 @@ class _Progress(TrainObserver):
                 )
         done = state.step - self.first_step + 1
         per_step = (time.perf_counter() - self.started) / done
-        eta = _clock(per_step * (state.max_steps - state.step))
+        eta = clock_text(per_step * (state.max_steps - state.step))
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {state.loss:.4f} lr {state.lr:.2e} {per_step:.3f} s/step ETA {eta}", refresh=False)
             self.bar.update(1)
@@ -806,6 +811,7 @@ class _Progress(TrainObserver):
             self.bar.close()
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
+def clock_text(seconds: float) -> str:
+    """``h:mm:ss`` for a duration (the CLI's progress line and the web page's ETA)."""
+    seconds = int(round(max(0.0, seconds)))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

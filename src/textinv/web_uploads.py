@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from textinv.config import UserError, first_line
+from textinv.data import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, check_image
+from textinv.embeddings import MAX_FILE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +36,9 @@ class UploadLimits:
 
     max_images: int = 20
     max_image_bytes: int = 50 * 1024 * 1024
-    max_image_pixels: int = 8192 * 8192
-    min_image_side: int = 8
-    max_embedding_bytes: int = 64 * 1024 * 1024  # textinv.embeddings.MAX_FILE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    min_image_side: int = MIN_IMAGE_SIDE
+    max_embedding_bytes: int = MAX_FILE_BYTES  # what textinv reads from any embedding file
 
     @property
     def max_request_bytes(self) -> int:
@@ -93,37 +95,17 @@ def _read_limited(source: Path, limit: int, what: str, shown: str) -> bytes:
 
 
 def check_image_bytes(data: bytes, shown: str, limits: UploadLimits) -> tuple[str, int, int]:
-    """(format, width, height) of an image, after decoding it fully under the pixel limit.
+    """(format, width, height) of an image, after the CLI's checks (textinv.data.check_image: pixel
+    limit from the header before decoding, structure, full decode) and a format it may have."""
+    from PIL import Image
 
-    Order matters: the header is read first (Image.open is lazy), the size is checked before any
-    pixel is decoded, then ``verify()`` checks the file's structure and a fresh ``load()`` decodes it.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            kind, (width, height) = image.format, image.size
-            if kind not in IMAGE_SUFFIXES:
-                allowed = ", ".join(IMAGE_SUFFIXES)
-                raise UserError(f"{shown!r} is a {kind} image; upload {allowed} images")
-            if width * height > limits.max_image_pixels:
-                raise UserError(
-                    f"{shown!r} is {width}x{height} pixels, more than the limit of {limits.max_image_pixels} pixels; shrink it"
-                )
-            if min(width, height) < limits.min_image_side:
-                raise UserError(f"{shown!r} is {width}x{height}; images need at least {limits.min_image_side} pixels a side")
-            image.verify()
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except UserError:
-        raise
-    except Image.DecompressionBombError:
-        # Pillow's own guard, for sizes far past ours: it refuses before decoding.
-        raise UserError(f"{shown!r} claims a size far beyond the limit of {limits.max_image_pixels} pixels; refusing it") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{shown!r} is not an image (its content is not PNG, JPEG, WebP or BMP)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise UserError(f"{shown!r} is a damaged image: {first_line(error)}") from None
+    problem = check_image(io.BytesIO(data), limits.max_image_pixels, limits.min_image_side)
+    if problem is not None:
+        raise UserError(f"{shown!r} {problem}")
+    with Image.open(io.BytesIO(data)) as image:  # the header only: it decoded above
+        kind, (width, height) = image.format, image.size
+    if kind not in IMAGE_SUFFIXES:
+        raise UserError(f"{shown!r} is a {kind} image; upload {', '.join(IMAGE_SUFFIXES)} images")
     return kind, width, height
 
 

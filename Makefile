@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test bench clean chromium
+.PHONY: demo test test-fast bench clean chromium lint paddle-venv
 
 $(BIN)/textinv: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(BIN)/textinv
 test: $(BIN)/textinv $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
+# The quick loop while editing (under 2 minutes on 2 CPUs): leaves out the tests marked slow,
+# browser, multiprocess and interop (see [tool.pytest.ini_options] markers); `make test` runs them all.
+test-fast: $(BIN)/textinv
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not multiprocess and not interop"
+
 # The web page's browser test drives Debian's chromium (Playwright never downloads a browser here).
 # apt-get as root, else through sudo when there is one; otherwise say what to install.
 $(CHROMIUM):
@@ -34,6 +39,28 @@ $(CHROMIUM):
 	$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium
 
 chromium: $(CHROMIUM)
+
+# ruff (lint + format check) on everything, mypy on src/: the habits CI keeps.
+lint: $(BIN)/textinv
+	$(BIN)/ruff check src tests bench train_textual_inversion.py
+	$(BIN)/ruff format --check src tests bench train_textual_inversion.py
+	$(BIN)/mypy
+
+# PaddlePaddle + ppdiffusers for tests/test_ppdiffusers.py (the seed's snippets in real ppdiffusers), in a venv
+# of its own (its huggingface_hub pin conflicts with ours). Built once from the pins into a cache folder outside
+# the repo, named by the pins' hash, and reused while it is complete (.textinv-complete is written last).
+# The test finds it there, or at $TEXTINV_PADDLE_PYTHON.
+PADDLE_PINS := tests/paddle-requirements.txt tests/paddle-constraints.txt
+PADDLE_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/textinv
+PADDLE_VENV = $(PADDLE_CACHE)/paddle-venv-$(shell cat $(PADDLE_PINS) | sha256sum | cut -c1-12)
+
+paddle-venv:
+	@if [ -f "$(PADDLE_VENV)/.textinv-complete" ]; then echo "paddle venv: $(PADDLE_VENV)"; else \
+	  rm -rf "$(PADDLE_VENV)" && $(PYTHON) -m venv "$(PADDLE_VENV)" && \
+	  "$(PADDLE_VENV)/bin/python" -m pip install --quiet --upgrade pip && \
+	  "$(PADDLE_VENV)/bin/python" -m pip install --quiet -r tests/paddle-requirements.txt -c tests/paddle-constraints.txt && \
+	  HF_HUB_OFFLINE=1 AISTUDIO_BOS_OFFLINE=1 "$(PADDLE_VENV)/bin/python" -c "import paddle, ppdiffusers" && \
+	  touch "$(PADDLE_VENV)/.textinv-complete" && echo "paddle venv: $(PADDLE_VENV) (built)"; fi
 
 # Speed/memory and learning benchmarks (minutes; the first run builds a ~4 GB SD1.5-shaped
 # pipeline with random weights in ~/.cache/textinv-bench). They print tables; nothing is asserted.

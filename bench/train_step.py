@@ -5,7 +5,9 @@
     python bench/train_step.py --steps 6 --settings sd15-512 sd15-512-gc
 
 Each setting runs in a fresh process (so peak RSS is that setting's alone) that trains with
-textinv's own ``train()`` for warm-up + N steps; s/step is the median of the steady steps.
+textinv's own ``train()`` for warm-up + N steps; s/step is the median of the steady steps. The
+``*-eval`` settings also time the held-out evaluation (``--eval_steps``): s/eval per evaluation and
+s/triple per (view, timestep, noise) triple, forward passes only (the others turn it off).
 Pipelines are built once, with seeded random weights, into ``--cache`` (outside the repository):
 the SD1.5-architecture one is about 4 GB on disk. Nothing is downloaded.
 """
@@ -33,6 +35,10 @@ SETTINGS: dict[str, tuple[str, int, dict[str, Any]]] = {
     "sd15-256": ("sd15", 256, {}),
     "sd15-512": ("sd15", 512, {}),
     "sd15-512-gc": ("sd15", 512, {"gradient_checkpointing": True}),
+    # The held-out evaluation (issue 20): its own time per evaluation, beside a step's. The other settings
+    # turn it off (eval_steps=0), so their wall time is the steps'.
+    "tiny-64-eval": ("tiny", 64, {"eval_steps": 1, "eval_samples": 32}),
+    "sd15-512-eval": ("sd15", 512, {"eval_steps": 2, "eval_samples": 8}),
 }
 
 
@@ -107,10 +113,12 @@ def run_child(model: Path, resolution: int, steps: int, warmup: int, extra: dict
 
     from textinv.config import TrainConfig
     from textinv.tiny import demo_images_dir
-    from textinv.training import TrainObserver, train
+    from textinv.events import TrainObserver
+    from textinv import train
 
     step_times: list[float] = []
     first_step_at: list[float] = []
+    evaluations: dict[str, float] = {}
 
     class Timer(TrainObserver):
         def on_step(self, run: Any, state: Any) -> None:
@@ -118,13 +126,19 @@ def run_child(model: Path, resolution: int, steps: int, warmup: int, extra: dict
                 first_step_at.append(time.time())
             step_times.append(state.step_seconds)
 
+        def on_end(self, run: Any, result: Any) -> None:
+            held_out = run.record.get("eval")
+            if held_out:  # run.json's eval_seconds covers every evaluation (the one before step 1 too)
+                count = len(held_out["losses"])
+                evaluations.update(s_per_eval=run.record["timings"]["eval_seconds"] / count, samples=held_out["samples"])
+
     with tempfile.TemporaryDirectory() as scratch:
         config = TrainConfig(
             pretrained_model_name_or_path=str(model), train_data_dir=str(demo_images_dir()),
             placeholder_token="<bench>", initializer_token="toy", resolution=resolution,
             train_batch_size=1, max_train_steps=warmup + steps, learning_rate=5e-4, lr_warmup_steps=0,
             seed=42, only_save_embeds=True, checkpointing_steps=None, save_steps=10**9,
-            output_dir=str(Path(scratch) / "out"), **extra,
+            output_dir=str(Path(scratch) / "out"), **{"eval_steps": 0, **extra},
         )
         train(config, show_progress=False, observers=[Timer()])
     steady = step_times[warmup:] or step_times
@@ -133,6 +147,7 @@ def run_child(model: Path, resolution: int, steps: int, warmup: int, extra: dict
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "startup_s": first_step_at[0] - launched_at - step_times[0] if first_step_at else float("nan"),
         "threads": torch.get_num_threads(),
+        **evaluations,
     }
 
 
@@ -149,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:  # one setting, in its own process, set up as the textinv command sets itself up
-        from textinv.memory import return_freed_memory_promptly
+        from textinv.training.memory import return_freed_memory_promptly
 
         return_freed_memory_promptly()
         spec = json.loads(args.child)
@@ -172,9 +187,10 @@ def main() -> None:
         rows.append({"setting": name, **result, "extra": spec["extra"]})
         print(f"{name}: {result['s_per_step']:.3f} s/step", file=sys.stderr)
 
-    print(f"{'setting':<14} {'s/step':>8} {'peak RSS':>10} {'start-up':>9}  extra")
+    print(f"{'setting':<14} {'s/step':>8} {'peak RSS':>10} {'start-up':>9} {'s/eval':>8} {'s/triple':>9}  extra")
     for row in rows:
-        print(f"{row['setting']:<14} {row['s_per_step']:>8.3f} {row['peak_rss_gib']:>8.2f} G {row['startup_s']:>8.1f}s  "
+        per_eval = f"{row['s_per_eval']:>8.2f} {row['s_per_eval'] / row['samples']:>9.3f}" if "s_per_eval" in row else f"{'':>8} {'':>9}"
+        print(f"{row['setting']:<14} {row['s_per_step']:>8.3f} {row['peak_rss_gib']:>8.2f} G {row['startup_s']:>8.1f}s {per_eval}  "
               f"{json.dumps(row['extra']) if row['extra'] else ''}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -1,9 +1,15 @@
-"""Shared fixtures: a tiny SD1 pipeline (seeded random weights, real CLIP vocabulary) and images."""
+"""Shared fixtures: a tiny SD1 pipeline (seeded random weights, real CLIP vocabulary) and images.
+
+The suite needs nothing beside the clone: the third-party files it reads are committed under
+tests/data/ or written by tests/fixtures_embeddings.py. Only tests marked ``interop`` read the real
+third-party originals, from an optional folder (see INTEROP_ENV below).
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from PIL import Image
@@ -13,22 +19,66 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Third-party files the repository may carry (licences in tests/data/ATTRIBUTION.md), laid out like
+# the team's ../shared/data: embeddings/, images/style_vangogh/.
+TEST_DATA = REPO / "tests" / "data"
+SHARED_DATA = TEST_DATA  # the name tests/test_eval.py imports
 
-def _shared_data() -> Path:
-    """The team's folder of real third-party files (../shared/data beside the clone).
-
-    TEXTINV_SHARED_DATA overrides it for clones kept elsewhere; its absence fails the tests that
-    need it (with the paths tried) rather than skipping them.
-    """
-    candidates = [Path(os.environ["TEXTINV_SHARED_DATA"])] if os.environ.get("TEXTINV_SHARED_DATA") else []
-    candidates += [REPO.parent / "shared" / "data", Path("/work/shared/data")]
-    for candidate in candidates:
-        if (candidate / "SOURCES.md").is_file():
-            return candidate
-    return candidates[0]
+# --- interop: the real third-party files that may not be committed --------------------------------
+# Tests marked `interop` read the originals (bad-hands-5.pt, EasyNegative.pt, test_embedding.png, ...)
+# from TEXTINV_INTEROP_DATA (a folder laid out like ../shared/data, i.e. holding embeddings/) or from
+# ../shared/data beside the clone. Without either they skip, saying why; with
+# TEXTINV_REQUIRE_INTEROP=1 (set in CI) a missing folder fails them instead, so they cannot vanish.
+INTEROP_ENV = "TEXTINV_INTEROP_DATA"
+REQUIRE_INTEROP_ENV = "TEXTINV_REQUIRE_INTEROP"
 
 
-SHARED_DATA = _shared_data()
+def _interop_data() -> tuple[Optional[Path], str]:
+    """(the folder of third-party originals or None, why there is none)."""
+    value = os.environ.get(INTEROP_ENV, "").strip()
+    if value:
+        folder = Path(value).expanduser()
+        if folder.is_dir():
+            return folder, ""
+        return None, f"{INTEROP_ENV}={value} is not a folder"
+    beside = REPO.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside, ""
+    return None, (
+        f"the third-party originals are not here: set {INTEROP_ENV} to a folder laid out like "
+        f"../shared/data (holding embeddings/), or put one at {beside}"
+    )
+
+
+INTEROP_DATA, _NO_INTEROP_REASON = _interop_data()
+
+
+def _skip_or_fail_without_interop_data() -> None:
+    if INTEROP_DATA is not None:
+        return
+    if os.environ.get(REQUIRE_INTEROP_ENV, "").strip() == "1":
+        pytest.fail(f"interop test cannot run: {_NO_INTEROP_REASON} ({REQUIRE_INTEROP_ENV}=1)", pytrace=False)
+    pytest.skip(f"interop: {_NO_INTEROP_REASON}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"interop data: {INTEROP_DATA}" if INTEROP_DATA else f"interop data: none ({_NO_INTEROP_REASON})"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # `interop(needs="paddle")` (tests/test_ppdiffusers.py) needs the Paddle venv, not these files: it checks its own.
+    marker = item.get_closest_marker("interop")
+    if marker is not None and marker.kwargs.get("needs", "data") == "data":
+        _skip_or_fail_without_interop_data()
+
+
+@pytest.fixture(scope="session")
+def interop_data() -> Path:
+    """The folder of third-party originals (its embeddings/ holds the files SOURCES.md lists)."""
+    _skip_or_fail_without_interop_data()
+    assert INTEROP_DATA is not None
+    return INTEROP_DATA
 
 
 @pytest.fixture(scope="session")

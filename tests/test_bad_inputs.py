@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from textinv import cli, training
+from textinv import cli
+from textinv.training import recipe
 
 PRECIOUS = b"results of an earlier run"
 
@@ -200,8 +201,25 @@ def assert_one_clear_line(code: int, stderr: str, fragments: tuple[str, ...], ex
         assert fragment in errors[0], (fragment, errors[0])
 
 
-def test_the_table_is_large_enough() -> None:
-    assert len(CASES) >= 30 and len({case[0] for case in CASES}) == len(CASES)
+def test_every_case_pins_its_message_and_the_check_rejects_unclear_errors() -> None:
+    # Each case names the words of its own message (no fragments would accept any error line), and
+    # no two cases share an id (pytest would silently number duplicates apart).
+    assert all(fragments and all(f.strip() for f in fragments) for _, _, fragments in CASES)
+    assert len({case[0] for case in CASES}) == len(CASES)
+    # The check the table relies on: it passes one clear line and fails everything else.
+    clear = "textinv: error: --resolution 100 is not a multiple of 8 (try 96 or 104)\n"
+    assert_one_clear_line(2, clear, ("--resolution", "100", "multiple of 8"))
+    unclear = [
+        (1, clear, ()),  # an exit code other than 2
+        (0, clear, ()),
+        (2, "Traceback (most recent call last):\n  File ...\nValueError: 100\n" + clear, ()),
+        (2, clear + "textinv: error: and a second one\n", ()),
+        (2, "warning: something odd\n", ()),  # no error line at all
+        (2, clear, ("--height",)),  # an error, but not about this mistake
+    ]
+    for code, stderr, fragments in unclear:
+        with pytest.raises(AssertionError):
+            assert_one_clear_line(code, stderr, fragments)
 
 
 @pytest.mark.parametrize("name, argv_for, fragments", CASES, ids=[case[0] for case in CASES])
@@ -284,7 +302,7 @@ def test_disk_full_while_saving_keeps_the_embedding(scene: Scene, capsys: pytest
         def full_disk(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device", str(target / "out" / "unet"))
 
-        monkeypatch.setattr(training, "save_pipeline", full_disk)
+        monkeypatch.setattr(recipe, "save_pipeline", full_disk)
     try:
         argv = [arg for arg in scene.train(output_dir=target / "out") if arg != "--only_save_embeds"]
         code, stderr = run_main(argv, capsys)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from textinv.config import UserError
-from textinv.data import ExampleStream, discover_images, load_rgb, make_view, to_tensor
+from textinv.data.examples import ExampleStream
+from textinv.data.images import discover_images, load_rgb, make_view, to_tensor
 
 
 def _save(path: Path, image: Image.Image, **kwargs) -> Path:

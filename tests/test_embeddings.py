@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -17,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SHARED_DATA
+import fixtures_embeddings as lookalike
+import textinv
 from textinv.config import UserError
 from textinv.embeddings import (
     TEXT_ENCODER,
@@ -31,11 +33,12 @@ from textinv.embeddings import (
     write_embedding,
 )
 
-# The team's read-only collection of real files made by other tools (see its SOURCES.md).
-EMBEDDINGS = SHARED_DATA / "embeddings"
 REPO = Path(__file__).resolve().parents[1]
 TINY_DIM = 32  # text encoder width of textinv.tiny's pipeline
 
+# Files made by other tools. Each test that reads them runs twice: "standalone" on the committed
+# originals (tests/data/embeddings) plus look-alikes written in the same layout for the ones that may
+# not be committed (tests/fixtures_embeddings.py), and "interop" on all the real originals.
 # file -> (format, token, {encoder: shape}, step)
 REAL_FILES = {
     "fastai_diffusion-nbs_learned_embeds.bin": ("diffusers", "<birb-style>", {TEXT_ENCODER: (1, 768)}, None),
@@ -93,10 +96,67 @@ def _assert_one_line_error(error: pytest.ExceptionInfo[UserError], path: Path, *
 
 
 # --- real files ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def standalone_embeddings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed third-party files plus same-layout look-alikes of the others, under their names."""
+    return lookalike.write_lookalikes(tmp_path_factory.mktemp("third-party-embeddings"))
+
+
+@pytest.fixture(params=["standalone", pytest.param("interop", marks=pytest.mark.interop)])
+def embeddings(request: pytest.FixtureRequest) -> Path:
+    """The folder of third-party embedding files: standalone copies and look-alikes, or the originals."""
+    if request.param == "standalone":
+        return request.getfixturevalue("standalone_embeddings")
+    return request.getfixturevalue("interop_data") / "embeddings"
+
+
+@pytest.mark.interop
+def test_lookalike_builders_write_the_originals_byte_for_byte(interop_data: Path, tmp_path: Path) -> None:
+    """Given an original's contents, each builder the standalone tests use writes the original's bytes."""
+    originals = interop_data / "embeddings"
+    build = lookalike
+    diffusers_bins = {"fastai_diffusion-nbs_learned_embeds.bin": "archive", "padmanabh_pop_art.bin": "learned_embeds"}
+    for name, archive in diffusers_bins.items():  # torch names the zip's folder after the file (older) or "archive"
+        ((token, vector),) = torch.load(originals / name, weights_only=True).items()
+        made = build.diffusers_bin(tmp_path / name, token, vector, archive)
+        assert made.read_bytes() == (originals / name).read_bytes()
+    hands = torch.load(originals / "bad-hands-5.pt", weights_only=True, map_location="cpu")
+    made = build.a1111_pt(tmp_path / "bad-hands-5.pt", hands["name"], hands["string_to_param"]["*"], hands["step"],
+                          hands["sd_checkpoint"], hands["sd_checkpoint_name"])
+    assert made.read_bytes() == (originals / "bad-hands-5.pt").read_bytes()
+    easy = torch.load(originals / "EasyNegative.pt", weights_only=True)["emb_params"]
+    assert build.emb_params_pt(tmp_path / "e.pt", easy).read_bytes() == (originals / "EasyNegative.pt").read_bytes()
+    assert build.empty_pt(tmp_path / "empty.pt").read_bytes() == (originals / "empty.pt").read_bytes()
+    ((token, vectors),) = load_file(str(originals / "ttekcor_learned_embeds.safetensors")).items()
+    made = build.diffusers_safetensors(tmp_path / "t.safetensors", token, vectors)
+    assert made.read_bytes() == (originals / "ttekcor_learned_embeds.safetensors").read_bytes()
+    sdxl = load_file(str(originals / "Kaleidia_SDXL-Detail.safetensors"))
+    made = build.sdxl_safetensors(tmp_path / "k.safetensors", sdxl["clip_l"], sdxl["clip_g"])
+    assert made.read_bytes() == (originals / "Kaleidia_SDXL-Detail.safetensors").read_bytes()
+    # The PNG: the same chunks before the pixels and the same text chunk, byte for byte.
+    chunks = build.png_chunks((originals / "test_embedding.png").read_bytes())
+    (text,) = [body for kind, body in chunks if kind == b"tEXt"]
+    data = json.loads(base64.b64decode(text.split(b"\0", 1)[1]))
+    rick = torch.tensor(data["string_to_param"]["*"]["TORCHTENSOR"], dtype=torch.float32)
+    made = build.a1111_png(tmp_path / "rick.png", data["name"], rick, data["step"])
+    made_chunks = build.png_chunks(made.read_bytes())
+    assert [kind for kind, _ in made_chunks] == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
+    assert [kind for kind, _ in chunks[:3]] == [b"IHDR", b"tEXt", b"IDAT"] and chunks[-1][0] == b"IEND"
+    assert made_chunks[1] == (b"tEXt", text)
+
+
+def test_committed_third_party_files_are_the_ones_attributed() -> None:
+    committed = REPO / "tests" / "data" / "embeddings"
+    assert sorted(p.name for p in committed.iterdir()) == sorted(lookalike.VENDORED)
+    attribution = (REPO / "tests" / "data" / "ATTRIBUTION.md").read_text()
+    assert all(f"`{name}`" in attribution for name in lookalike.VENDORED)
+    assert set(REAL_FILES) | {"empty.pt"} == set(lookalike.VENDORED) | set(lookalike.NOT_COMMITTED)
+
+
 @pytest.mark.parametrize("name", sorted(REAL_FILES))
-def test_real_files_read_with_their_token_names_and_shapes(name: str) -> None:
+def test_real_files_read_with_their_token_names_and_shapes(embeddings: Path, name: str) -> None:
     fmt, token, shapes, step = REAL_FILES[name]
-    path = EMBEDDINGS / name
+    path = embeddings / name
     embedding = _one(path)
     assert detect_format(path) == fmt
     assert embedding.token == token
@@ -105,43 +165,44 @@ def test_real_files_read_with_their_token_names_and_shapes(name: str) -> None:
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in embedding.vectors.values())
 
 
-def test_real_file_vectors_match_the_raw_file() -> None:
-    hands = torch.load(EMBEDDINGS / "bad-hands-5.pt", weights_only=True, map_location="cpu")
-    assert torch.equal(_one(EMBEDDINGS / "bad-hands-5.pt").vectors[TEXT_ENCODER], hands["string_to_param"]["*"])
-    sdxl = load_file(str(EMBEDDINGS / "Kaleidia_SDXL-Detail.safetensors"))
-    embedding = _one(EMBEDDINGS / "Kaleidia_SDXL-Detail.safetensors")
+def test_real_file_vectors_match_the_raw_file(embeddings: Path) -> None:
+    hands = torch.load(embeddings / "bad-hands-5.pt", weights_only=True, map_location="cpu")
+    assert torch.equal(_one(embeddings / "bad-hands-5.pt").vectors[TEXT_ENCODER], hands["string_to_param"]["*"])
+    sdxl = load_file(str(embeddings / "Kaleidia_SDXL-Detail.safetensors"))
+    embedding = _one(embeddings / "Kaleidia_SDXL-Detail.safetensors")
     assert torch.equal(embedding.vectors[TEXT_ENCODER], sdxl["clip_l"])
     assert torch.equal(embedding.vectors[TEXT_ENCODER_2], sdxl["clip_g"])
-    birb = torch.load(EMBEDDINGS / "fastai_diffusion-nbs_learned_embeds.bin", weights_only=True, map_location="cpu")["<birb-style>"]
-    assert torch.equal(_one(EMBEDDINGS / "fastai_diffusion-nbs_learned_embeds.bin").vectors[TEXT_ENCODER][0], birb)
+    birb_file = embeddings / "fastai_diffusion-nbs_learned_embeds.bin"
+    birb = torch.load(birb_file, weights_only=True, map_location="cpu")["<birb-style>"]
+    assert torch.equal(_one(birb_file).vectors[TEXT_ENCODER][0], birb)
 
 
-def test_file_that_holds_no_embedding_is_a_clear_error() -> None:
+def test_file_that_holds_no_embedding_is_a_clear_error(embeddings: Path) -> None:
     with pytest.raises(UserError) as error:
-        read_embeddings(EMBEDDINGS / "empty.pt")
-    _assert_one_line_error(error, EMBEDDINGS / "empty.pt", "holds no embedding")
+        read_embeddings(embeddings / "empty.pt")
+    _assert_one_line_error(error, embeddings / "empty.pt", "holds no embedding")
 
 
-def test_format_is_detected_by_content_not_by_name(tmp_path: Path) -> None:
+def test_format_is_detected_by_content_not_by_name(embeddings: Path, tmp_path: Path) -> None:
     diffusers_as_pt = tmp_path / "renamed.pt"
-    shutil.copyfile(EMBEDDINGS / "ttekcor_learned_embeds.safetensors", diffusers_as_pt)
+    shutil.copyfile(embeddings / "ttekcor_learned_embeds.safetensors", diffusers_as_pt)
     a1111_as_bin = tmp_path / "renamed.bin"
-    shutil.copyfile(EMBEDDINGS / "bad-hands-5.pt", a1111_as_bin)
+    shutil.copyfile(embeddings / "bad-hands-5.pt", a1111_as_bin)
     assert detect_format(diffusers_as_pt) == "diffusers"
     assert detect_format(a1111_as_bin) == "a1111"
     assert _one(a1111_as_bin).token == "bad-hands-5"  # the name field wins over the file name
 
 
-def test_describe_reports_family_dims_dtype_and_norms() -> None:
-    info = describe(EMBEDDINGS / "Kaleidia_SDXL-Detail.safetensors")
+def test_describe_reports_family_dims_dtype_and_norms(embeddings: Path) -> None:
+    info = describe(embeddings / "Kaleidia_SDXL-Detail.safetensors")
     assert info["format"] == "sdxl"
     (entry,) = info["tokens"]
     assert entry["family"] == "sdxl"
     assert entry["dims"] == {TEXT_ENCODER: 768, TEXT_ENCODER_2: 1280}
     assert entry["dtype"] == {TEXT_ENCODER: "float32", TEXT_ENCODER_2: "float32"}
-    clip_g = load_file(str(EMBEDDINGS / "Kaleidia_SDXL-Detail.safetensors"))["clip_g"]
+    clip_g = load_file(str(embeddings / "Kaleidia_SDXL-Detail.safetensors"))["clip_g"]
     assert entry["norms"][TEXT_ENCODER_2] == pytest.approx(clip_g.norm(dim=1).tolist(), rel=1e-5)
-    hands = describe(EMBEDDINGS / "bad-hands-5.pt")["tokens"][0]
+    hands = describe(embeddings / "bad-hands-5.pt")["tokens"][0]
     assert (hands["family"], hands["num_vectors"], hands["step"]) == ("sd1", 2, 1364)
     sd2 = Embedding("<x>", {TEXT_ENCODER: torch.ones(1, 1024)})
     assert sd2.family == "sd2" and _embedding(dim=TINY_DIM).family == "unknown"
@@ -150,8 +211,10 @@ def test_describe_reports_family_dims_dtype_and_norms() -> None:
 # --- writing and round trips ----------------------------------------------------------------------
 @pytest.mark.parametrize("suffix,fmt,detected", SINGLE_ENCODER_TARGETS)
 @pytest.mark.parametrize("name", SINGLE_ENCODER_FILES)
-def test_real_files_round_trip_bit_exact(tmp_path: Path, name: str, suffix: str, fmt: str, detected: str) -> None:
-    source = _one(EMBEDDINGS / name)
+def test_real_files_round_trip_bit_exact(
+    embeddings: Path, tmp_path: Path, name: str, suffix: str, fmt: str, detected: str
+) -> None:
+    source = _one(embeddings / name)
     source.step = 123
     target = write_embedding(source, tmp_path / f"out{suffix}", fmt)
     assert detect_format(target) == detected
@@ -172,8 +235,8 @@ def test_synthetic_round_trip_through_every_format_in_turn(tmp_path: Path, num_v
         assert torch.equal(current.vectors[TEXT_ENCODER], original.vectors[TEXT_ENCODER])
 
 
-def test_sdxl_round_trip_and_single_encoder_formats_refuse_it(tmp_path: Path) -> None:
-    sdxl = _one(EMBEDDINGS / "Kaleidia_SDXL-Detail.safetensors")
+def test_sdxl_round_trip_and_single_encoder_formats_refuse_it(embeddings: Path, tmp_path: Path) -> None:
+    sdxl = _one(embeddings / "Kaleidia_SDXL-Detail.safetensors")
     written = write_embedding(sdxl, tmp_path / "detail.safetensors")  # chosen by content: two encoders
     assert detect_format(written) == "sdxl"
     assert set(load_file(str(written))) == {"clip_l", "clip_g"}
@@ -305,13 +368,15 @@ def _bad_file(kind: str, tmp_path: Path) -> tuple[Path, str]:
         path.write_bytes(b"")
         return path, "empty"
     if kind.startswith("truncated"):
+        whole = tmp_path / "whole"  # a sound file in the layout of a real one, then cut in half
+        whole.mkdir(exist_ok=True)
+        rows = _embedding(num_vectors=8).vectors[TEXT_ENCODER]
         source = {
-            "truncated-zip": EMBEDDINGS / "bad-hands-5.pt",
-            "truncated-safetensors": EMBEDDINGS / "ttekcor_learned_embeds.safetensors",
-            "truncated-png": EMBEDDINGS / "test_embedding.png",
-        }.get(kind)
-        if source is None:
-            source = write_embedding(_embedding(), tmp_path / "whole.pdparams")
+            "truncated-zip": lambda: lookalike.a1111_pt(whole / "bad-hands-5.pt", "bad", rows[:2], 1364, None, None),
+            "truncated-safetensors": lambda: lookalike.diffusers_safetensors(whole / "l.safetensors", "<t>", rows[:1]),
+            "truncated-png": lambda: lookalike.a1111_png(whole / "test_embedding.png", "rick", rows, 60),
+            "truncated-pdparams": lambda: write_embedding(_embedding(), whole / "learned_embeds.pdparams"),
+        }[kind]()
         return _cut_in_half(source, tmp_path / f"cut{source.suffix}"), "truncated"
     if kind == "text":
         path = tmp_path / "notes.pt"
@@ -430,15 +495,15 @@ def test_our_exports_load_in_diffusers_and_match_our_loader(tiny_sd1: Path, tmp_
         assert torch.equal(_hidden_states(again, prompt), expected), name
 
 
-def test_load_refuses_other_families_and_leaves_the_pipeline_alone(tiny_sd1: Path) -> None:
+def test_load_refuses_other_families_and_leaves_the_pipeline_alone(embeddings: Path, tiny_sd1: Path) -> None:
     pipe = _pipeline(tiny_sd1)
     size = len(pipe.tokenizer)
     with pytest.raises(UserError) as error:
-        load_embeddings(pipe, EMBEDDINGS / "bad-hands-5.pt")
-    _assert_one_line_error(error, EMBEDDINGS / "bad-hands-5.pt", "768", str(TINY_DIM))
+        load_embeddings(pipe, embeddings / "bad-hands-5.pt")
+    _assert_one_line_error(error, embeddings / "bad-hands-5.pt", "768", str(TINY_DIM))
     with pytest.raises(UserError) as error:
-        load_embeddings(pipe, EMBEDDINGS / "Kaleidia_SDXL-Detail.safetensors")
-    _assert_one_line_error(error, EMBEDDINGS / "Kaleidia_SDXL-Detail.safetensors", "768+1280", "2 text encoder")
+        load_embeddings(pipe, embeddings / "Kaleidia_SDXL-Detail.safetensors")
+    _assert_one_line_error(error, embeddings / "Kaleidia_SDXL-Detail.safetensors", "768+1280", "2 text encoder")
     assert len(pipe.tokenizer) == size
 
 
@@ -520,16 +585,16 @@ def test_two_encoder_pipeline_gets_both_vectors_and_refuses_one_encoder_embeddin
 
 
 # --- convert --------------------------------------------------------------------------------------
-def test_convert_renames_picks_format_and_refuses_to_overwrite(tmp_path: Path) -> None:
-    out = convert(EMBEDDINGS / "EasyNegative.pt", tmp_path / "easy.safetensors", token="<easy>")
+def test_convert_renames_picks_format_and_refuses_to_overwrite(embeddings: Path, tmp_path: Path) -> None:
+    out = convert(embeddings / "EasyNegative.pt", tmp_path / "easy.safetensors", token="<easy>")
     assert detect_format(out) == "diffusers" and _one(out).token == "<easy>"
     with pytest.raises(UserError, match="already exists"):
-        convert(EMBEDDINGS / "bad-hands-5.pt", out)
+        convert(embeddings / "bad-hands-5.pt", out)
     assert _one(out).token == "<easy>"
-    convert(EMBEDDINGS / "bad-hands-5.pt", out, to="a1111", overwrite=True)
+    convert(embeddings / "bad-hands-5.pt", out, to="a1111", overwrite=True)
     assert detect_format(out) == "a1111-emb_params" and _one(out).token == "bad-hands-5"
-    png = convert(EMBEDDINGS / "test_embedding.png", tmp_path / "rick.pdparams")
-    assert torch.equal(_one(png).vectors[TEXT_ENCODER], _one(EMBEDDINGS / "test_embedding.png").vectors[TEXT_ENCODER])
+    png = convert(embeddings / "test_embedding.png", tmp_path / "rick.pdparams")
+    assert torch.equal(_one(png).vectors[TEXT_ENCODER], _one(embeddings / "test_embedding.png").vectors[TEXT_ENCODER])
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -539,7 +604,8 @@ def _start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_cli_inspect_and_convert(tmp_path: Path) -> None:
+def test_cli_inspect_and_convert(standalone_embeddings: Path, tmp_path: Path) -> None:
+    embeddings = standalone_embeddings  # the command line's plumbing; the formats are tested above
     bad = {kind: _bad_file(kind, tmp_path)[0] for kind in ("empty", "truncated-zip", "jpeg")}
     evil = tmp_path / "evil.pt"
     _write_malicious("torch-zip", evil, f"touch {tmp_path / 'pwned'}")
@@ -550,11 +616,11 @@ def test_cli_inspect_and_convert(tmp_path: Path) -> None:
     replaced.write_bytes(b"old")
     # All processes at once: each pays the torch import, in parallel.
     runs = {kind: _start("inspect", str(path)) for kind, path in bad.items()}
-    runs["json"] = _start("inspect", str(EMBEDDINGS / "Kaleidia_SDXL-Detail.safetensors"), "--json")
-    runs["table"] = _start("inspect", str(EMBEDDINGS / "bad-hands-5.pt"))
-    runs["refuse"] = _start("convert", str(EMBEDDINGS / "bad-hands-5.pt"), str(exists))
+    runs["json"] = _start("inspect", str(embeddings / "Kaleidia_SDXL-Detail.safetensors"), "--json")
+    runs["table"] = _start("inspect", str(embeddings / "bad-hands-5.pt"))
+    runs["refuse"] = _start("convert", str(embeddings / "bad-hands-5.pt"), str(exists))
     runs["overwrite"] = _start(
-        "convert", str(EMBEDDINGS / "ttekcor_learned_embeds.safetensors"), str(replaced), "--overwrite", "--token", "<t>"
+        "convert", str(embeddings / "ttekcor_learned_embeds.safetensors"), str(replaced), "--overwrite", "--token", "<t>"
     )
     results = {kind: (process.communicate(timeout=120), process.returncode) for kind, process in runs.items()}
 
@@ -612,7 +678,7 @@ def test_training_starts_from_an_embedding_file_of_another_format(tiny_model: Pa
     # A tiny learning rate: the result must be the file's vectors (3 of them, as the file says), barely moved.
     config = train_config(tiny_model, train_images, tmp_path / "out", init_embeddings=str(source), initializer_token=None,
                           learning_rate=1e-9, max_train_steps=2, only_save_embeds=True)
-    result = training.train(config, show_progress=False)
+    result = textinv.train(config, show_progress=False)
     learned = result.embedding.vectors[TEXT_ENCODER]
     assert learned.shape == (3, TINY_DIM)
     assert (learned - start).abs().max().item() < 1e-5
@@ -621,7 +687,7 @@ def test_training_starts_from_an_embedding_file_of_another_format(tiny_model: Pa
 
 
 def test_init_embeddings_vector_count_and_token_choice_are_checked(tmp_path: Path) -> None:
-    from textinv.training import starting_vectors_by_encoder as starting_vectors
+    from textinv.training.builders import starting_vectors_by_encoder as starting_vectors
 
     two_tokens = tmp_path / "two.safetensors"
     save_file({"<a>": torch.ones(2, TINY_DIM), "<b>": torch.zeros(1, TINY_DIM)}, str(two_tokens))

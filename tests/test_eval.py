@@ -14,7 +14,7 @@ from conftest import SHARED_DATA
 from textinv.cli import main
 from textinv.config import UserError
 from textinv.embeddings import Embedding, write_embedding
-from textinv.evaluation import ClipScorer, load_reference_images, read_prompts, text_without_word
+from textinv.inference.evaluation import ClipScorer, load_reference_images, read_prompts, text_without_word
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train_config
-from textinv import conditioning
+from textinv.models import conditioning
 from textinv.cli import main
 from textinv.config import UserError
 from textinv.embeddings import TEXT_ENCODER, TEXT_ENCODER_2, detect_format
-from textinv.generation import generate, load_pipeline
-from textinv.models import detect_family, load_model_parts, load_pipeline_folder
-from textinv.templates import (
+from textinv.inference.generation import generate, load_pipeline
+from textinv.models.loading import detect_family, load_model_parts, load_pipeline_folder
+from textinv.data.templates import (
     OBJECT_TEMPLATES_EN,
     OBJECT_TEMPLATES_ZH,
     STYLE_TEMPLATES_ZH,
@@ -32,8 +32,9 @@ from textinv.templates import (
     templates_for,
 )
 from textinv.tiny import FAMILIES
-from textinv.tokens import initializer_ids
-from textinv.training import TrainResult, train
+from textinv.models.tokens import initializer_ids
+from textinv.events import TrainResult
+from textinv import train
 
 TOKEN = "<cat-toy>"
 # family: (initializer, --language, the template languages the captions must come from)
@@ -182,6 +183,26 @@ def test_embedding_loads_in_textinv_and_diffusers_and_generates(family_run: Fami
     assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
 
 
+def test_saved_pipeline_also_holds_what_ppdiffusers_reads(family_run: FamilyRun) -> None:
+    """Issue 15: each CLIP tokenizer folder also holds paddlenlp's vocab.json / merges.txt / added_tokens.json, and
+    each CLIP text encoder names its weights text_model.* (tests/test_ppdiffusers.py loads them in ppdiffusers)."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    out = family_run.result.output_dir
+    for name in _encoder_names(family_run.family):
+        folder = out / ("tokenizer" if name == TEXT_ENCODER else "tokenizer_2")
+        if family_run.family.startswith("zh"):  # WordPiece / Unigram: ppdiffusers reads other files; none written
+            assert not (folder / "added_tokens.json").exists()
+            continue
+        assert (folder / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\n")
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        token_id = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(TOKEN)
+        assert json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")) == {TOKEN: token_id} == {TOKEN: len(vocab)}
+        with safe_open(str(out / name / "model.safetensors"), "pt") as weights:
+            assert all(key.startswith("text_model.") or key == "text_projection.weight" for key in weights.keys())
+
+
 def test_captions_fed_to_the_tokenizers_follow_the_language(family_run: FamilyRun) -> None:
     _, language, expected = CASES[family_run.family]
     captions = [caption for _, batch in family_run.tokenized for caption in batch]
@@ -218,7 +239,7 @@ def test_v_prediction_trains_against_the_velocity(family_run: FamilyRun) -> None
 
 
 def test_checkpoint_holds_every_encoder_and_resumes_exactly(family_run: FamilyRun, tmp_path: Path) -> None:
-    from textinv.checkpoints import read_checkpoint
+    from textinv.training.checkpoints import read_checkpoint
 
     state, _ = read_checkpoint(family_run.result.output_dir / "checkpoint-10")
     assert sorted(state.vectors_by_encoder) == _encoder_names(family_run.family)
@@ -248,13 +269,13 @@ def test_language_choice_follows_ppdiffusers_then_the_encoder() -> None:
 
 
 def test_chinese_captions_on_a_clip_model_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="textinv.templates"):
+    with caplog.at_level("WARNING", logger="textinv.data.templates"):
         assert choose_language("zh", "runwayml/stable-diffusion-v1-5", "sd1") == "zh"
         assert choose_language(None, "someone/chinese-finetune", "sd2") == "zh"  # ppdiffusers' name rule
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 2 and "--language zh on a sd1 model" in warnings[0] and "--language en" in warnings[0]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="textinv.templates"):
+    with caplog.at_level("WARNING", logger="textinv.data.templates"):
         choose_language("zh_en", "BAAI/AltDiffusion", "zh-xlmr")
         choose_language(None, "/models/taiyi", "zh-bert")
         choose_language("en", "runwayml/stable-diffusion-v1-5", "sd1")
@@ -265,7 +286,7 @@ def test_bad_language_is_one_line(train_images: Path, tmp_path: Path, capsys: py
     code = main(["train", "--pretrained_model_name_or_path=x", f"--train_data_dir={train_images}", "--placeholder_token=<x>",
                  "--initializer_token=toy", "--language=fr", f"--output_dir={tmp_path / 'out'}"])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "--language 'fr'" in lines[0] and "zh_en" in lines[0]
+    assert code == 2 and len(lines) == 1 and "--language" in lines[0] and "'fr'" in lines[0] and "zh_en" in lines[0]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -18,8 +18,8 @@ import pytest
 
 from conftest import REPO, train_config
 from textinv.config import UserError
-from textinv.hub import push_folder
-from textinv.training import train
+from textinv.observers.hub import push_folder
+from textinv import train
 
 TOKEN = "hf_stand_in_token_123"
 USER = "me"

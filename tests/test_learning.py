@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,11 @@ import torch
 from diffusers import DDPMScheduler
 
 from textinv.config import TrainConfig, UserError
-from textinv.planted import CONCEPT_WORDS, INITIAL_WORD, PLACEHOLDER, TARGET_WORD, PlantedScorer, RecoveryCurve, TeacherRecipe, plant, teacher, word_losses
-from textinv.training import LossSettings, draw_timestep, min_snr_weights, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the planted teacher lives with its benchmark
+from planted import CONCEPT_WORDS, INITIAL_WORD, PLACEHOLDER, TARGET_WORD, PlantedScorer, RecoveryCurve, TeacherRecipe, plant, teacher, word_losses
+from textinv import train
+from textinv.training.loss import LossSettings, draw_timestep, min_snr_weights
 
 SHORT_STEPS = 40
 # The bench's teacher with half its pre-training (about a minute on one core): "star" is still the

@@ -8,8 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from textinv.data import Example, LatentCache
-from textinv.training import denoising_loss
+from textinv.data.examples import Example
+from textinv.data.latents import LatentCache, LatentsEachStep, encode_latent_cache
+from textinv.training.loss import denoising_loss
 
 
 class _ZeroUNet(torch.nn.Module):
@@ -60,9 +61,35 @@ def test_v_prediction_target_is_the_velocity() -> None:
     assert loss.item() != pytest.approx(noise.pow(2).mean().item(), rel=1e-3)
 
 
-def test_cached_latent_sample_matches_vae_sampling() -> None:
-    cache = LatentCache(mean=torch.randn(2, 2, 4, 3, 3), std=torch.rand(2, 2, 4, 3, 3), scaling_factor=0.18215)
-    generator = torch.Generator().manual_seed(0)
-    drawn = cache.sample(1, True, generator)
-    eps = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(drawn, (cache.mean[1, 1] + cache.std[1, 1] * eps) * 0.18215)
+def _tiny_vae(scaling_factor: float, shift_factor: float | None):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    ).eval()
+
+
+@pytest.mark.parametrize("scaling_factor,shift_factor", [(0.18215, None), (1.5305, 0.0609)])  # SD1, SD3
+def test_cached_latent_sample_matches_vae_sampling(scaling_factor: float, shift_factor: float | None) -> None:
+    """Both latent sources draw what diffusers' ``vae.encode(x).latent_dist.sample(generator)`` gives,
+    shifted and scaled as the reference training scripts do, from the same generator state."""
+    vae = _tiny_vae(scaling_factor, shift_factor)
+    views = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    cache = encode_latent_cache(vae, views, random_flip=True)
+    each_step = LatentsEachStep(vae, views, random_flip=True)
+    for image_index, flipped in ((0, False), (1, True), (1, False)):
+        pixels = views[image_index].flip(-1) if flipped else views[image_index]
+        with torch.no_grad():
+            drawn = vae.encode(pixels.unsqueeze(0)).latent_dist.sample(generator=torch.Generator().manual_seed(7))
+        expected = ((drawn - (shift_factor or 0.0)) * scaling_factor)[0]
+        for source in (cache, each_step):
+            got = source.sample(image_index, flipped, torch.Generator().manual_seed(7))
+            assert got.shape == expected.shape == (4, 8, 8)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        # A different generator state gives a different draw: the noise is really drawn, not the mean.
+        other = cache.sample(image_index, flipped, torch.Generator().manual_seed(8))
+        assert (other - expected).abs().max() > 1e-3
+    assert not torch.equal(cache.mean[1, 0], cache.mean[1, 1])  # the mirror view is encoded on its own

@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, train_config
-from textinv import training
-from textinv.checkpoints import list_checkpoints
+import textinv
+from textinv.training.checkpoints import list_checkpoints
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # 2-process training under accelerate and torchrun
 
 BIN = Path(sys.executable).parent
 # 3 images x 2 repeats; 2 processes x batch 1 x accumulation 2 = 4 examples a step, with --scale_lr.
@@ -50,7 +52,7 @@ def _flags(tiny_model: Path, train_images: Path, output_dir: Path, batch_size: i
 def one_process_twice_the_batch(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     output_dir = tmp_path_factory.mktemp("single") / "out"
     settings = {**SHARED_FLAGS, "train_batch_size": 2}
-    result = training.train(train_config(tiny_model, train_images, output_dir, **settings), show_progress=False)
+    result = textinv.train(train_config(tiny_model, train_images, output_dir, **settings), show_progress=False)
     record = json.loads((output_dir / "run.json").read_text())
     return {"vectors": result.embedding.vectors["text_encoder"], "record": record}
 

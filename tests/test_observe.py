@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 
 from conftest import REPO, train_config
 from textinv.config import UserError
-from textinv.training import StepState, _Progress, train
-from textinv.validation import (
+from textinv.events import StepState
+from textinv import train
+from textinv.observers.progress import Progress
+from textinv.observers.validation import (
     GRID_FILE,
     VALIDATION_DIR,
     Validation,
@@ -63,7 +65,7 @@ def watched(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.TempP
         validation_steps=EVERY,
         validation_num_inference_steps=2,
     )
-    progress_log = logging.getLogger("textinv.training")
+    progress_log = logging.getLogger("textinv.observers.progress")
     handler, level = _Lines(), progress_log.level
     progress_log.addHandler(handler)
     progress_log.setLevel(logging.INFO)
@@ -93,7 +95,7 @@ def test_every_round_writes_one_png_per_seed(watched) -> None:
 
 def test_last_round_is_what_generate_makes_from_the_saved_pipeline(watched) -> None:
     """Same seeds, same sampler: a validation image can be made again with `textinv generate`."""
-    from textinv.generation import generate
+    from textinv.inference.generation import generate
 
     again = generate(str(watched.output_dir), PROMPT, num_images=2, num_inference_steps=2, seed=SEED, height=64, width=64)
     for image, seed in zip(again.images, again.seeds):
@@ -171,7 +173,7 @@ def test_model_card_has_hub_metadata_usage_and_the_grid(watched) -> None:
 
 def test_model_card_names_a_hub_base_model_and_its_license(tmp_path: Path) -> None:
     from textinv.config import TrainConfig
-    from textinv.model_card import render_model_card
+    from textinv.observers.model_card import render_model_card
 
     (tmp_path / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# base\n")
     config = TrainConfig("runwayml/stable-diffusion-v1-5", "images", "<my-style>", "style", learnable_property="style")
@@ -212,7 +214,7 @@ def test_progress_bar_on_a_terminal_resumes_where_it_stopped(monkeypatch: pytest
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     run = SimpleNamespace(is_main_process=True, max_steps=10)
-    progress = _Progress(True)
+    progress = Progress(True)
     progress.on_start(run)
     for step in range(7, 11):  # a run resumed after step 6
         progress.on_step(run, StepState(step, 10, loss=0.25, lr=1e-3, step_seconds=0.01))
@@ -348,7 +350,7 @@ def test_other_trackers_get_the_same_numbers_and_images(tracker: str, tmp_path: 
     import torch
 
     from textinv.config import TrainConfig
-    from textinv.logs import TrainingLogs
+    from textinv.observers.logs import TrainingLogs
 
     calls: list = []
     monkeypatch.setitem(sys.modules, tracker, _fake_tracker_module(tracker, calls))
@@ -378,7 +380,7 @@ def test_sdxl_model_card_code_loads_both_encoders(tmp_path: Path) -> None:
 
     from textinv.config import TrainConfig
     from textinv.embeddings import TEXT_ENCODER, TEXT_ENCODER_2, Embedding, save_diffusers
-    from textinv.model_card import render_model_card
+    from textinv.observers.model_card import render_model_card
     from textinv.tiny import TinySpec, build_tiny_pipeline
 
     spec = TinySpec()

@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, train_config
-from textinv import training
-from textinv.checkpoints import list_checkpoints, read_checkpoint
+import textinv
+from textinv.training import loss as loss_module
+from textinv.training import recipe, stopping
+from textinv.training.checkpoints import list_checkpoints, read_checkpoint
 from textinv.config import TrainingInterrupted, UserError
 
 # 3 images x 2 repeats = 6 examples an epoch; batch 1 x accumulation 2 = 2 examples a step,
@@ -29,7 +31,7 @@ RESUME_SETTINGS = dict(
 
 def _sigint_on_loss_call(monkeypatch: pytest.MonkeyPatch, call_number: int) -> None:
     """Deliver a real SIGINT while the call_number-th micro-batch loss is being computed."""
-    real = training.denoising_loss
+    real = loss_module.denoising_loss
     calls = {"count": 0}
 
     def loss_with_signal(*args, **kwargs):
@@ -38,13 +40,13 @@ def _sigint_on_loss_call(monkeypatch: pytest.MonkeyPatch, call_number: int) -> N
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "denoising_loss", loss_with_signal)
+    monkeypatch.setattr(recipe, "denoising_loss", loss_with_signal)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
     config = train_config(tiny_model, train_images, tmp_path_factory.mktemp("full") / "out", **RESUME_SETTINGS)
-    return training.train(config, show_progress=False).embedding.vectors["text_encoder"]
+    return textinv.train(config, show_progress=False).embedding.vectors["text_encoder"]
 
 
 @pytest.mark.parametrize(
@@ -64,7 +66,7 @@ def test_exact_resume(
     # Whatever the launcher left (pytest: default_int_handler; a background job: SIG_IGN).
     handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stopped:
-        training.train(config, show_progress=False)
+        textinv.train(config, show_progress=False)
     assert stopped.value.step == stopped_after and stopped.value.signum == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is handler_before, "the handler must be restored"
     assert [p.name for p in list_checkpoints(tmp_path / "out")] == [f"checkpoint-{stopped_after}"]
@@ -74,7 +76,7 @@ def test_exact_resume(
     resumed_config = train_config(
         tiny_model, train_images, tmp_path / "out", **{**RESUME_SETTINGS, "seed": None}, resume_from_checkpoint="latest"
     )
-    resumed = training.train(resumed_config, show_progress=False)
+    resumed = textinv.train(resumed_config, show_progress=False)
     assert len(resumed.losses) == 8
     assert torch.equal(resumed.embedding.vectors["text_encoder"], uninterrupted)
 
@@ -84,7 +86,7 @@ def test_checkpoints_are_complete_and_limited(tiny_model: Path, train_images: Pa
         tiny_model, train_images, tmp_path / "out", max_train_steps=7, checkpointing_steps=2, checkpoints_total_limit=2,
         only_save_embeds=True,
     )
-    result = training.train(config, show_progress=False)
+    result = textinv.train(config, show_progress=False)
     kept = list_checkpoints(result.output_dir)
     assert [p.name for p in kept] == ["checkpoint-4", "checkpoint-6"]
     state, rng = read_checkpoint(kept[-1])
@@ -99,9 +101,9 @@ def test_checkpoints_are_complete_and_limited(tiny_model: Path, train_images: Pa
 def test_resume_refuses_another_run(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     base = dict(max_train_steps=4, checkpointing_steps=2, only_save_embeds=True)
-    training.train(train_config(tiny_model, train_images, out, **base), show_progress=False)
+    textinv.train(train_config(tiny_model, train_images, out, **base), show_progress=False)
     with pytest.raises(UserError, match="placeholder_token"):
-        training.train(
+        textinv.train(
             train_config(tiny_model, train_images, out, **base, placeholder_token="<other>", resume_from_checkpoint="latest"),
             show_progress=False,
         )
@@ -110,17 +112,17 @@ def test_resume_refuses_another_run(tiny_model: Path, train_images: Path, tmp_pa
     for image in sorted(train_images.iterdir())[:2]:
         (other_images / image.name).write_bytes(image.read_bytes())
     with pytest.raises(UserError, match="training images differ"):
-        training.train(train_config(tiny_model, other_images, out, **base, resume_from_checkpoint="latest"), show_progress=False)
+        textinv.train(train_config(tiny_model, other_images, out, **base, resume_from_checkpoint="latest"), show_progress=False)
     with pytest.raises(UserError, match="--seed 5 differs"):
-        training.train(train_config(tiny_model, train_images, out, **{**base, "seed": 5}, resume_from_checkpoint="latest"), show_progress=False)
+        textinv.train(train_config(tiny_model, train_images, out, **{**base, "seed": 5}, resume_from_checkpoint="latest"), show_progress=False)
     with pytest.raises(UserError, match="no checkpoint-N"):
-        training.train(train_config(tiny_model, train_images, tmp_path / "fresh", **base, resume_from_checkpoint="latest"), show_progress=False)
+        textinv.train(train_config(tiny_model, train_images, tmp_path / "fresh", **base, resume_from_checkpoint="latest"), show_progress=False)
 
 
 def test_divergence_stops_and_keeps_last_good_vectors(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     config = train_config(tiny_model, train_images, tmp_path / "out", learning_rate=1e36, max_train_steps=20, only_save_embeds=True)
-    with pytest.raises(training.TrainingDiverged) as diverged:
-        training.train(config, show_progress=False)
+    with pytest.raises(stopping.TrainingDiverged) as diverged:
+        textinv.train(config, show_progress=False)
     message = str(diverged.value)
     assert "at step" in message and "--learning_rate" in message
     saved = load_file(str(tmp_path / "out" / "learned_embeds.safetensors"))["<cat-toy>"]
@@ -174,6 +176,8 @@ def _load_everything(out: Path) -> int:
             json.loads(path.read_text())
         elif path.suffix == ".pt":
             torch.load(path, weights_only=True)
+        elif path.suffix == ".pdparams":  # the root script also writes ppdiffusers' files (issue 15)
+            assert all(torch.isfinite(e.vectors["text_encoder"]).all() for e in textinv.embeddings.read_embeddings(path)), path
         checked += 1
     return checked
 
@@ -216,7 +220,7 @@ def test_a_signal_the_launcher_ignores_stays_ignored() -> None:
     sigterm_before = signal.getsignal(signal.SIGTERM)
     sigint_before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with training._stop_on_signals(Run()):  # type: ignore[arg-type]
+        with stopping.stop_on_signals(Run()):  # type: ignore[arg-type]
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             assert callable(signal.getsignal(signal.SIGTERM)) and signal.getsignal(signal.SIGTERM) is not sigterm_before
         assert signal.getsignal(signal.SIGTERM) is sigterm_before

@@ -20,17 +20,12 @@ from PIL import Image
 from conftest import REPO
 from textinv.config import UserError
 from textinv.embeddings import read_embeddings
-from textinv.serve import (
-    EXPORT_FORMATS,
-    GenerateRequest,
-    ServerState,
-    TrainRequest,
-    check_host,
-    check_model_folder,
-    render_error,
-)
+from textinv.serve.checks import check_host, check_model_folder
+from textinv.serve.errors import render_error
+from textinv.serve.jobs import TrainRequest
+from textinv.serve.state import EXPORT_FORMATS, GenerateRequest, ServerState
+from textinv.serve.uploads import UploadLimits, safe_stem, store_embedding_file, store_images
 from textinv.tiny import demo_images_dir
-from textinv.web_uploads import UploadLimits, safe_stem, store_embedding_file, store_images
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 300.0, what: str = "condition") -> None:
@@ -142,7 +137,7 @@ def test_a_non_loopback_host_needs_allow_remote(caplog: pytest.LogCaptureFixture
         with pytest.raises(UserError, match="--allow_remote") as caught:
             check_host(host, allow_remote=False)
         assert "\n" not in str(caught.value)
-    with caplog.at_level(logging.WARNING, logger="textinv.serve"):
+    with caplog.at_level(logging.WARNING, logger="textinv.serve.checks"):
         check_host("0.0.0.0", allow_remote=True)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(m.startswith("warning: serving on 0.0.0.0") and "no login" in m for m in warnings), warnings
@@ -163,6 +158,27 @@ def test_serve_command_refuses_a_remote_host_in_one_line_and_other_commands_do_n
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=120).returncode == 0
 
 
+def test_serve_without_the_web_extra_names_it_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from textinv.cli import main
+
+    # Gradio looks not installed: find_spec does not find it and importing it fails.
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a, **kw: None if name == "gradio" else real_find_spec(name, *a, **kw)
+    )
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    work = tmp_path / "work"
+    assert main(["serve", "--port", "7999", "--work_dir", str(work)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("textinv: error:") and "textinv[web]" in lines[0], lines
+    assert "ModuleNotFoundError" not in lines[0]
+    assert not work.exists()  # refused before the work folder (or the demo model) was made
+
+
 def test_model_folder_must_be_a_pipeline(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(UserError, match="does not exist; give a local diffusers pipeline folder"):
         check_model_folder(str(tmp_path / "nope"))
@@ -181,7 +197,7 @@ def test_errors_are_rendered_as_one_line(caplog: pytest.LogCaptureFixture) -> No
     try:
         raise RuntimeError("boom\nsecond line\nthird")
     except RuntimeError as error:
-        with caplog.at_level(logging.ERROR, logger="textinv.serve"):
+        with caplog.at_level(logging.ERROR, logger="textinv.serve.errors"):
             shown = render_error(error)
     assert shown == "internal error: RuntimeError: boom (the server log has the details)"
     # The traceback goes to the server's log, not to the page.

@@ -30,6 +30,8 @@ from conftest import REPO
 from textinv.embeddings import read_embeddings
 from textinv.tiny import demo_images_dir
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # chromium through Playwright, a real server
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless=new",

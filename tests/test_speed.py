@@ -3,53 +3,99 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from conftest import train_config
-from textinv import training
-from textinv.checkpoints import list_checkpoints
+import textinv
+from textinv import events
+from textinv.data import latents
+from textinv.training.checkpoints import list_checkpoints
 from textinv.config import UserError
 
 SETTINGS = dict(max_train_steps=6, repeats=2, only_save_embeds=True, seed=9, checkpointing_steps=3)
 
 
-class _Capture(training.TrainObserver):
-    """Keeps the run so a test can look at the frozen modules after training."""
+class _Capture(events.TrainObserver):
+    """Keeps the run so a test can look at the frozen modules after training, and counts the forward
+    calls of each of the UNet's ResNet blocks (the modules diffusers' gradient checkpointing wraps)."""
 
-    def on_start(self, run: training.RunContext) -> None:
+    def on_start(self, run: events.RunContext) -> None:
+        from diffusers.models.resnet import ResnetBlock2D
+
         self.run = run
+        self.block_calls: Counter[str] = Counter()
+        for name, module in run.parts.unet.named_modules():
+            if isinstance(module, ResnetBlock2D):  # not a forward hook: recomputation skips those
+                module.forward = self._counted(name, module.forward)
+
+    def _counted(self, name: str, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.block_calls[name] += 1
+            return forward(*args, **kwargs)
+
+        return counted
 
 
 def _train(tiny_model: Path, train_images: Path, output_dir: Path, **overrides) -> tuple[torch.Tensor, _Capture]:
     capture = _Capture()
     config = train_config(tiny_model, train_images, output_dir, **{**SETTINGS, **overrides})
-    result = training.train(config, show_progress=False, observers=[capture])
+    result = textinv.train(config, show_progress=False, observers=[capture])
     return result.embedding.vectors["text_encoder"], capture
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
-    vectors, _ = _train(tiny_model, train_images, tmp_path_factory.mktemp("baseline") / "out")
-    return vectors
+def baseline_run(
+    tiny_model: Path, train_images: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[torch.Tensor, _Capture]:
+    return _train(tiny_model, train_images, tmp_path_factory.mktemp("baseline") / "out")
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_run: tuple[torch.Tensor, _Capture]) -> torch.Tensor:
+    return baseline_run[0]
 
 
 def test_latent_cache_changes_nothing_but_the_time(tiny_model: Path, train_images: Path, tmp_path: Path,
                                                   baseline: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the cache off every step encodes its view again and draws the same sample: bit-identical."""
+    """Cached latents train bit-identically to encoding every step the way diffusers' reference script
+    does, ``vae.encode(pixels).latent_dist.sample(generator) * scaling_factor``, from the same generator."""
     encoded = []
-    real_sample = training.LatentsEachStep.sample
-    monkeypatch.setattr(training.LatentsEachStep, "sample", lambda self, *args: encoded.append(args) or real_sample(self, *args))
+
+    @torch.no_grad()
+    def reference_sample(self: latents.LatentsEachStep, image_index: int, flipped: bool, generator: torch.Generator):
+        encoded.append(image_index)
+        view = self.views[image_index]
+        pixels = view.flip(-1) if flipped and self.random_flip else view
+        latent = self.vae.encode(pixels.unsqueeze(0)).latent_dist.sample(generator=generator)[0]
+        return (latent - self.shift_factor) * self.scaling_factor
+
+    monkeypatch.setattr(latents.LatentsEachStep, "sample", reference_sample)
     uncached, _ = _train(tiny_model, train_images, tmp_path / "out", cache_latents=False)
     assert len(encoded) == SETTINGS["max_train_steps"]  # one VAE pass per example (batch 1)
     assert torch.equal(uncached, baseline)
 
 
-def test_gradient_checkpointing_gives_the_same_vectors(tiny_model: Path, train_images: Path, tmp_path: Path, baseline: torch.Tensor) -> None:
-    vectors, capture = _train(tiny_model, train_images, tmp_path / "out", gradient_checkpointing=True)
-    assert capture.run.parts.unet.is_gradient_checkpointing
+def test_gradient_checkpointing_recomputes_unet_blocks_and_gives_the_same_vectors(
+    tiny_model: Path, train_images: Path, tmp_path: Path, baseline_run: tuple[torch.Tensor, _Capture]
+) -> None:
+    baseline, plain = baseline_run
+    vectors, checkpointed = _train(tiny_model, train_images, tmp_path / "out", gradient_checkpointing=True)
+    steps = SETTINGS["max_train_steps"]
+    # Without checkpointing every ResNet block runs once a step (batch 1, no guidance).
+    assert plain.block_calls and set(plain.block_calls.values()) == {steps}
+    # With it, backward runs again the checkpointed blocks whose activations it needs but did not
+    # keep: at least every block of the up path, which the token's vectors reach through cross-attention.
+    assert checkpointed.block_calls.keys() == plain.block_calls.keys()
+    assert set(checkpointed.block_calls.values()) <= {steps, 2 * steps}
+    recomputed = {name for name, calls in checkpointed.block_calls.items() if calls == 2 * steps}
+    up_path = {name for name in plain.block_calls if name.startswith("up_blocks.")}
+    assert up_path and up_path <= recomputed
     assert (vectors - baseline).abs().max().item() < 1e-6
 
 
@@ -87,8 +133,8 @@ def test_fp16_on_cpu_is_refused_before_loading(tiny_model: Path, train_images: P
 
 def test_xformers_without_cuda_says_so_and_uses_sdpa(tiny_model: Path, train_images: Path, tmp_path: Path,
                                                     baseline: torch.Tensor, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="textinv.speed"):
+    with caplog.at_level(logging.WARNING, logger="textinv.models.precision"):
         vectors, _ = _train(tiny_model, train_images, tmp_path / "out", enable_xformers_memory_efficient_attention=True)
-    messages = [record.getMessage() for record in caplog.records if record.name == "textinv.speed"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "textinv.models.precision"]
     assert len(messages) == 1 and "scaled-dot-product attention" in messages[0]
     assert torch.equal(vectors, baseline)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, train_config
-from textinv.training import train
+from textinv import train
 
 PROMPT = "a photo of <cat-toy>"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from textinv.config import TrainConfig, UserError
 
@@ -11,20 +11,26 @@ __all__ = ["TrainConfig", "UserError", "train", "load_embeddings", "generate", "
 
 
 # The functions below import their modules on first call, so that `import textinv` (and
-# `textinv --help`) do not pay for torch. The modules are training.py and generation.py, not
-# train.py/generate.py, because a submodule named like a package attribute replaces it on import.
+# `textinv --help`) do not pay for torch. The packages are `training` and `inference`, not `train`
+# and `generate`, because a submodule named like a package attribute replaces it on import.
 
 
-def train(config: TrainConfig, show_progress: bool = True) -> Any:
-    """Learn a placeholder token from images; see :func:`textinv.training.train`."""
+def train(
+    config: TrainConfig, show_progress: bool = True, observers: Sequence[Any] = (), latent_cache: Any = None
+) -> Any:
+    """Learn a placeholder token from images, with the observers ``config`` asks for (progress,
+    validation, logs, model card, hub) and any ``observers`` given; see :func:`textinv.training.train`."""
+    from textinv.observers import observers_from_config
     from textinv.training import train as run_training
 
-    return run_training(config, show_progress=show_progress)
+    config.validate()  # before building observers: they read the config
+    watching = [*observers_from_config(config, show_progress), *observers]
+    return run_training(config, observers=watching, latent_cache=latent_cache)
 
 
 def generate(*args: Any, **kwargs: Any) -> Any:
-    """Generate images with a model and embeddings; see :func:`textinv.generation.generate`."""
-    from textinv.generation import generate as run_generation
+    """Generate images with a model and embeddings; see :func:`textinv.inference.generation.generate`."""
+    from textinv.inference.generation import generate as run_generation
 
     return run_generation(*args, **kwargs)
 

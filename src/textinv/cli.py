@@ -12,100 +12,14 @@ import errno
 import logging
 import os
 import sys
+import traceback
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from textinv.config import (
-    DEFAULT_VALIDATION_STEPS,
-    INTERPOLATIONS,
-    LEARNABLE_PROPERTIES,
-    LR_SCHEDULERS,
-    MIXED_PRECISIONS,
-    REPORT_TO,
-    TIMESTEP_SAMPLINGS,
-    TrainConfig,
-    TrainingInterrupted,
-    UserError,
-)
+from textinv.config import TrainConfig, TrainingInterrupted, UserError, first_line
 
 logger = logging.getLogger("textinv")
-
-TRAIN_HELP = {
-    "pretrained_model_name_or_path": "diffusers pipeline folder or hub id of the base model",
-    "revision": "hub revision (branch, tag or commit) of the base model",
-    "tokenizer_name": "tokenizer folder or hub id, if not the model's own",
-    "train_data_dir": "folder with the 3-5 training images",
-    "learnable_property": "what the token learns: an object or a style",
-    "placeholder_token": "the new word, e.g. '<cat-toy>'",
-    "initializer_token": "a one-token word the vectors start from, e.g. 'toy' (not needed with --init_embeddings)",
-    "init_embeddings": "start the vectors from an embedding file of any format (diffusers, A1111, pdparams...)",
-    "num_vectors": "vectors in the new token (more = more capacity)",
-    "resolution": "training image size in pixels (multiple of 8)",
-    "height": "training image height; overrides --resolution",
-    "width": "training image width; overrides --resolution",
-    "center_crop": "crop the image centre to the target aspect ratio before resizing",
-    "random_flip": "mirror images at random (p=0.5); --no_random_flip turns it off",
-    "interpolation": "resampling filter for resizing",
-    "repeats": "times each image appears per epoch",
-    "train_batch_size": "examples per process per micro-batch",
-    "gradient_accumulation_steps": "micro-batches per optimizer step",
-    "num_train_epochs": "epochs to train when --max_train_steps is not given",
-    "max_train_steps": "optimizer steps to train (overrides --num_train_epochs)",
-    "learning_rate": "peak learning rate (before --scale_lr)",
-    "scale_lr": "multiply the learning rate by batch size x accumulation x processes",
-    "lr_scheduler": "learning-rate schedule",
-    "lr_warmup_steps": "warm-up steps of the schedule",
-    "lr_num_cycles": "restarts of cosine_with_restarts",
-    "lr_power": "power of the polynomial schedule",
-    "adam_beta1": "AdamW beta1",
-    "adam_beta2": "AdamW beta2",
-    "adam_weight_decay": "AdamW decoupled weight decay on the token vectors",
-    "adam_epsilon": "AdamW epsilon",
-    "max_grad_norm": "clip the gradient norm to this; <= 0 turns clipping off",
-    "seed": "seed for a reproducible run (random when not given, and recorded in run.json)",
-    "dataloader_num_workers": "worker processes decoding and resizing images (once, before training)",
-    "output_dir": "where the embedding (and the full pipeline) are written",
-    "save_steps": "also write learned_embeds-steps-N.safetensors every N steps",
-    "only_save_embeds": "write only the embedding files, not the full pipeline",
-    "overwrite_output_dir": "replace another run's results in --output_dir",
-    "cache_latents": "encode each training view with the VAE once (--no_cache_latents: every step)",
-    "gradient_checkpointing": "save memory by recomputing activations in the backward pass (slower steps)",
-    "enable_xformers_memory_efficient_attention": "use xformers attention when installed (else PyTorch's SDPA)",
-    "mixed_precision": "frozen weights in fp16 (CUDA only) or bf16; the learned vectors stay fp32",
-    "allow_tf32": "allow TF32 matmuls on Ampere or newer NVIDIA GPUs",
-    "compile": "torch.compile the UNet (minutes of compiling first; pays on long GPU runs)",
-    "checkpointing_steps": "write a resumable checkpoint-N folder every N steps",
-    "checkpoints_total_limit": "keep at most this many checkpoints (the oldest go first)",
-    "resume_from_checkpoint": "resume a stopped run: 'latest' or a checkpoint-N folder",
-    # Validation, logs, hub (issue 6)
-    "validation_prompt": "prompt to sample while training, with the placeholder in it (repeatable); none = no validation",
-    "num_validation_images": "images per validation prompt; image i uses seed+i at every round, so rounds compare",
-    "validation_steps": f"sample the validation prompts every N steps; if neither this nor --validation_epochs is given: {DEFAULT_VALIDATION_STEPS}",
-    "validation_epochs": "sample the validation prompts every N epochs (--validation_steps wins when both are given)",
-    "validation_num_inference_steps": "denoising steps per validation image",
-    "validation_guidance_scale": "classifier-free guidance scale of validation images",
-    "report_to": f"where to log loss, learning rate, vector norms and validation images: {', '.join(REPORT_TO)}",
-    "logging_dir": "log folder, relative to --output_dir unless absolute (`tensorboard --logdir OUTPUT_DIR/logs`)",
-    "push_to_hub": "upload --output_dir to the Hugging Face Hub after training (needs a token)",
-    "hub_token": "Hub token for --push_to_hub; if not given: HF_TOKEN, or the token saved by `hf auth login`",
-    "hub_model_id": "Hub repository for --push_to_hub, 'name' or 'user/name'; if not given: the output_dir's folder name",
-    # Model families and languages (issue 7)
-    "language": "caption templates: en, zh (Chinese) or zh_en (both); if not given: zh/zh_en for Chinese models "
-    "(by name, as ppdiffusers, or by text encoder), else en",
-    "timestep_sampling": "how training draws timesteps: uniform (ppdiffusers) or logit_normal (middle steps more often)",
-    "timestep_logit_mean": "mean of the logit-normal timestep draw (0 = centred)",
-    "timestep_logit_std": "spread of the logit-normal timestep draw",
-    "snr_gamma": "min-SNR-gamma loss weighting, e.g. 5.0; leave out for plain MSE",
-}
-CHOICES = {
-    "mixed_precision": MIXED_PRECISIONS,
-    "learnable_property": LEARNABLE_PROPERTIES,
-    "lr_scheduler": LR_SCHEDULERS,
-    "interpolation": INTERPOLATIONS,
-    "timestep_sampling": TIMESTEP_SAMPLINGS,
-}
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line and exit 2 (not a usage dump)."""
@@ -114,48 +28,73 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, named as in ppdiffusers' train_textual_inversion.py."""
+# ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
+PPDIFFUSERS_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-4, "eval_steps": 0}
+# The root train_textual_inversion.py's own defaults (else TrainConfig's): ppdiffusers', and it also writes .pdparams.
+SCRIPT_DEFAULTS: dict[str, Any] = {"embedding_formats": ["diffusers", "pdparams"], **PPDIFFUSERS_DEFAULTS}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict[str, Any]] = None) -> None:
+    """One flag per TrainConfig field, named as in ppdiffusers' train_textual_inversion.py; help text and
+    choices come from the field's metadata (textinv.config.option). ``defaults`` ({field: value}) are this
+    entry point's own defaults: they become the flags' defaults, so its --help and its config show them."""
+    defaults = dict(defaults or {})
     hints = typing.get_type_hints(TrainConfig)
-    for spec in dataclasses.fields(TrainConfig):
-        if spec.name not in TRAIN_HELP:
-            continue
-        flag = f"--{spec.name}"
-        kind = _base_type(hints[spec.name])
+    assert set(defaults) <= set(hints), f"defaults for unknown TrainConfig fields: {sorted(set(defaults) - set(hints))}"
+    for spec in train_options():
+        flag, override = f"--{spec.name}", defaults.get(spec.name)
+        kind, is_list = _base_type(hints[spec.name]), typing.get_origin(hints[spec.name]) is list
         has_factory = spec.default_factory is not dataclasses.MISSING
-        required = spec.default is dataclasses.MISSING and not has_factory
-        default_text = "" if required or has_factory else f" (default: {spec.default})"
-        help_text = TRAIN_HELP[spec.name] + default_text
+        required = spec.default is dataclasses.MISSING and not has_factory and spec.name not in defaults
+        shown: Any = override if spec.name in defaults else spec.default_factory() if has_factory else spec.default  # type: ignore[misc]
+        help_text = spec.metadata["help"] + ("" if required or shown == [] else f" (default: {' '.join(shown) if is_list else shown})")
+        choices = spec.metadata.get("choices")
         if kind is bool and spec.default is True:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            # The BooleanOptionalAction spelling is --no-x; ppdiffusers-style flags use underscores.
-            parser.add_argument(f"--no_{spec.name}", dest=spec.name, action="store_false", help=argparse.SUPPRESS)
+            parser.add_argument(flag, dest=spec.name, action="store_true", default=override, help=help_text)
+            parser.add_argument(f"--no_{spec.name}", dest=spec.name, action="store_false", default=override, help=f"turn {flag} off")
         elif kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            parser.add_argument(flag, action="store_true", default=override, help=help_text)
         else:
             parser.add_argument(
                 flag,
-                # A list field (--validation_prompt) is a repeatable flag.
-                action="append" if typing.get_origin(hints[spec.name]) is list else "store",
+                # A list of choices takes several values (--embedding_formats diffusers pdparams);
+                # a list of free text is a repeatable flag (--validation_prompt).
+                action="append" if is_list and not choices else "store",
+                nargs="+" if is_list and choices else None,
                 type=_typed(kind, flag),
-                default=None,
+                default=override,
                 required=required,
-                choices=CHOICES.get(spec.name),
-                metavar=None if spec.name in CHOICES else spec.name.upper(),
+                choices=choices,
+                metavar=None if choices else spec.name.upper(),
                 help=help_text,
             )
 
 
+def train_options() -> list[dataclasses.Field[Any]]:
+    """The TrainConfig fields that are options (every field with help text)."""
+    return [spec for spec in dataclasses.fields(TrainConfig) if "help" in spec.metadata]
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {
-        spec.name: getattr(args, spec.name)
-        for spec in dataclasses.fields(TrainConfig)
-        if spec.name in TRAIN_HELP and getattr(args, spec.name, None) is not None
+        spec.name: getattr(args, spec.name) for spec in train_options() if getattr(args, spec.name, None) is not None
     }
     # --num_train_epochs alone means "train that many epochs", not the default step count.
     if "num_train_epochs" in given and "max_train_steps" not in given:
         given["max_train_steps"] = None
     return TrainConfig(**given)
+
+
+def normalise_flags(argv: Sequence[str]) -> list[str]:
+    """``--learning-rate`` means ``--learning_rate``: every flag is accepted with either separator
+    (the help and the README write underscores, as ppdiffusers does)."""
+    normalised = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, sep, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + sep + value
+        normalised.append(arg)
+    return normalised
 
 
 def _base_type(hint: Any) -> type:
@@ -178,14 +117,25 @@ def _typed(kind: type, flag: str) -> Callable[[str], Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.validate()  # before importing torch: a typo costs no start-up time
+    _check_before_torch(config)
 
-    from textinv.training import train
+    from textinv import train
 
-    _quiet_model_loading()
     result = train(config)
     if _launch_rank() == 0:
-        print(f"learned {config.placeholder_token} -> {result.embedding_path}")
+        print(result.summary)  # the one line after the progress bar
     return 0
+
+
+def _check_before_torch(config: TrainConfig) -> None:
+    """What the arguments alone show (a missing model folder, an output_dir holding another run), in a
+    fraction of a second; training checks them again, for the Python API."""
+    from textinv.files import refuse_another_runs_results
+    from textinv.models.loading import local_model_dir
+
+    if not config.resume_from_checkpoint:
+        refuse_another_runs_results(Path(config.output_dir).expanduser(), config.overwrite_output_dir)
+    local_model_dir(config.pretrained_model_name_or_path)
 
 
 def _launch_rank() -> int:
@@ -197,9 +147,11 @@ def _launch_rank() -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from textinv.generation import generate
+    from textinv.models.loading import local_model_dir
 
-    _quiet_model_loading()
+    local_model_dir(args.model)  # before torch: a mistyped folder costs no start-up time
+    from textinv.inference.generation import generate
+
     result = generate(
         args.model,
         args.prompt,
@@ -214,6 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         device=args.device,
         replace=args.replace,
+        token=args.token,
     )
     for path in result.paths:
         print(path)
@@ -221,72 +174,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from textinv.tiny import build_tiny_pipeline
+    from textinv.tiny import build_tiny_clip, build_tiny_pipeline
 
-    print(build_tiny_pipeline(args.output_dir, family=args.family, seed=args.seed))
+    if args.clip:
+        print(build_tiny_clip(args.output_dir, seed=args.seed))
+    else:
+        print(build_tiny_pipeline(args.output_dir, family=args.family, seed=args.seed))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import json
+    from textinv.demo import run_demo
 
-    from textinv.generation import generate
-    from textinv.tiny import build_tiny_pipeline, demo_images_dir
-    from textinv.training import RUN_FILE, train
-
-    _quiet_model_loading()
-    output_dir = Path(args.output_dir)
-    images = demo_images_dir()
-    previous = output_dir / RUN_FILE
-    overwrite = False
-    if previous.is_file():
-        try:
-            overwrite = json.loads(previous.read_text())["config"]["train_data_dir"] == str(images)
-        except (ValueError, KeyError, TypeError):
-            overwrite = False
-    base_model = output_dir / "base-model"
-    if base_model.exists() and overwrite:
-        import shutil
-
-        shutil.rmtree(base_model)
-    build_tiny_pipeline(base_model, seed=0)
-    config = TrainConfig(
-        pretrained_model_name_or_path=str(base_model),
-        train_data_dir=str(images),
-        placeholder_token="<red-cartoon>",
-        initializer_token="cartoon",
-        resolution=64,
-        train_batch_size=2,
-        max_train_steps=args.steps,
-        learning_rate=5e-3,
-        lr_warmup_steps=0,
-        save_steps=max(1, args.steps // 2),
-        seed=42,
-        output_dir=str(output_dir),
-        overwrite_output_dir=overwrite,
-    )
-    result = train(config)
-    images_out = generate(
-        str(output_dir),
-        "a <red-cartoon> on the beach",
-        num_images=1,
-        num_inference_steps=25,
-        seed=1,
-        output_dir=output_dir / "samples",
-    )
-    print(f"embedding: {result.embedding_path}")
-    for path in images_out.paths:
-        print(f"image:     {path}")
+    result, images = run_demo(Path(args.output_dir), args.steps)
+    print(result.summary)
+    for path in images:
+        print(f"image: {path}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The local web page; Gradio is imported here only, so the other commands never load it."""
-    from textinv.memory import return_freed_memory_promptly
+    from textinv.training.memory import return_freed_memory_promptly
     from textinv.serve import ServeOptions, serve
 
     return_freed_memory_promptly()  # it trains like `textinv train`
-    _quiet_model_loading()
     options = ServeOptions(
         host=args.host, port=args.port, model=args.model, allow_remote=args.allow_remote, work_dir=args.work_dir
     )
@@ -298,26 +210,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what an embedding file holds: a short table, or JSON with ``--json``."""
     import json
 
-    from textinv.embeddings import describe
+    from textinv.embeddings import describe, description_table
 
     info = describe(args.file)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['file']}: {info['format']}, {len(info['tokens'])} token(s)")
-    rows = [("token", "vectors", "encoder", "dim", "dtype", "family", "step", "vector norms")]
-    for entry in info["tokens"]:
-        for encoder, dim in entry["dims"].items():
-            norms = entry["norms"][encoder]
-            shown = " ".join(f"{n:.3f}" for n in norms[:8]) + (f" ... ({len(norms)})" if len(norms) > 8 else "")
-            step = "-" if entry["step"] is None else str(entry["step"])
-            dtype = entry["dtype"].get(encoder, "?")
-            rows.append(
-                (entry["token"], str(entry["num_vectors"]), encoder, str(dim), dtype, entry["family"], step, shown)
-            )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    print(description_table(info))
     return 0
 
 
@@ -332,10 +231,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """The Textual Inversion paper's image and text similarity of a learned word."""
-    from textinv.evaluation import evaluate, read_prompts
+    from textinv.inference.evaluation import evaluate, read_prompts
 
     prompts = read_prompts(args.prompts) if args.prompts else None
-    _quiet_model_loading()
     result = evaluate(
         args.model,
         args.embeddings,
@@ -358,15 +256,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.ArgumentParser:
     from textinv import __version__
 
     parser = _Parser(prog="textinv", description="Textual Inversion for Stable Diffusion.")
     parser.add_argument("--version", action="version", version=f"textinv {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train_parser = commands.add_parser("train", help="learn a new token from a few images")
-    add_train_arguments(train_parser)
+    add_train_arguments(train_parser, train_defaults)
     train_parser.set_defaults(handler=cmd_train)
 
     gen = commands.add_parser("generate", help="generate images with a model and embeddings")
@@ -383,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     gen.add_argument("--output_dir", default="textinv-images")
     gen.add_argument("--replace", action="store_true", help="let an embedding replace a token the model already has")
+    gen.add_argument("--token", help="load the (one) --embeddings file's token under this name, e.g. when the model has it already")
     gen.set_defaults(handler=cmd_generate)
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline folder for trying things out")
@@ -397,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "zh-bert (Taiyi: BERT), zh-xlmr (AltDiffusion: XLM-R) (default: sd1)",
     )
     tiny.add_argument("--seed", type=_typed(int, "--seed"), default=0)
+    tiny.add_argument("--clip", action="store_true", help="write a tiny random-weight CLIP model instead, for `textinv eval --clip_model DIR`")
     tiny.set_defaults(handler=cmd_tiny)
 
     show = commands.add_parser("inspect", help="show the format, tokens, shapes and model family of an embedding")
@@ -412,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     conv.set_defaults(handler=cmd_convert)
 
-    from textinv.evaluation import DEFAULT_CLIP_MODEL
+    from textinv.inference.evaluation import DEFAULT_CLIP_MODEL
 
     ev = commands.add_parser("eval", help="score a learned word: CLIP image and text similarity (Textual Inversion paper)")
     ev.add_argument("--model", required=True, help="base pipeline folder or hub id")
@@ -440,21 +341,31 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--model", help="default model: a local diffusers pipeline folder (default: the tiny demo pipeline)")
     web.add_argument(
         "--allow_remote",
-        "--allow-remote",
         action="store_true",
         help="allow a --host other machines can reach (there is no login: anyone reaching it can train)",
     )
     web.add_argument(
-        "--work_dir", "--work-dir", help="folder for uploads, runs and downloads (default: a new temporary folder)"
+        "--work_dir", help="folder for uploads, runs and downloads (default: a new temporary folder)"
     )
     web.set_defaults(handler=cmd_serve)
+    for command in commands.choices.values():  # `textinv --verbose train` and `textinv train --verbose`
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
-def _configure_logging() -> None:
-    # Under a multi-process launch only rank 0 reports progress; the others speak up for problems.
-    level = logging.INFO if _launch_rank() == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+VERBOSE_HELP = "also show the libraries' info lines and loading bars (transformers, diffusers, httpx...)"
+
+
+def _configure_logging(verbose: bool) -> None:
+    """textinv's own lines at info, other libraries' at warning (transformers/diffusers at error) unless --verbose.
+    Under a multi-process launch only rank 0 reports progress; the others speak up for problems."""
+    main_rank = _launch_rank() == 0
+    logging.basicConfig(level=logging.INFO if verbose and main_rank else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("textinv").setLevel(logging.INFO if main_rank else logging.WARNING)
+    if verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")  # textinv.models.quiet leaves them alone then
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "info")
+        return
     for noisy in ("transformers", "diffusers", "accelerate", "huggingface_hub", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -462,30 +373,23 @@ def _configure_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _quiet_model_loading() -> None:
-    """Loading bars of diffusers/transformers would drown textinv's own progress bar."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
-def main(argv: Optional[Sequence[str]] = None, prog: str = "textinv") -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "textinv", train_defaults: Optional[dict[str, Any]] = None) -> int:
     debug = os.environ.get("TEXTINV_DEBUG") == "1"
     try:
-        parser = build_parser()
+        parser = build_parser(train_defaults)
         parser.prog = prog
-        args = parser.parse_args(argv)
-        _configure_logging()
+        args, unknown = parser.parse_known_args(normalise_flags(sys.argv[1:] if argv is None else argv))
+        if unknown:
+            where = prog if prog != "textinv" else f"{prog} {args.command}"
+            raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{where} --help`)")
+        _configure_logging(bool(getattr(args, "verbose", False)))
         if args.command in ("train", "generate", "demo", "eval"):
-            from textinv.memory import return_freed_memory_promptly
+            from textinv.training.memory import return_freed_memory_promptly
 
             return_freed_memory_promptly()
         return int(args.handler(args) or 0)
     except UserError as error:
-        if debug:
-            raise
+        _traceback_if(debug)
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stopped:
@@ -495,28 +399,29 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "textinv") -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except OSError as error:
-        if debug:
-            raise
+        _traceback_if(debug)
         if error.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
             where = f" ({error.filename})" if error.filename else ""
             print(f"{prog}: error: {error.strerror}{where}; free space or choose another folder", file=sys.stderr)
             return 2
-        print(f"{prog}: internal error: {error} (TEXTINV_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"{prog}: internal error: {error}{'' if debug else ' (TEXTINV_DEBUG=1 shows the traceback)'}", file=sys.stderr)
         return 1
     except Exception as error:  # an internal fault: still one line, with a way to see more
-        if debug:
-            raise
-        print(
-            f"{prog}: internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
-            "(TEXTINV_DEBUG=1 shows the traceback)",
-            file=sys.stderr,
-        )
+        _traceback_if(debug)
+        hint = "" if debug else " (TEXTINV_DEBUG=1 shows the traceback)"
+        print(f"{prog}: internal error: {type(error).__name__}: {first_line(error)}{hint}", file=sys.stderr)
         return 1
+
+
+def _traceback_if(debug: bool) -> None:
+    """TEXTINV_DEBUG=1: the traceback before the one-line error; the exit code stays what it would be."""
+    if debug:
+        traceback.print_exc()
 
 
 def train_script_main(argv: Optional[Sequence[str]] = None) -> int:
     """``python train_textual_inversion.py --flags``: the ppdiffusers command line, unchanged."""
-    return main(["train", *(sys.argv[1:] if argv is None else argv)], prog="train_textual_inversion.py")
+    return main(["train", *(sys.argv[1:] if argv is None else argv)], "train_textual_inversion.py", SCRIPT_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -53,115 +53,222 @@ LR_SCHEDULERS = (
 INTERPOLATIONS = ("nearest", "linear", "bilinear", "bicubic", "lanczos")
 REPORT_TO = ("tensorboard", "visualdl", "wandb", "all", "none")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")  # issue 8
-LANGUAGES = ("en", "zh", "zh_en")  # caption template languages (issue 7); textinv.templates holds the lists
+LANGUAGES = ("en", "zh", "zh_en")  # caption template languages (issue 7); textinv.data.templates holds the lists
+# Embedding files training writes (issue 15), by textinv.embeddings' format names: diffusers
+# learned_embeds.safetensors (SDXL: the clip_l/clip_g layout), ppdiffusers learned_embeds.pdparams,
+# the A1111 web UI's learned_embeds.pt. textinv.training.export names the files.
+EMBEDDING_FORMATS = ("diffusers", "pdparams", "a1111")
 DEFAULT_VALIDATION_STEPS = 100
 _HUB_REPO_ID = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: Optional[tuple[str, ...]] = None,
+    default_factory: Any = dataclasses.MISSING,
+    repr: bool = True,
+) -> Any:
+    """A TrainConfig field with its help text and choices: the one place an option is defined.
+
+    The CLI makes a flag of every such field (textinv.cli.add_train_arguments) and
+    :meth:`TrainConfig.validate` checks ``choices`` from here too.
+    """
+    metadata = {"help": help, "choices": choices}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, repr=repr, metadata=metadata)
+    return field(default=default, repr=repr, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
     # --- what to train on ------------------------------------------------------------------
-    pretrained_model_name_or_path: str
-    train_data_dir: str
-    placeholder_token: str
+    pretrained_model_name_or_path: str = option(help='diffusers pipeline folder or hub id of the base model')
+    train_data_dir: str = option(help='folder with the 3-5 training images')
+    placeholder_token: str = option(help="the new word, e.g. '<cat-toy>'")
     # A word whose embedding starts the vectors; not needed with init_embeddings.
-    initializer_token: Optional[str] = None
+    initializer_token: Optional[str] = option(
+        None, help="a one-token word the vectors start from, e.g. 'toy' (not needed with --init_embeddings)"
+    )
     # Start from an existing embedding file of any format (e.g. to refine another tool's embedding).
-    init_embeddings: Optional[str] = None
-    revision: Optional[str] = None
-    tokenizer_name: Optional[str] = None
-    learnable_property: str = "object"
+    init_embeddings: Optional[str] = option(
+        None, help='start the vectors from an embedding file of any format (diffusers, A1111, pdparams...)'
+    )
+    revision: Optional[str] = option(None, help='hub revision (branch, tag or commit) of the base model')
+    tokenizer_name: Optional[str] = option(None, help="tokenizer folder or hub id, if not the model's own")
+    learnable_property: str = option(
+        "object", help='what the token learns: an object or a style', choices=LEARNABLE_PROPERTIES
+    )
     # A token of N vectors (new in ppdiffusers' later versions; default 1).
-    num_vectors: int = 1
+    num_vectors: int = option(1, help='vectors in the new token (more = more capacity)')
 
     # --- images ------------------------------------------------------------------------------
-    resolution: int = 512
-    height: Optional[int] = None  # overrides resolution
-    width: Optional[int] = None  # overrides resolution
-    center_crop: bool = False
+    resolution: int = option(512, help='training image size in pixels (multiple of 8)')
+    height: Optional[int] = option(None, help='training image height; overrides --resolution')
+    width: Optional[int] = option(None, help='training image width; overrides --resolution')
+    center_crop: bool = option(False, help='crop the image centre to the target aspect ratio before resizing')
     # ppdiffusers always flips with p=0.5; diffusers and kohya make it a switch. On by default.
-    random_flip: bool = True
+    random_flip: bool = option(True, help='mirror images at random (p=0.5); --no_random_flip turns it off')
     # ppdiffusers' training dataset is built with interpolation="bilinear".
-    interpolation: str = "bilinear"
-    repeats: int = 100
+    interpolation: str = option("bilinear", help='resampling filter for resizing', choices=INTERPOLATIONS)
+    repeats: int = option(100, help='times each image appears per epoch')
 
     # --- optimisation ------------------------------------------------------------------------
-    train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: int = 100
+    train_batch_size: int = option(16, help='examples per process per micro-batch')
+    gradient_accumulation_steps: int = option(1, help='micro-batches per optimizer step')
+    num_train_epochs: int = option(100, help='epochs to train when --max_train_steps is not given')
     # Overrides num_train_epochs when set; None means "derive from num_train_epochs".
-    max_train_steps: Optional[int] = 5000
-    learning_rate: float = 1e-4
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = -1.0  # <= 0 turns clipping off
-    seed: Optional[int] = None
-    dataloader_num_workers: int = 0
+    max_train_steps: Optional[int] = option(5000, help='optimizer steps to train (overrides --num_train_epochs)')
+    learning_rate: float = option(1e-4, help='peak learning rate (before --scale_lr)')
+    scale_lr: bool = option(False, help='multiply the learning rate by batch size x accumulation x processes')
+    lr_scheduler: str = option("constant", help='learning-rate schedule', choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(500, help='warm-up steps of the schedule')
+    lr_num_cycles: int = option(1, help='restarts of cosine_with_restarts')
+    lr_power: float = option(1.0, help='power of the polynomial schedule')
+    adam_beta1: float = option(0.9, help='AdamW beta1')
+    adam_beta2: float = option(0.999, help='AdamW beta2')
+    adam_weight_decay: float = option(1e-2, help='AdamW decoupled weight decay on the token vectors')
+    adam_epsilon: float = option(1e-8, help='AdamW epsilon')
+    # <= 0 turns clipping off
+    max_grad_norm: float = option(-1.0, help='clip the gradient norm to this; <= 0 turns clipping off')
+    seed: Optional[int] = option(
+        None, help='seed for a reproducible run (random when not given, and recorded in run.json)'
+    )
+    dataloader_num_workers: int = option(
+        0, help='worker processes decoding and resizing images (once, before training)'
+    )
 
     # --- outputs -----------------------------------------------------------------------------
-    output_dir: str = "text-inversion-model"
-    save_steps: int = 500
+    output_dir: str = option("text-inversion-model", help='where the embedding (and the full pipeline) are written')
+    save_steps: int = option(500, help='also write learned_embeds-steps-N.safetensors (and .pdparams...) every N steps')
+    # The root train_textual_inversion.py defaults to diffusers + pdparams (textinv.cli.SCRIPT_DEFAULTS).
+    embedding_formats: list[str] = option(
+        default_factory=lambda: ["diffusers"],
+        help='embedding files to write: diffusers (.safetensors), pdparams (ppdiffusers), a1111 (.pt); several allowed',
+        choices=EMBEDDING_FORMATS,
+    )
+    # ppdiffusers needs from_diffusers=True for PyTorch weights; this also writes its own layout
+    # (textinv.training.paddle_layout), so a plain from_pretrained(output_dir) works there.
+    ppdiffusers_weights: bool = option(
+        False, help="also write ppdiffusers' weight layout in the pipeline, so it loads without from_diffusers=True (text encoder stored twice)"
+    )
     # ppdiffusers declares this store_true with default=True (so it can never be False there);
     # textinv saves the full pipeline unless asked not to, as diffusers' example does.
-    only_save_embeds: bool = False
-    overwrite_output_dir: bool = False
+    only_save_embeds: bool = option(False, help='write only the embedding files, not the full pipeline')
+    overwrite_output_dir: bool = option(False, help="replace another run's results in --output_dir")
     # Resumable checkpoints (diffusers' example's flags and defaults: every 500 steps, no limit).
-    checkpointing_steps: Optional[int] = 500
-    checkpoints_total_limit: Optional[int] = None
-    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint-N folder
+    checkpointing_steps: Optional[int] = option(500, help='write a resumable checkpoint-N folder every N steps')
+    checkpoints_total_limit: Optional[int] = option(
+        None, help='keep at most this many checkpoints (the oldest go first)'
+    )
+    # "latest" or a checkpoint-N folder
+    resume_from_checkpoint: Optional[str] = option(
+        None, help="resume a stopped run: 'latest' or a checkpoint-N folder"
+    )
 
     # --- Speed and memory (issue 3) ------------------------------------------------------------
     # Each view goes through the VAE once; off, every step encodes again (the reference's way).
-    cache_latents: bool = True
-    gradient_checkpointing: bool = False  # recompute UNet (and text encoder) activations in backward
-    enable_xformers_memory_efficient_attention: bool = False  # else PyTorch SDPA, the default anyway
-    mixed_precision: str = "no"  # frozen weights in fp16/bf16; the vectors and optimizer stay fp32
-    allow_tf32: bool = False  # TF32 matmuls on Ampere+ GPUs
-    compile: bool = False  # torch.compile the UNet (slow first steps, then faster on some machines)
+    cache_latents: bool = option(
+        True, help='encode each training view with the VAE once (--no_cache_latents: every step)'
+    )
+    # recompute UNet (and text encoder) activations in backward
+    gradient_checkpointing: bool = option(
+        False, help='save memory by recomputing activations in the backward pass (slower steps)'
+    )
+    # else PyTorch SDPA, the default anyway
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, help="use xformers attention when installed (else PyTorch's SDPA)"
+    )
+    # frozen weights in fp16/bf16; the vectors and optimizer stay fp32. ppdiffusers defaults to "no";
+    # textinv leaves it unset and chooses per device (textinv.models.precision.choose_precision, issue 16).
+    mixed_precision: Optional[str] = option(
+        None, help='frozen weights in fp16 (CUDA only, with loss scaling) or bf16; the learned vectors stay fp32; if not given: bf16 on CUDA GPUs that have it, else no', choices=MIXED_PRECISIONS
+    )
+    # TF32 matmuls and convolutions on Ampere+ GPUs; on by default (ppdiffusers: off), no effect elsewhere
+    allow_tf32: bool = option(True, help='allow TF32 matmuls and convolutions on Ampere or newer NVIDIA GPUs (--no_allow_tf32: full fp32)')
+    # torch.compile the UNet (slow first steps, then faster on some machines)
+    compile: bool = option(False, help='torch.compile the UNet (minutes of compiling first; pays on long GPU runs)')
 
     # --- Validation, logs, hub (issue 6) --------------------------------------------------------
     # Prompts to sample while training (repeatable flag); none turns validation off.
-    validation_prompt: list[str] = field(default_factory=list)
-    num_validation_images: int = 4  # per prompt; image i uses seed + i at every round
+    validation_prompt: list[str] = option(
+        default_factory=list, help='prompt to sample while training, with the placeholder in it (repeatable); none = no validation'
+    )
+    # per prompt; image i uses seed + i at every round
+    num_validation_images: int = option(
+        4, help='images per validation prompt; image i uses seed+i at every round, so rounds compare'
+    )
     # Every N steps; diffusers' example defaults to 100. --validation_epochs (ppdiffusers' flag)
     # counts epochs of the example stream instead; --validation_steps wins when both are given.
-    validation_steps: Optional[int] = None
-    validation_epochs: Optional[int] = None
-    validation_num_inference_steps: int = 25  # diffusers' example samples validation images in 25 steps
-    validation_guidance_scale: float = 7.5
+    validation_steps: Optional[int] = option(
+        None, help=f"sample the validation prompts every N steps; if neither this nor --validation_epochs is given: {DEFAULT_VALIDATION_STEPS}"
+    )
+    validation_epochs: Optional[int] = option(
+        None, help='sample the validation prompts every N epochs (--validation_steps wins when both are given)'
+    )
+    # diffusers' example samples validation images in 25 steps
+    validation_num_inference_steps: int = option(25, help='denoising steps per validation image')
+    validation_guidance_scale: float = option(7.5, help='classifier-free guidance scale of validation images')
     # ppdiffusers defaults to visualdl; textinv to tensorboard (a dependency, so it always works).
-    report_to: str = "tensorboard"
-    logging_dir: str = "logs"  # relative to output_dir unless absolute
-    push_to_hub: bool = False
-    hub_token: Optional[str] = field(default=None, repr=False)  # never printed or written to run.json
-    hub_model_id: Optional[str] = None  # default: the output_dir's folder name
+    report_to: str = option(
+        "tensorboard", help="where to log loss, learning rate, vector norms and validation images", choices=REPORT_TO
+    )
+    # relative to output_dir unless absolute
+    logging_dir: str = option(
+        "logs", help='log folder, relative to --output_dir unless absolute (`tensorboard --logdir OUTPUT_DIR/logs`)'
+    )
+    push_to_hub: bool = option(
+        False, help='upload --output_dir to the Hugging Face Hub after training (needs a token)'
+    )
+    # never printed or written to run.json
+    hub_token: Optional[str] = option(
+        None, help='Hub token for --push_to_hub; if not given: HF_TOKEN, or the token saved by `hf auth login`', repr=False
+    )
+    # default: the output_dir's folder name
+    hub_model_id: Optional[str] = option(
+        None, help="Hub repository for --push_to_hub, 'name' or 'user/name'; if not given: the output_dir's folder name"
+    )
 
     # --- Model families and languages (issue 7) -------------------------------------------------
     # Caption templates: en, zh (ppdiffusers' Chinese lists) or zh_en (both). None picks one from the
     # model: ppdiffusers' rule on its name ("chinese-en" -> zh_en, "chinese" -> zh), else by its text
     # encoder (Taiyi's BERT -> zh, AltDiffusion's XLM-R -> zh_en, CLIP -> en). ppdiffusers defaults to
     # "en" and applies the name rule even to an explicit --language en; textinv keeps an explicit value.
-    language: Optional[str] = None
+    language: Optional[str] = option(
+        None, help='caption templates: en, zh (Chinese) or zh_en (both); if not given: zh/zh_en for Chinese models (by name, as ppdiffusers, or by text encoder), else en', choices=LANGUAGES
+    )
 
     # --- Loss weighting and timestep sampling (issue 8) -------------------------------------------
     # Not in ppdiffusers, which draws t uniformly and weights every example alike (what "uniform"
     # and snr_gamma=None give). bench/learning.py measures them; README "How well it learns".
     # logit_normal: t = sigmoid(N(mean, std)) * num_train_timesteps (SD3's rectified-flow sampler,
     # Esser et al. 2024, sec. 3.1), which draws the middle timesteps more often than the ends.
-    timestep_sampling: str = "uniform"
-    timestep_logit_mean: float = 0.0
-    timestep_logit_std: float = 1.0
+    timestep_sampling: str = option(
+        "uniform", help='how training draws timesteps: uniform (ppdiffusers) or logit_normal (middle steps more often)', choices=TIMESTEP_SAMPLINGS
+    )
+    timestep_logit_mean: float = option(0.0, help='mean of the logit-normal timestep draw (0 = centred)')
+    timestep_logit_std: float = option(1.0, help='spread of the logit-normal timestep draw')
     # Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
     # Strategy"): each example's loss x min(SNR(t), gamma) / SNR(t) (epsilon; / (SNR(t) + 1) for
     # v_prediction). None = unweighted MSE; 5.0 is the paper's value.
-    snr_gamma: Optional[float] = None
+    snr_gamma: Optional[float] = option(None, help='min-SNR-gamma loss weighting, e.g. 5.0; leave out for plain MSE')
+    # ppdiffusers' flag (issue 15): offset noise (Guttenberg 2023), noise += offset * randn(b, c, 1, 1).
+    noise_offset: float = option(0.0, help='offset noise strength, e.g. 0.1 (0 = plain noise, as ppdiffusers defaults)')
+
+    # --- Held-out evaluation, best vectors, stopping (issue 20; textinv.training.held_out) ----------
+    # Not in ppdiffusers: its script keeps eval off (train_textual_inversion.py passes --eval_steps 0).
+    eval_steps: int = option(
+        10, help='every N steps (and at the end) measure eval_loss, the denoising loss on a fixed held-out set of (view, timestep, noise) triples, and keep the lowest-eval vectors in learned_embeds-best.safetensors; 0 = off'
+    )
+    eval_samples: int = option(32, help='triples in the held-out set (timesteps spread over the range); each evaluation costs this many forward passes')
+    stop_when_converged: bool = option(
+        False, help='end the run (writing everything a normal end writes) once eval_loss stops improving: see --convergence_margin and --convergence_patience'
+    )
+    convergence_margin: float = option(
+        0.05, help='--stop_when_converged stops when the last --convergence_patience evaluations gained less than this share of the eval_loss gained before them'
+    )
+    convergence_patience: int = option(3, help='evaluations --stop_when_converged looks back over')
 
     # Things the CLI learned about how the config was given (not options).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -175,6 +282,10 @@ class TrainConfig:
     def image_width(self) -> int:
         return self.width if self.width is not None else self.resolution
 
+    def examples_per_update(self, num_processes: int) -> int:
+        """Examples one optimizer step sees: batch x accumulation x processes."""
+        return self.train_batch_size * self.gradient_accumulation_steps * num_processes
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.pop("extra", None)
@@ -182,6 +293,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise UserError naming the first bad value and how to fix it."""
+        for spec in dataclasses.fields(self):
+            allowed = spec.metadata.get("choices")
+            value = getattr(self, spec.name)
+            if allowed and isinstance(value, (list, tuple)):  # a list option: every entry is a choice
+                for entry in value:
+                    _choice(f"--{spec.name}", entry, allowed)
+            elif allowed and value is not None:
+                _choice(f"--{spec.name}", value, allowed)
         _require_text("--pretrained_model_name_or_path", self.pretrained_model_name_or_path)
         _require_text("--train_data_dir", self.train_data_dir)
         _require_text("--placeholder_token", self.placeholder_token)
@@ -198,9 +317,6 @@ class TrainConfig:
                 f"--placeholder_token {self.placeholder_token!r} contains white space; "
                 "use one word such as '<cat-toy>'"
             )
-        _choice("--learnable_property", self.learnable_property, LEARNABLE_PROPERTIES)
-        _choice("--lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _choice("--interpolation", self.interpolation, INTERPOLATIONS)
         for name, value in (
             ("--resolution", self.resolution),
             ("--height", self.height),
@@ -231,7 +347,6 @@ class TrainConfig:
             _at_least("--checkpoints_total_limit", self.checkpoints_total_limit, 1)
         if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint.strip():
             raise UserError("--resume_from_checkpoint is empty; give 'latest' or a checkpoint-N folder")
-        _choice("--mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _at_least("--lr_warmup_steps", self.lr_warmup_steps, 0)
         _at_least("--dataloader_num_workers", self.dataloader_num_workers, 0)
         if not self.learning_rate > 0:
@@ -268,7 +383,6 @@ class TrainConfig:
                 _at_least(name, optional, 1)
         if not self.validation_guidance_scale >= 0:
             raise UserError(f"--validation_guidance_scale {self.validation_guidance_scale} must be >= 0, e.g. 7.5")
-        _choice("--report_to", self.report_to, REPORT_TO)
         if self.report_to in ("tensorboard", "visualdl", "wandb"):
             import importlib.util
 
@@ -285,17 +399,31 @@ class TrainConfig:
             )
 
         # Model families and languages (issue 7)
-        if self.language is not None:
-            _choice("--language", self.language, LANGUAGES)
 
         # Loss weighting and timestep sampling (issue 8)
-        _choice("--timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         if not self.timestep_logit_std > 0:
             raise UserError(f"--timestep_logit_std {self.timestep_logit_std} must be > 0, e.g. 1.0")
         if not -10.0 <= self.timestep_logit_mean <= 10.0:
             raise UserError(f"--timestep_logit_mean {self.timestep_logit_mean} must be in [-10, 10], e.g. 0.0")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise UserError(f"--snr_gamma {self.snr_gamma} must be > 0 (5.0 is the min-SNR paper's value); leave it out for plain MSE")
+
+        # Embedding formats and offset noise (issue 15)
+        if isinstance(self.embedding_formats, str):  # one format given as text from Python
+            self.embedding_formats = [self.embedding_formats]
+        if not self.embedding_formats:
+            raise UserError(f"--embedding_formats is empty; give one or more of: {', '.join(EMBEDDING_FORMATS)}")
+        self.embedding_formats = list(dict.fromkeys(self.embedding_formats))  # each once, in the order given
+        if not 0.0 <= self.noise_offset < float("inf"):
+            raise UserError(f"--noise_offset {self.noise_offset} must be >= 0, e.g. 0.1 (0 turns it off)")
+
+        # Held-out evaluation and stopping (issue 20)
+        for name, value, minimum in (("--eval_steps", self.eval_steps, 0), ("--eval_samples", self.eval_samples, 1), ("--convergence_patience", self.convergence_patience, 1)):
+            _at_least(name, value, minimum)
+        if not 0.0 <= self.convergence_margin < 1.0:
+            raise UserError(f"--convergence_margin {self.convergence_margin} must be in [0, 1), e.g. 0.05")
+        if self.stop_when_converged and not self.eval_steps:
+            raise UserError("--stop_when_converged watches eval_loss, which --eval_steps 0 turns off; give --eval_steps N, e.g. 10")
 
 
 def _require_text(name: str, value: Optional[str]) -> None:

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from textinv.config import UserError
 
@@ -45,10 +45,21 @@ def _current_umask() -> int:
     return mask
 
 
-def _give_usual_permissions(path: Path, mode: int) -> None:
+def _give_usual_permissions(path: Path, mode: int, umask: Optional[int] = None) -> None:
     """mkstemp/mkdtemp make private (0600/0700) entries; results get what open()/mkdir() would give."""
     with contextlib.suppress(OSError):
-        os.chmod(path, mode & ~_current_umask())
+        os.chmod(path, mode & ~(_current_umask() if umask is None else umask))
+
+
+def _give_tree_usual_permissions(root: Path) -> None:
+    """What a folder's writers made private (safetensors: 0600) or copied from elsewhere gets the umask's modes."""
+    umask = _current_umask()
+    _give_usual_permissions(root, 0o777, umask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            _give_usual_permissions(Path(folder) / name, 0o777, umask)
+        for name in files:
+            _give_usual_permissions(Path(folder) / name, 0o666, umask)
 
 
 def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -61,9 +72,10 @@ def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], None]) 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    _give_usual_permissions(tmp, 0o666)
     try:
         write(tmp)
+        # After the writer: some replace the file with their own private one (safetensors' save_file does).
+        _give_usual_permissions(tmp, 0o666)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -115,13 +127,13 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    _give_usual_permissions(tmp, 0o777)
     try:
         yield tmp
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_disk_full(error, target)
         raise
+    _give_tree_usual_permissions(tmp)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
@@ -168,4 +180,21 @@ def previous_run_markers(output_dir: Path) -> list[str]:
         return []
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()]
     found += sorted(p.name for p in output_dir.glob("learned_embeds-steps-*"))[:3]
+    checkpoints = [p.parent for p in output_dir.glob("checkpoint-*/state.pt") if p.parent.name[len("checkpoint-"):].isdigit()]
+    found += [p.name for p in sorted(checkpoints, key=lambda p: int(p.name[len("checkpoint-"):]))][:2]
     return found
+
+
+def refuse_another_runs_results(output_dir: Path, overwrite: bool) -> list[str]:
+    """The names that show ``output_dir`` holds another run's results; a UserError unless ``overwrite``.
+
+    Needs nothing but the folder, so the CLI checks it before importing torch (and training again).
+    """
+    markers = previous_run_markers(output_dir)
+    if markers and not overwrite:
+        raise UserError(
+            f"--output_dir {str(output_dir)!r} already holds another run's results ({', '.join(markers)}); "
+            "choose a new --output_dir, pass --resume_from_checkpoint latest to continue it, "
+            "or --overwrite_output_dir to replace it"
+        )
+    return markers

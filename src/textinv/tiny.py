@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from textinv.config import UserError
-from textinv.models import FAMILIES  # one tiny pipeline per family textinv trains
+from textinv.models.loading import FAMILIES  # one tiny pipeline per family textinv trains
+from textinv.models.quiet import quiet_loading
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def build_tiny_pipeline(
         raise UserError(f"{str(output_dir)!r} already exists and is not empty; give a new folder")
     # Weights are drawn in one order for every family: text encoder(s), UNet, VAE.
     pipeline = _BUILDERS[family](spec, lambda: torch.manual_seed(seed))
-    with atomic_dir(output_dir) as tmp:
+    with atomic_dir(output_dir) as tmp, quiet_loading():
         pipeline.save_pretrained(tmp)
     logger.info("wrote a tiny %s pipeline (seed %d) to %s", family, seed, output_dir)
     return output_dir
@@ -250,7 +251,7 @@ def _build_sdxl(spec: TinySpec, seed: Callable[[], Any]) -> Any:
 
 def _tiny_words() -> tuple[list[str], list[str]]:
     """(Chinese characters and words, English words) the tiny Chinese vocabularies hold, sorted."""
-    from textinv.templates import OBJECT_TEMPLATES_EN, OBJECT_TEMPLATES_ZH, STYLE_TEMPLATES_EN, STYLE_TEMPLATES_ZH
+    from textinv.data.templates import OBJECT_TEMPLATES_EN, OBJECT_TEMPLATES_ZH, STYLE_TEMPLATES_EN, STYLE_TEMPLATES_ZH
 
     chinese_text = "".join(OBJECT_TEMPLATES_ZH + STYLE_TEMPLATES_ZH + TINY_CHINESE_WORDS).replace("{}", "")
     chinese = sorted(set(chinese_text) | set(TINY_CHINESE_WORDS))
@@ -414,7 +415,7 @@ def build_tiny_clip(output_dir: str | Path, seed: int = 0, spec: TinyClipSpec = 
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    with atomic_dir(output_dir) as tmp:
+    with atomic_dir(output_dir) as tmp, quiet_loading():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)

@@ -1,0 +1,74 @@
+"""Inspecting an embedding file (:func:`describe`) and converting it to another format (:func:`convert`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from textinv.config import UserError
+from textinv.embeddings.model import _check_values
+from textinv.embeddings.read import _parse, _resolve_input, read_embeddings
+from textinv.embeddings.write import write_embedding
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What an embedding file holds: format, and per token its vectors, dims, dtype, norms, family."""
+    resolved = _resolve_input(path)
+    fmt, embeddings = _parse(resolved)
+    tokens = []
+    for embedding in embeddings:
+        _check_values(embedding, f"embedding {embedding.token!r} in {str(resolved)!r}")
+        tokens.append(
+            {
+                "token": embedding.token,
+                "num_vectors": embedding.num_vectors,
+                "dims": embedding.dims(),
+                "dtype": dict(embedding.metadata.get("dtype", {})),
+                "family": embedding.family,
+                "step": embedding.step,
+                "norms": {
+                    name: [round(float(n), 6) for n in tensor.norm(dim=1)] for name, tensor in embedding.vectors.items()
+                },
+            }
+        )
+    return {"file": str(resolved), "format": fmt, "bytes": resolved.stat().st_size, "tokens": tokens}
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: Optional[str] = None,
+    token: Optional[str] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Read the one token in ``src`` and write it to ``dst`` as ``to`` (default: by ``dst``'s suffix)."""
+    dst = Path(dst).expanduser()
+    if dst.exists() and not overwrite:
+        raise UserError(f"{str(dst)!r} already exists; pass --overwrite to replace it")
+    embeddings = read_embeddings(src)
+    if len(embeddings) != 1:
+        names = ", ".join(e.token for e in embeddings)
+        raise UserError(f"{str(src)!r} holds {len(embeddings)} tokens ({names}); the output formats hold one")
+    embedding = embeddings[0]
+    if token is not None:
+        if not token.strip():
+            raise UserError("--token must not be empty")
+        embedding.token = token
+    return write_embedding(embedding, dst, to)
+
+
+def description_table(info: dict[str, Any]) -> str:
+    """:func:`describe`'s result as the table ``textinv inspect`` prints."""
+    lines = [f"{info['file']}: {info['format']}, {len(info['tokens'])} token(s)"]
+    rows = [("token", "vectors", "encoder", "dim", "dtype", "family", "step", "vector norms")]
+    for entry in info["tokens"]:
+        for encoder, dim in entry["dims"].items():
+            norms = entry["norms"][encoder]
+            shown = " ".join(f"{n:.3f}" for n in norms[:8]) + (f" ... ({len(norms)})" if len(norms) > 8 else "")
+            step = "-" if entry["step"] is None else str(entry["step"])
+            dtype = entry["dtype"].get(encoder, "?")
+            rows.append((entry["token"], str(entry["num_vectors"]), encoder, str(dim), dtype, entry["family"], step, shown))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Reading pickled embedding files without letting them run code.
+
+Torch zip files (and torch's legacy format) are read with ``torch.load(weights_only=True)``; other
+pickles (ppdiffusers' numpy pickles) with :class:`_DataOnlyUnpickler`, which refuses every global
+but numpy arrays and plain containers. A refusal is a :class:`UserError` naming the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from textinv.config import UserError, first_line
+from textinv.embeddings.model import MAX_UNPACKED_BYTES
+
+
+def _load_torch_zip(path: Path) -> Any:
+    """A torch zip file, read with weights_only=True (tensors and plain containers only)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise UserError(f"{str(path)!r} is truncated or corrupt (not a complete zip archive)") from None
+    if not any(m.filename.endswith("data.pkl") for m in members):
+        raise UserError(f"{str(path)!r} is a zip archive but not a torch file (it has no data.pkl)")
+    if sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
+        raise UserError(f"{str(path)!r} unpacks to over {MAX_UNPACKED_BYTES // 2**20} MiB; it is not an embedding")
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" in str(error).lower():
+            raise _refused(path, _weights_only_global(error)) from None
+        raise UserError(f"{str(path)!r} is truncated or corrupt ({first_line(error)})") from None
+    except MemoryError:
+        raise UserError(f"{str(path)!r} asks for more memory than an embedding could need; refusing it") from None
+    except Exception as error:
+        raise UserError(
+            f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {first_line(error)})"
+        ) from None
+
+
+def _weights_only_global(error: BaseException) -> str:
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return match.group(1) if match else first_line(error)
+
+
+def _refused(path: Path, what: str) -> UserError:
+    return UserError(
+        f"refusing {str(path)!r}: it holds Python objects other than tensors ({what}); "
+        "loading it could run code. Get the embedding as .safetensors, or from a trusted source"
+    )
+
+
+def _load_raw_pickle(path: Path) -> tuple[Any, str]:
+    """A pickle that is not a torch zip: torch's legacy format, or a numpy pickle (ppdiffusers)."""
+    try:
+        with open(path, "rb") as handle:
+            first = _DataOnlyUnpickler(handle).load()
+            if type(first) is int and first == _torch_legacy_magic():
+                # torch's pre-1.6 format: a magic number, then more pickles; torch reads it weights-only.
+                return _torch_load(path), "torch"
+            if handle.read(1):
+                raise UserError(f"{str(path)!r} has data after its pickle; it is not an embedding file")
+    except _RefusedGlobal as error:
+        raise _refused(path, str(error)) from None
+    except UserError:
+        raise
+    except MemoryError:
+        raise UserError(f"{str(path)!r} asks for more memory than an embedding could need; refusing it") from None
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+        raise UserError(
+            f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {first_line(error)})"
+        ) from None
+    return first, "numpy-pickle"
+
+
+def _torch_legacy_magic() -> int:
+    from torch.serialization import MAGIC_NUMBER
+
+    return int(MAGIC_NUMBER)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, numbers, strings and numpy arrays; refuses every other global.
+
+    A pickle can only call what ``find_class`` hands it, so refusing all else means no code runs.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed_globals().get((module, name))
+        if allowed is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return allowed
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _RefusedGlobal("a persistent id")
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {}
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    if _ALLOWED:
+        return _ALLOWED
+    import collections
+
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+
+    def dtype(*args: Any) -> Any:
+        result = np.dtype(*args)
+        if result.hasobject:
+            raise _RefusedGlobal(f"numpy object dtype {result}")
+        return result
+
+    def latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+        # Protocol-2 pickles spell bytes as _codecs.encode(str, 'latin1').
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise _RefusedGlobal(f"_codecs.encode(..., {encoding!r})")
+        return text.encode("latin1")
+
+    # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core: accept both spellings.
+    for package in ("numpy.core", "numpy._core"):
+        _ALLOWED[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        _ALLOWED[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        _ALLOWED[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    _ALLOWED[("numpy", "ndarray")] = np.ndarray
+    _ALLOWED[("numpy", "dtype")] = dtype
+    _ALLOWED[("collections", "OrderedDict")] = collections.OrderedDict
+    for builtin in (dict, list, tuple, set, frozenset, int, float, complex, str, bytes, bytearray, bool):
+        _ALLOWED[("builtins", builtin.__name__)] = builtin
+        _ALLOWED[("__builtin__", builtin.__name__)] = builtin
+    _ALLOWED[("_codecs", "encode")] = latin1_encode
+    return _ALLOWED

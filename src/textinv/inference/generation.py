@@ -1,0 +1,139 @@
+"""Pipelines with embeddings loaded, and image generation."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from textinv.config import UserError, first_line
+from textinv.files import atomic_write, unique_path
+
+logger = logging.getLogger(__name__)
+
+
+def pick_device(requested: Optional[str] = None) -> torch.device:
+    """``requested`` if given, else the best available: cuda, then mps, then cpu."""
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise UserError(f"--device {requested!r} is not a device name; use cpu, cuda, cuda:1 or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested!r}: CUDA is not available on this machine; use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"--device {requested!r}: MPS is not available on this machine; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_pipeline(
+    model: str,
+    embeddings: Sequence[str | Path] = (),
+    device: Optional[str] = None,
+    replace: bool = False,
+    token: Optional[str] = None,
+) -> Any:
+    """A diffusers pipeline from a folder or hub id, with each embedding file's token(s) added
+    (``token`` renames the token of a single embedding file)."""
+    from textinv.embeddings import load_embeddings
+    from textinv.models.loading import load_pipeline_folder, resolve_model_dir
+
+    path = resolve_model_dir(model)
+    target = pick_device(device)
+    # Half precision only where it is fast and supported; CPU stays float32.
+    dtype = torch.float16 if target.type == "cuda" else torch.float32
+    try:
+        pipe = load_pipeline_folder(path, dtype)  # the class model_index.json names: SD, SDXL, AltDiffusion...
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load the pipeline in {str(path)!r}: {first_line(error)}") from None
+    for embedding_file in embeddings:
+        load_embeddings(pipe, embedding_file, token=token, replace=replace)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(target)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]
+    seeds: list[int]
+    paths: list[Path] = field(default_factory=list)
+
+
+def generate(
+    model: str | Any,
+    prompt: str,
+    embeddings: Sequence[str | Path] = (),
+    negative_prompt: Optional[str] = None,
+    num_images: int = 1,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    seed: Optional[int] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    output_dir: Optional[str | Path] = None,
+    device: Optional[str] = None,
+    replace: bool = False,
+    token: Optional[str] = None,
+) -> GenerationResult:
+    """Generate ``num_images`` images; image ``i`` uses seed ``seed + i`` so each is reproducible alone.
+
+    ``model`` is a pipeline folder / hub id, or an already loaded pipeline. With ``output_dir`` the
+    images are written as PNG (never over an existing file). ``token`` loads the one embedding file's
+    token under that name (when the pipeline already has the file's own).
+    """
+    if token is not None and len(embeddings) != 1:
+        raise UserError(f"--token renames the token of one embedding file; {len(embeddings)} --embeddings given")
+    if num_images < 1:
+        raise UserError(f"--num_images {num_images} must be >= 1")
+    if num_inference_steps < 1:
+        raise UserError(f"--num_inference_steps {num_inference_steps} must be >= 1")
+    for name, value in (("--height", height), ("--width", width)):
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"{name} {value} must be a positive multiple of 8")
+    if not prompt or not prompt.strip():
+        raise UserError("--prompt must not be empty")
+    pipe = (
+        model if not isinstance(model, (str, Path)) else load_pipeline(str(model), embeddings, device, replace=replace, token=token)
+    )
+    if not isinstance(model, (str, Path)):
+        from textinv.embeddings import load_embeddings
+
+        for embedding_file in embeddings:
+            load_embeddings(pipe, embedding_file, token=token, replace=replace)
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seeds = [seed + index for index in range(num_images)]
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    output = pipe(
+        prompt=[prompt] * num_images,
+        negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        height=height,
+        width=width,
+    )
+    result = GenerationResult(images=list(output.images), seeds=seeds)
+    if output_dir is not None:
+        result.paths = save_images(result.images, seeds, prompt, Path(output_dir))
+    return result
+
+
+def save_images(images: Sequence[Any], seeds: Sequence[int], prompt: str, output_dir: Path) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-").lower()[:60] or "image"
+    paths = []
+    for image, seed in zip(images, seeds):
+        path = unique_path(output_dir / f"{slug}-seed{seed}.png")
+        paths.append(atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG")))
+        logger.debug("wrote %s", path)  # the CLI prints the paths
+    return paths

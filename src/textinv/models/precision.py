@@ -1,0 +1,164 @@
+"""Speed and memory settings for the frozen model: precision, TF32, attention, checkpointing, compilation.
+
+The trainable state is the placeholder vectors alone (tokens.TrainableTokens), so nothing here
+touches it: the vectors and the optimizer stay float32 whatever the frozen weights use. The frozen
+parts load directly in :func:`frozen_dtype` on their device (textinv.models.loading), never in fp32
+first. fp16 needs loss scaling: :func:`grad_scaler` makes textinv's own ``torch.amp.GradScaler``
+(accelerate is never asked for mixed precision, so its process-wide state never has to change
+between two ``train()`` calls in one process).
+
+Defaults on CUDA (when the flags are not given): frozen weights in bf16 on GPUs that have it (Ampere
+and newer; fp32 on the others: fp16 only when asked, it needs loss scaling), TF32 for matmuls and
+convolutions, PyTorch's scaled-dot-product attention (flash / memory-efficient kernels). The CPU
+keeps fp32. :func:`choose_precision` says in one line what a run uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+
+from textinv.config import MIXED_PRECISIONS, TrainConfig, UserError
+
+logger = logging.getLogger(__name__)
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# How closely the vectors of two runs with the same seed agree (an uninterrupted run and one resumed
+# from a checkpoint too): the largest absolute difference over the largest absolute value. On the CPU
+# with the same torch thread count every run is bit-identical (measured: separate processes, a kill -9
+# resume); another thread count sums in another order (1e-7 after 12 steps at batch 4). On CUDA some
+# kernels are nondeterministic (atomic adds in backward passes); these bounds are not yet measured on a GPU.
+REPRODUCIBILITY = {"cpu": 0.0, "cpu-other-threads": 1e-4, "cuda": 1e-3, "cuda-half": 2e-2}
+
+
+def vector_tolerance(device_type: str, mixed_precision: str = "no", same_threads: bool = True) -> float:
+    """The bound of :data:`REPRODUCIBILITY` for runs on ``device_type`` in ``mixed_precision``."""
+    if device_type == "cpu":
+        return REPRODUCIBILITY["cpu" if same_threads else "cpu-other-threads"]
+    return REPRODUCIBILITY["cuda" if mixed_precision in (None, "no") else "cuda-half"]
+
+
+def vectors_agree(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> bool:
+    """``a`` and ``b`` within ``tolerance`` (relative to the largest entry); bit-identical for 0."""
+    if tolerance == 0.0:
+        return torch.equal(a, b)
+    scale = max(float(b.abs().max()), 1e-12)
+    return float((a.float() - b.float()).abs().max()) <= tolerance * scale
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """CUDA: the GPU computes in bf16 natively (Ampere and newer; not T4 or V100). Other devices: True."""
+    if device.type != "cuda":
+        return True
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3 has no including_emulation
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def choose_precision(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str]:
+    """Fill in ``--mixed_precision`` when it was not given; returns the config and the line that says what
+    the run uses. ``accelerate launch --mixed_precision X`` counts as giving it."""
+    asked = config.mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if asked is None and launcher in MIXED_PRECISIONS:
+        asked = launcher
+    chosen = asked
+    if chosen is None:
+        chosen = "bf16" if device.type == "cuda" and bf16_supported(device) else "no"
+    config = dataclasses.replace(config, mixed_precision=chosen)
+    check_precision(config, device)
+    weights = {"no": "fp32", "fp16": "fp16 (with loss scaling)", "bf16": "bf16"}[chosen]
+    if asked is None and device.type == "cuda":
+        weights += " (chosen: this GPU has bf16)" if chosen == "bf16" else " (chosen: this GPU has no bf16)"
+    if device.type != "cuda":
+        return config, f"on {device.type}: frozen weights {weights}; the vectors and AdamW fp32"
+    properties = torch.cuda.get_device_properties(device)
+    tf32 = "on" if config.allow_tf32 else "off"
+    return config, (
+        f"on {device} ({properties.name}, {properties.total_memory / 2**30:.0f} GiB): frozen weights {weights}, "
+        f"TF32 {tf32}, attention {attention_name(config, device)}; the vectors and AdamW fp32"
+    )
+
+
+def check_precision(config: TrainConfig, device: torch.device) -> None:
+    """Refuse settings the device cannot run, before any model is loaded."""
+    if config.mixed_precision == "fp16" and device.type != "cuda":
+        raise UserError(
+            f"--mixed_precision fp16 needs a CUDA GPU, and this run is on {device.type}; "
+            "use --mixed_precision no (or bf16 where the CPU supports it)"
+        )
+    if config.mixed_precision == "bf16" and not bf16_supported(device):
+        raise UserError(
+            f"--mixed_precision bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bf16; "
+            "use --mixed_precision fp16 (with loss scaling) or no"
+        )
+
+
+def frozen_dtype(config: TrainConfig) -> torch.dtype:
+    return HALF_DTYPES.get(config.mixed_precision or "no", torch.float32)
+
+
+def grad_scaler(config: TrainConfig, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """fp16's loss scaler (None in fp32 and bf16, whose range needs none)."""
+    if config.mixed_precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions, process-wide.
+
+    torch >= 2.9: through the ``fp32_precision`` settings only (writing the legacy ``allow_tf32`` flags
+    too would mix the APIs, which raises), and ``torch.set_float32_matmul_precision`` to match, which keeps
+    ``torch.get_float32_matmul_precision()`` readable (inductor reads it; a tf32 ``fp32_precision`` alone
+    makes it raise in torch 2.13).
+    """
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+    else:  # torch < 2.9
+        matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def attention_name(config: TrainConfig, device: torch.device) -> str:
+    if config.enable_xformers_memory_efficient_attention and device.type == "cuda" and importlib.util.find_spec("xformers"):
+        return "xformers"
+    return "PyTorch SDPA"
+
+
+def apply_to_unet(config: TrainConfig, unet: Any, device: torch.device) -> Any:
+    """TF32, attention, checkpointing and compilation for the frozen UNet; returns the UNet to call.
+
+    The UNet arrives in its final dtype on ``device`` (textinv.models.loading.load_model_parts).
+    """
+    if device.type == "cuda":
+        set_tf32(config.allow_tf32)
+    if config.enable_xformers_memory_efficient_attention:
+        if attention_name(config, device) == "xformers":
+            unet.enable_xformers_memory_efficient_attention()
+            logger.info("attention: xformers")
+        else:
+            why = "xformers is not installed" if device.type == "cuda" else f"xformers needs CUDA (this run is on {device.type})"
+            logger.warning("%s; using PyTorch's scaled-dot-product attention, the default anyway", why)
+    if config.gradient_checkpointing:
+        # diffusers checkpoints whenever gradients are on, in eval mode too (the UNet stays frozen).
+        unet.enable_gradient_checkpointing()
+    if config.compile:
+        logger.info("compiling the UNet with torch.compile (the first steps are slow)")
+        return torch.compile(unet)
+    return unet
+
+
+def uncompiled(module: Any) -> Any:
+    """The module ``torch.compile`` wrapped (sampling with it would compile again), or ``module`` itself."""
+    return getattr(module, "_orig_mod", module)

@@ -1,0 +1,189 @@
+"""The model card: output_dir/README.md, with the Hub's YAML metadata and how to use the embedding.
+
+The metadata keys are the Hub's model-card fields (``base_model``, ``license``, ``tags``,
+``library_name``) plus ``token``, ``property`` and ``steps`` for people and tools that look for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from textinv.config import TrainConfig
+from textinv.files import atomic_write_text
+from textinv.events import EMBEDDING_FILE, RunContext, TrainObserver, TrainResult, add_outputs
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+GRID_PATH = "validation/progress.png"
+TAGS = ("textual-inversion", "stable-diffusion", "text-to-image", "diffusers")
+# Hub cache folders are named models--ORG--NAME/snapshots/REVISION.
+_HUB_CACHE = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots")
+
+
+def base_model_id(name_or_path: str) -> Optional[str]:
+    """The Hub id of the base model, or None for a local folder the Hub cannot link to.
+
+    (The Hub refuses a card whose base_model is not a repository id, so a local path is left out.)
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path
+    cached = _HUB_CACHE.search(str(path.resolve()))
+    return f"{cached.group(1)}/{cached.group(2)}" if cached else None
+
+
+def base_model_license(model_dir: Optional[str]) -> Optional[str]:
+    """The license in the base model's own card, if it has one."""
+    if not model_dir:
+        return None
+    card = Path(model_dir) / CARD_FILE
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(card).data.license
+    except Exception:  # a malformed card: fall back to "other", never fail the run for it
+        return None
+
+
+def a1111_word(token: str) -> str:
+    """The word AUTOMATIC1111 users type: it is the embedding's file name, so no <, >, / ..."""
+    return re.sub(r"[^\w.-]+", "-", token).strip("-.") or "embedding"
+
+
+def render_model_card(
+    config: TrainConfig,
+    record: dict[str, Any],
+    output_dir: Path,
+    repo_id: Optional[str] = None,
+) -> str:
+    """The card's text. ``repo_id``: where users load the embedding from (default: output_dir)."""
+    from huggingface_hub import ModelCardData
+
+    token = config.placeholder_token
+    base = base_model_id(config.pretrained_model_name_or_path)
+    license_name = base_model_license(record.get("model", {}).get("source")) or "other"
+    steps = int(record.get("steps_done") or record.get("max_train_steps") or 0)
+    metadata = ModelCardData(
+        base_model=base,
+        license=license_name,
+        library_name="diffusers",
+        tags=list(TAGS),
+        token=token,
+        property=config.learnable_property,
+        steps=steps,
+        num_vectors=config.num_vectors,
+    )
+    where = repo_id or str(output_dir)
+    base_shown = base or config.pretrained_model_name_or_path
+    images = record.get("identity", {}).get("images")
+    num_images = f"{len(images)} image(s)" if isinstance(images, list) else "cached latents"
+    losses = ""
+    if "final_loss" in record:
+        losses = f" (final loss {record['final_loss']:.4f}, best {record['best_loss']:.4f})"
+    prompt = f"a photo of {token}" if config.learnable_property == "object" else f"a painting in the style of {token}"
+    lines = [
+        "---",
+        metadata.to_yaml(),
+        "---",
+        "",
+        f"# Textual Inversion: `{token}`",
+        "",
+        f"A learned word for [{base_shown}]({_hub_url(base)})" if base else f"A learned word for `{base_shown}`",
+        f"(an {config.learnable_property}, {config.num_vectors} vector(s)), trained with textinv on {num_images}",
+        f"for {steps} steps{losses}. Only the embedding of `{token}` was trained; the model is unchanged.",
+        "",
+    ]
+    if config.validation_prompt and (output_dir / GRID_PATH).is_file():
+        prompts = "; ".join(f"`{p}`" for p in config.validation_prompt)
+        lines += [
+            "## Validation images while training",
+            "",
+            f"![validation images during training]({GRID_PATH})",
+            "",
+            f"Rows are training steps, columns seeds (the same at every step). Prompts: {prompts}.",
+            "",
+        ]
+    lines += [
+        "## Use it with diffusers",
+        "",
+        "```python",
+        *_diffusers_usage(record.get("model", {}).get("family", "sd1"), base_shown, where, token, repo_id),
+        f'image = pipe("{prompt}", num_inference_steps=50).images[0]',
+        "```",
+        "",
+        "## Use it in the AUTOMATIC1111 web UI",
+        "",
+        f"Copy `{EMBEDDING_FILE}` into `stable-diffusion-webui/embeddings/` as `{a1111_word(token)}.safetensors`;",
+        f"the file name is the word to type, e.g. `{prompt.replace(token, a1111_word(token))}`.",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | `{config.pretrained_model_name_or_path}` |",
+        f"| placeholder / initializer | `{token}` / `{config.initializer_token}` |",
+        f"| resolution | {config.image_width}x{config.image_height} |",
+        f"| steps | {steps} |",
+        f"| batch x accumulation x processes | {config.train_batch_size} x {config.gradient_accumulation_steps} x {record.get('num_processes', 1)} |",
+        f"| learning rate | {record.get('effective_learning_rate', config.learning_rate):.3g} ({config.lr_scheduler}) |",
+        f"| seed | {record.get('seed', config.seed)} |",
+        f"| textinv | {record.get('versions', {}).get('textinv', '?')} |",
+        "",
+        "`run.json` holds every setting, the library versions and the timings.",
+        "",
+    ]
+    if license_name == "other":
+        lines += ["The embedding follows the license of its base model.", ""]
+    return "\n".join(lines)
+
+
+def _diffusers_usage(family: str, base_shown: str, where: str, token: str, repo_id: Optional[str]) -> list[str]:
+    """Loading lines for the family: SDXL files hold clip_l/clip_g, one per text encoder."""
+    if family == "sdxl":
+        if repo_id:
+            fetch = [f'state = load_file(hf_hub_download("{repo_id}", "{EMBEDDING_FILE}"))']
+            imports = ["from huggingface_hub import hf_hub_download"]
+        else:
+            fetch, imports = [f'state = load_file("{Path(where) / EMBEDDING_FILE}")'], []
+        return [
+            "from diffusers import StableDiffusionXLPipeline",
+            *imports,
+            "from safetensors.torch import load_file",
+            "",
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{base_shown}")',
+            *fetch,
+            f'pipe.load_textual_inversion(state["clip_l"], token="{token}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
+            f'pipe.load_textual_inversion(state["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)',
+        ]
+    return [
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{base_shown}")',
+        f'pipe.load_textual_inversion("{where}")  # reads {EMBEDDING_FILE}',
+    ]
+
+
+def write_model_card(run: RunContext, repo_id: Optional[str] = None) -> Path:
+    """Write output_dir/README.md (atomically) and list it in run.json."""
+    path = atomic_write_text(run.output_dir / CARD_FILE, render_model_card(run.config, run.record, run.output_dir, repo_id))
+    add_outputs(run, [path], persist=True)
+    logger.debug("wrote the model card %s", path)  # debug: after the bar, the run's summary is the one line
+    return path
+
+
+def _hub_url(repo_id: Optional[str]) -> str:
+    return f"https://huggingface.co/{repo_id}"
+
+
+class ModelCard(TrainObserver):
+    """Writes the model card when training completes (main process)."""
+
+    def on_end(self, run: RunContext, result: TrainResult) -> None:
+        if run.is_main_process:
+            write_model_card(run, repo_id=run.config.hub_model_id if run.config.push_to_hub else None)

@@ -1,0 +1,95 @@
+"""The progress display of a training run: a tqdm bar on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import sys
+from collections import deque
+from typing import Any
+
+from textinv.events import RunContext, StepState, TrainObserver, TrainResult
+
+logger = logging.getLogger(__name__)
+
+
+class Progress(TrainObserver):
+    """A tqdm bar on a terminal; plain log lines (about 20 a run) otherwise. Main process only.
+
+    Both show the step, loss, learning rate, seconds per step and the time left. Seconds per step is
+    the median of the last :attr:`RECENT` steps' own time (``StepState.step_seconds``), so neither
+    the slower first steps nor the observers' work (validation rounds) inflate it; the time left
+    counts the training steps, and the validation time so far is shown apart. While the latent
+    cache fills (the first epoch encodes each view when first drawn), the line says so.
+    """
+
+    LINES_PER_RUN = 20
+    RECENT = 10
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.redirect: Any = None  # log lines go above the bar while it is on screen
+        self.recent: deque[float] = deque(maxlen=self.RECENT)
+        self.every = 1
+
+    def on_start(self, run: RunContext) -> None:
+        self.enabled = self.enabled and run.is_main_process
+        self.every = max(1, math.ceil(run.max_steps / self.LINES_PER_RUN))
+
+    def on_step(self, run: RunContext, state: StepState) -> None:
+        if not self.enabled:
+            return
+        if not self.recent and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # initial=: a resumed run's bar starts where it stopped.
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.step - 1,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",  # tqdm puts ", " before the postfix
+            )
+            self.redirect = logging_redirect_tqdm()  # a checkpoint's or a warning's line, then the bar again
+            self.redirect.__enter__()
+        self.recent.append(state.step_seconds)
+        text = progress_text(state, statistics.median(self.recent), _validation_seconds(run))
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif state.step % self.every == 0 or state.step == state.max_steps:
+            logger.info("step %d/%d %s", state.step, state.max_steps, text)
+
+    def on_end(self, run: RunContext, result: TrainResult) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.redirect is not None:
+            self.redirect.__exit__(None, None, None)
+            self.redirect = None
+
+
+def progress_text(state: StepState, per_step: float, validation_seconds: float) -> str:
+    """``loss 0.1234 lr 1.00e-04 0.052 s/step ETA 0:00:10``, then the validation time and the cache's filling."""
+    eta = clock_text(per_step * (state.max_steps - state.step))
+    text = f"loss {state.loss:.4f} lr {state.lr:.2e} {per_step:.3f} s/step ETA {eta}"
+    if validation_seconds:
+        text += f"; validation {validation_seconds:.1f} s so far"
+    if state.views_encoded is not None:
+        text += f" (the first epoch also fills the latent cache: {state.views_encoded[0]}/{state.views_encoded[1]} views)"
+    return text
+
+
+def _validation_seconds(run: Any) -> float:
+    """What validation rounds took so far (the observer adds it to run.json's timings)."""
+    return float(getattr(run, "record", {}).get("timings", {}).get("validation_seconds", 0.0))
+
+
+def clock_text(seconds: float) -> str:
+    """``h:mm:ss`` for a duration (the CLI's progress line and the web page's ETA)."""
+    seconds = int(round(max(0.0, seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,228 @@
+"""The Gradio page of ``textinv serve``: a thin layer over :class:`textinv.serve.state.ServerState`.
+
+Every handler calls one ServerState method and shows its result, or its failure as one line; Gradio
+is imported inside the functions, so importing this module does not load it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from textinv.serve.errors import render_error
+from textinv.serve.jobs import TrainRequest
+from textinv.serve.state import EXPORT_FORMATS, GenerateRequest, LoadedEmbedding, ServerState
+
+
+def _guard(action: Callable[[], tuple[Any, ...]], outputs: int) -> tuple[Any, ...]:
+    """Run a page action; any failure becomes one line in the message box and the other outputs stay."""
+    import gradio as gr
+
+    try:
+        return action()
+    except Exception as error:
+        return (render_error(error),) + tuple(gr.skip() for _ in range(outputs - 1))
+
+
+def _uploads(files: Any) -> list[tuple[str, str]]:
+    """Gradio's uploaded paths; the browser's file name is the last part of each (a name, never a path to use)."""
+    paths = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
+    return [(str(path), Path(str(path)).name) for path in paths]
+
+
+def build_app(state: ServerState) -> Any:
+    """The Gradio page: every handler calls one ServerState method and shows its result or its error line."""
+    import gradio as gr
+    import pandas as pd
+
+    def start(files: Any, prop: str, placeholder: str, initializer: str, model: str, steps: Any, lr: Any,
+              vprompt: str, vsteps: Any, vsampling: Any, seed: Any) -> str:  # fmt: skip
+        def action() -> tuple[Any, ...]:
+            request = TrainRequest(
+                images=_uploads(files),
+                placeholder_token=placeholder or "",
+                initializer_token=initializer or "",
+                learnable_property=prop or "object",
+                model=model or "",
+                max_train_steps=int(steps or 0),
+                learning_rate=float(lr or 0),
+                validation_prompt=vprompt or "",
+                validation_steps=int(vsteps or 0),
+                validation_num_inference_steps=int(vsampling or 25),
+                seed=int(seed or 0),
+            )
+            job = state.start(request)
+            return (f"started {job.job_id}: {len(request.images)} image(s), {request.max_train_steps} steps",)
+
+        return _guard(action, 1)[0]  # one output: Gradio takes the value itself, not a tuple
+
+    def stop() -> str:
+        return _guard(lambda: (f"{state.stop().job_id}: stopping after the current step, then saving a checkpoint",), 1)[0]
+
+    def resume() -> str:
+        return _guard(lambda: (f"{state.resume().job_id}: resuming from its latest checkpoint",), 1)[0]
+
+    def poll(seen: Optional[dict[str, Any]]) -> tuple[Any, ...]:
+        seen = dict(seen or {})
+        snap = state.snapshot()
+        if snap is None:
+            return "no training yet", gr.skip(), gr.skip(), seen
+        # Send the plot and the grid only when they changed: re-sending redraws them every second.
+        loss_key = f"{snap.job_id}:{len(snap.losses)}:{len(snap.eval_losses)}"
+        plot: Any = gr.skip()
+        if seen.get("loss") != loss_key and snap.losses:
+            # The training loss of each step and, steadier, eval_loss (the fixed held-out triples) where measured.
+            steps = [*range(snap.step - len(snap.losses) + 1, snap.step + 1), *(step for step, _ in snap.eval_losses)]
+            values = [*snap.losses, *(value for _, value in snap.eval_losses)]
+            curves = ["training loss"] * len(snap.losses) + ["eval_loss"] * len(snap.eval_losses)
+            plot = pd.DataFrame({"step": steps, "loss": values, "curve": curves})
+            seen["loss"] = loss_key
+        grid: Any = gr.skip()
+        grid_key = f"{snap.job_id}:{snap.grid_version}"
+        if seen.get("grid") != grid_key and snap.grid is not None:
+            grid = _read_image(snap.grid)
+            seen["grid"] = grid_key
+        return snap.progress_line(), plot, grid, seen
+
+    def export(key: str) -> tuple[Any, ...]:
+        def action() -> tuple[Any, ...]:
+            path = state.export(key)
+            return f"wrote {path.name} as {EXPORT_FORMATS[key].label}; download it below", str(path)
+
+        return _guard(action, 2)
+
+    def load_file(path: Any) -> tuple[Any, ...]:
+        if not path:
+            return "using the embedding trained above", None
+
+        def action() -> tuple[Any, ...]:
+            loaded = state.load_embedding(path, Path(str(path)).name)
+            return f"{loaded.describe()}; put {loaded.tokens[0]} (or {{token}}) in the prompt", loaded
+
+        return _guard(action, 2)
+
+    def generate(prompt: str, model: str, loaded: Optional[LoadedEmbedding], token: str, steps: Any, seed: Any,
+                 count: Any) -> tuple[Any, ...]:  # fmt: skip
+        def action() -> tuple[Any, ...]:
+            outcome = state.generate(
+                GenerateRequest(
+                    prompt=prompt or "",
+                    model=model or "",
+                    embedding=loaded,
+                    token=token or "",
+                    num_images=int(count or 1),
+                    num_inference_steps=int(steps or 25),
+                    seed=int(seed or 0),
+                )
+            )
+            return outcome.message, outcome.images
+
+        return _guard(action, 2)
+
+    with gr.Blocks(title="textinv", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# textinv\nTeach Stable Diffusion a new word from 3-5 images: train it here, watch it learn, "
+            "download it in the format your tool reads, and generate with it."
+        )
+        gr.Markdown("## 1 · Train")
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(
+                    label="Training images (3-5; PNG, JPEG, WebP or BMP)",
+                    file_count="multiple",
+                    file_types=["image"],
+                    type="filepath",
+                    elem_id="train-images",
+                )
+                prop = gr.Radio(["object", "style"], value="object", label="What it learns", elem_id="learnable-property")
+                placeholder = gr.Textbox(label="Placeholder token", placeholder="<cat-toy>", elem_id="placeholder-token")
+                initializer = gr.Textbox(
+                    label="Initializer word", placeholder="toy", info="one word close to it", elem_id="initializer-token"
+                )
+            with gr.Column():
+                model = gr.Textbox(
+                    label="Model folder",
+                    placeholder="empty: the tiny demo model",
+                    info="a local diffusers pipeline folder (with model_index.json)",
+                    elem_id="model-folder",
+                )
+                steps = gr.Number(label="Steps", value=200, precision=0, minimum=1, elem_id="steps")
+                lr = gr.Number(label="Learning rate", value=5e-3, minimum=0, step=1e-4, elem_id="learning-rate")
+                with gr.Accordion("Validation images and seed", open=False):
+                    vprompt = gr.Textbox(
+                        label="Validation prompt",
+                        value="a photo of {token}",
+                        info="{token} is your placeholder; empty: no validation images",
+                        elem_id="validation-prompt",
+                    )
+                    vsteps = gr.Number(
+                        label="Validation every N steps (0: five times a run)", value=0, precision=0, minimum=0, elem_id="validation-steps"
+                    )
+                    vsampling = gr.Number(
+                        label="Validation sampling steps", value=25, precision=0, minimum=1, elem_id="validation-sampling-steps"
+                    )
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
+        with gr.Row():
+            start_button = gr.Button("Start training", variant="primary", elem_id="start")
+            stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+            resume_button = gr.Button("Resume", elem_id="resume")
+        train_message = gr.Textbox(label="Message", interactive=False, elem_id="train-message")
+        progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
+        with gr.Row():
+            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Loss", height=320, elem_id="loss-plot")
+            grid = gr.Image(
+                label="Validation images (a row per round)", type="pil", format="png", interactive=False, elem_id="validation-grid"
+            )
+
+        gr.Markdown("## 2 · Download the embedding")
+        with gr.Row():
+            fmt = gr.Dropdown(
+                [(f.label, f.key) for f in EXPORT_FORMATS.values()], value="diffusers", label="Format", elem_id="export-format"
+            )
+            export_button = gr.Button("Write the file", elem_id="export")
+        export_message = gr.Textbox(label="Message", interactive=False, elem_id="export-message")
+        download = gr.File(label="Embedding file", interactive=False, height=90, elem_id="download")
+
+        gr.Markdown("## 3 · Generate")
+        with gr.Row():
+            embedding_file = gr.File(
+                label="Embedding file (optional; else the one trained above)",
+                file_types=[".safetensors", ".pt", ".bin", ".pdparams", ".png"],
+                type="filepath",
+                elem_id="embedding-file",
+            )
+            token = gr.Textbox(label="Load it as token (optional)", placeholder="<my-word>", elem_id="embedding-token")
+        prompt = gr.Textbox(label="Prompt", value="a photo of {token}", info="{token} is the embedding's word", elem_id="prompt")
+        with gr.Row():
+            gen_steps = gr.Number(label="Sampling steps", value=25, precision=0, minimum=1, elem_id="sampling-steps")
+            gen_seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="generate-seed")
+            count = gr.Number(label="Images", value=2, precision=0, minimum=1, maximum=8, elem_id="num-images")
+        generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+        generate_message = gr.Textbox(label="Message", interactive=False, elem_id="generate-message")
+        gallery = gr.Gallery(
+            label="Images", columns=4, height=360, preview=False, object_fit="contain", format="png", elem_id="gallery"
+        )
+
+        loaded = gr.State(None)  # this tab's uploaded embedding
+        seen = gr.State({})  # what this tab already shows (plot, grid)
+        timer = gr.Timer(0.5)  # progress, loss and grid refresh twice a second
+
+        form = [files, prop, placeholder, initializer, model, steps, lr, vprompt, vsteps, vsampling, seed]
+        start_button.click(start, form, [train_message])
+        stop_button.click(stop, None, [train_message])
+        resume_button.click(resume, None, [train_message])
+        timer.tick(poll, [seen], [progress, loss_plot, grid, seen], show_progress="hidden")
+        export_button.click(export, [fmt], [export_message, download])
+        embedding_file.change(load_file, [embedding_file], [generate_message, loaded])
+        generate_button.click(generate, [prompt, model, loaded, token, gen_steps, gen_seed, count], [generate_message, gallery])
+    return app
+
+
+def _read_image(path: Path) -> Any:
+    """A copy of an image file in memory (the grid is rewritten in place while training)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.copy()
+

@@ -1,0 +1,112 @@
+"""Starting ``textinv serve``: options, Gradio's quiet launch settings, SIGTERM as Ctrl-C, and :func:`serve`.
+
+The page and the state behind it are imported inside :func:`serve`, after the checks: a missing web extra or a
+refused host is one line, said before the page, the training code or Gradio are loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import signal
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from textinv.config import UserError, first_line
+from textinv.serve.checks import check_host, check_model_folder, check_port
+
+if TYPE_CHECKING:
+    from textinv.serve.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def check_web_extra() -> None:
+    """Gradio comes with the optional ``web`` extra: without it, say how to install it (not a ModuleNotFoundError)."""
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("textinv serve needs Gradio, which is not installed: pip install 'textinv[web]'")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    model: Optional[str] = None
+    allow_remote: bool = False
+    work_dir: Optional[str] = None
+
+
+def quiet_web_framework(work_dir: Path) -> None:
+    """Before Gradio is imported: no analytics or version checks, uploads cached in the server's folder."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(work_dir / "gradio-uploads"))
+
+
+def launch_options(options: ServeOptions, state: ServerState) -> dict[str, Any]:
+    """Gradio's launch() arguments: no share tunnel, no run history, monitoring or MCP; uploads capped."""
+    return dict(
+        server_name=options.host,
+        server_port=options.port,
+        share=False,
+        inbrowser=False,
+        show_error=False,  # failures are shown as one line by the handlers themselves
+        max_file_size=state.limits.max_request_bytes,
+        allowed_paths=[str(state.downloads_dir)],
+        enable_monitoring=False,
+        run_history=False,
+        mcp_server=False,
+        pwa=False,
+        ssr_mode=False,
+        footer_links=[],
+        quiet=True,  # its banner suggests share=True; serve() logs the address itself
+    )
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, ``docker stop``) ends the server as Ctrl-C does: a running job checkpoints first."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def serve(options: ServeOptions) -> None:
+    """Check the options, build the page and serve it until interrupted (then stop a running job cleanly)."""
+    check_web_extra()
+    check_host(options.host, options.allow_remote)
+    check_port(options.port)
+    default_model = check_model_folder(options.model) if options.model else None
+    from textinv.serve.page import build_app
+    from textinv.serve.state import ServerState
+
+    work_dir = Path(options.work_dir).expanduser() if options.work_dir else Path(tempfile.mkdtemp(prefix="textinv-serve-"))
+    state = ServerState(work_dir, default_model)
+    state.downloads_dir.mkdir(parents=True, exist_ok=True)
+    quiet_web_framework(state.work_dir)
+    app = build_app(state)
+    logger.info("work folder (uploads, runs, downloads): %s", state.work_dir)
+    state.default_model()  # the tiny pipeline is built now, not on the first click
+    shown_host = f"[{options.host}]" if ":" in options.host else options.host
+    logger.info(
+        "serving http://%s:%d/ (Ctrl-C stops it; a running training is stopped with a checkpoint)", shown_host, options.port
+    )
+    _stop_on_sigterm()
+    try:
+        app.launch(**launch_options(options, state))
+    except OSError as error:
+        if re.search(r"port|address", str(error), re.IGNORECASE):
+            raise UserError(f"cannot listen on {options.host}:{options.port} ({first_line(error)}); choose another --port") from None
+        raise
+    finally:
+        state.shutdown()

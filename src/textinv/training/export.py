@@ -1,0 +1,164 @@
+"""What a run leaves for other tools: the embedding files and the full pipeline.
+
+Files are written in the layout each ecosystem reads (textinv.embeddings holds the codecs):
+``learned_embeds.safetensors`` (diffusers), ``learned_embeds.pdparams`` (ppdiffusers), ``learned_embeds.pt``
+(the A1111 web UI), one per ``--embedding_formats``, and ``learned_embeds-steps-N.*`` snapshots.
+The pipeline keeps the base model's parts byte for byte, except the tokenizer(s) and text
+encoder(s), which now hold the new token; it loads in diffusers and in ppdiffusers
+(textinv.training.paddle_layout).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from textinv.config import TrainConfig, UserError
+from textinv.embeddings import Embedding, save_diffusers
+from textinv.embeddings import write_embedding as write_embedding_file
+from textinv.events import EMBEDDING_FILE, RunContext
+from textinv.files import atomic_dir, atomic_write
+from textinv.models.loading import ModelParts
+from textinv.training import paddle_layout
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_STEM = "learned_embeds"
+# File suffix of each --embedding_formats entry (textinv.config.EMBEDDING_FORMATS).
+FORMAT_SUFFIXES = {"diffusers": ".safetensors", "pdparams": ".pdparams", "a1111": ".pt"}
+
+
+def embedding_of(config: TrainConfig, trainable: Any, step: int) -> Embedding:
+    """The trained vectors as an :class:`Embedding` (float32, on the CPU)."""
+    return Embedding(
+        token=config.placeholder_token,
+        vectors={name: v.detach().float().cpu().clone() for name, v in trainable.vectors_by_encoder().items()},
+        step=step,
+    )
+
+
+def embedding_file_name(format: str, step: Optional[int] = None) -> str:
+    """``learned_embeds.<suffix>``, or the snapshot ``learned_embeds-steps-N.<suffix>`` of step N."""
+    return f"{EMBEDDING_STEM}{'' if step is None else f'-steps-{step}'}{FORMAT_SUFFIXES[format]}"
+
+
+def check_embedding_formats(formats: Sequence[str], parts: ModelParts) -> None:
+    """Refuse, before training, a format that cannot hold this model's vectors."""
+    if len(parts.text_encoders) > 1:
+        single = [name for name in formats if name != "diffusers"]
+        if single:
+            raise UserError(
+                f"--embedding_formats {' '.join(single)} holds one text encoder's vectors, but this {parts.family} "
+                "model has two; use diffusers (learned_embeds.safetensors is the clip_l/clip_g file SDXL tools read)"
+            )
+
+
+def save_embedding_files(
+    formats: Sequence[str], embedding: Embedding, output_dir: Path, step: Optional[int] = None
+) -> list[Path]:
+    """Write ``embedding`` once per format, each file atomically (a kill never leaves a torn one)."""
+    written = []
+    for format in formats:
+        path = output_dir / embedding_file_name(format, step)
+        written.append(
+            save_diffusers(embedding, path) if format == "diffusers" else write_embedding_file(embedding, path, format)
+        )
+    return written
+
+
+def write_embedding(run: RunContext, step: int, name: str = EMBEDDING_FILE) -> Path:
+    """Write the current vectors to ``output_dir/name`` in diffusers' format (main process only)."""
+    path = run.output_dir / name
+    if run.is_main_process:
+        save_diffusers(embedding_of(run.config, run.trainable, step), path)
+    return path
+
+
+def write_embedding_files(run: RunContext, step: int) -> list[Path]:
+    """Write the current vectors as ``output_dir/learned_embeds.*``, one per --embedding_formats (main process only)."""
+    if not run.is_main_process:
+        return []
+    return save_embedding_files(
+        run.config.embedding_formats, embedding_of(run.config, run.trainable, step), run.output_dir
+    )
+
+
+def write_snapshot(run: RunContext, step: int) -> list[Path]:
+    """``learned_embeds-steps-N.*``, the snapshot every ``--save_steps`` (main process only)."""
+    if not run.is_main_process:
+        return []
+    embedding = embedding_of(run.config, run.trainable, step)
+    return save_embedding_files(run.config.embedding_formats, embedding, run.output_dir, step)
+
+
+def save_pipeline(parts: ModelParts, output_dir: Path, paddle_weights: bool = False, trainable: Any = None) -> list[Path]:
+    """Write the full pipeline: the base model's parts, with the new tokenizer(s) and text encoder(s).
+
+    Other parts are copied from the base folder (not re-saved from memory, so they stay
+    byte-identical). With ``trainable`` (the run's TrainableTextEncoders) each text encoder is the base
+    model's, read again as stored, plus the learned rows (:func:`base_encoder_with_token`): training's
+    copy may be in bf16/fp16. model_index.json goes last: it marks the pipeline complete.
+    ``paddle_weights`` adds ppdiffusers' own weight layout (--ppdiffusers_weights).
+    """
+    source = Path(parts.source)
+    index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
+    # Every tokenizer and text encoder holds the new token (SDXL: both pairs).
+    tokenizers = {part.tokenizer_name: part.tokenizer for part in parts.text_encoders}
+    encoders = {part.name: part for part in parts.text_encoders}
+    written, pytorch_only = [], []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        target = output_dir / name
+        with atomic_dir(target) as tmp:
+            if name in tokenizers:
+                paddle_layout.save_tokenizer(tokenizers[name], tmp)
+            elif name in encoders:
+                clip = encoders[name].kind == "clip"
+                part = encoders[name]
+                encoder = part.text_encoder if trainable is None else base_encoder_with_token(part, source, trainable)
+                paddle_layout.save_text_encoder(encoder, tmp, paddle_weights and clip)
+                del encoder
+                pytorch_only += [name] if paddle_weights and not clip else []
+            else:
+                shutil.copytree(source / name, tmp, dirs_exist_ok=True)
+                converted = spec[0] == "diffusers" and paddle_weights and paddle_layout.write_paddle_model_index(tmp)
+                holds_weights = any(tmp.glob("*.safetensors")) or any(tmp.glob("*.bin"))
+                pytorch_only += [name] if paddle_weights and holds_weights and not converted else []
+        written.append(target)
+    if pytorch_only:
+        logger.warning(
+            "--ppdiffusers_weights: %s stay in PyTorch's layout only; load this pipeline in ppdiffusers with "
+            "from_diffusers=True (or leave those parts out)",
+            ", ".join(pytorch_only),
+        )
+    written.append(atomic_write(output_dir / "model_index.json", lambda tmp: _copy(source / "model_index.json", tmp)))
+    return written
+
+
+def base_encoder_with_token(part: Any, source: Path, trainable: Any) -> Any:
+    """The base model's text encoder as stored (its dtype, every weight's bytes), on the CPU, with the
+    placeholder rows set to the learned vectors (written in that dtype). Saving training's copy instead
+    would round every weight when the frozen parts ran in bf16/fp16 (--mixed_precision)."""
+    import torch
+
+    from textinv.models.quiet import quiet_loading
+
+    with quiet_loading():
+        encoder = type(part.text_encoder).from_pretrained(source / part.name, dtype="auto")
+    rows = part.text_encoder.get_input_embeddings().weight.shape[0]
+    if encoder.get_input_embeddings().weight.shape[0] != rows:
+        encoder.resize_token_embeddings(rows, mean_resizing=False)  # the new rows are set below
+    tokens = trainable.tokens[part.name]
+    with torch.no_grad():
+        weight = encoder.get_input_embeddings().weight
+        weight[tokens.first_id : tokens.first_id + tokens.num_vectors] = tokens.vectors.detach().to(weight)
+    return encoder
+
+
+def _copy(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)

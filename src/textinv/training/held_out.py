@@ -1,0 +1,243 @@
+"""The held-out evaluation: a steady learning curve, the best vectors, and stopping when done (issue 20).
+
+The training loss of textual inversion is dominated by each step's random timestep and noise. Here a
+fixed set of (view, timestep, noise) triples is drawn once from the run's seed, its timesteps spread
+over the whole range (one per stratum), and every ``--eval_steps`` steps (and at the end) the plain
+denoising loss on those same triples is measured with forward passes only: ``eval_loss``. It is a
+measurement, not a sample: the same vectors give the same value.
+
+The triples have generators of their own (a stream of the seed the example stream does not use), the
+forward passes run under ``torch.no_grad`` and every RNG is restored afterwards, so a run learns the
+same vectors with or without it. A checkpoint keeps the curve and the best vectors, so a resumed run
+continues the same curve.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from textinv.config import TrainConfig
+from textinv.embeddings import Embedding, save_diffusers
+from textinv.events import BEST_EMBEDDING_FILE, RunContext
+from textinv.models.conditioning import predict
+from textinv.training.export import write_embedding
+from textinv.training.loss import loss_target
+
+logger = logging.getLogger(__name__)
+
+# The example stream seeds its order with [seed, 0, epoch] and its examples with [seed, 1, index].
+HELD_OUT_STREAM = 2
+
+
+@dataclass
+class HeldOutSet:
+    """The fixed triples: noisy latents, what the UNet should predict there, the timesteps and captions."""
+
+    captions: list[str]
+    noisy: torch.Tensor  # [n, C, h, w]
+    target: torch.Tensor  # [n, C, h, w]
+    timesteps: torch.Tensor  # [n], one in each of n equal strata of [0, num_train_timesteps)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def build_held_out(
+    latents: Any,
+    scheduler: Any,
+    templates: Sequence[str],
+    placeholder_text: str,
+    seed: int,
+    count: int,
+    random_flip: bool,
+) -> HeldOutSet:
+    """Draw ``count`` triples from ``seed``: views in turn (each image, then its mirror), a template
+    each, a latent sample and noise each, and timesteps stratified over the range in a shuffled order.
+    """
+    num_timesteps = int(scheduler.config.num_train_timesteps)
+    strata = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, HELD_OUT_STREAM]))).permutation(count)
+    flips = 2 if random_flip and latents.num_flips > 1 else 1
+    captions, clean, noises, timesteps = [], [], [], []
+    for index in range(count):
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, HELD_OUT_STREAM, index])))
+        image_index, flip = index % latents.num_images, (index // latents.num_images) % flips == 1
+        captions.append(templates[int(rng.integers(len(templates)))].format(placeholder_text))
+        timesteps.append(min(num_timesteps - 1, int((strata[index] + rng.random()) * num_timesteps / count)))
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        latent = latents.sample(image_index, flip, generator).float()
+        clean.append(latent)
+        noises.append(torch.randn(latent.shape, generator=generator))
+    latent_t, noise_t, timestep_t = torch.stack(clean), torch.stack(noises), torch.tensor(timesteps, dtype=torch.long)
+    noisy = scheduler.add_noise(latent_t, noise_t, timestep_t)
+    return HeldOutSet(captions, noisy, loss_target(scheduler, latent_t, noise_t, timestep_t).float(), timestep_t)
+
+
+@torch.no_grad()
+def held_out_sum(
+    model: Any, parts: Any, held: HeldOutSet, device: torch.device, batch_size: int, rank: int = 0, world: int = 1
+) -> float:
+    """The sum (float64) of the per-triple MSE over this process's share of the triples (every ``world``-th)."""
+    mine = list(range(rank, len(held), world))
+    total = 0.0
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        prediction = predict(
+            model, parts, [held.captions[i] for i in chunk], held.noisy[chunk], held.timesteps[chunk], device
+        )
+        errors = (prediction.float() - held.target[chunk].to(device)).pow(2).flatten(1).mean(1)
+        total += float(errors.double().sum())
+    return total
+
+
+def convergence_step(history: Sequence[tuple[int, float]], margin: float, patience: int) -> Optional[int]:
+    """The step of the first evaluation at which :func:`has_converged` holds for the history up to it."""
+    for end in range(1, len(history) + 1):
+        if has_converged(history[:end], margin, patience):
+            return history[end - 1][0]
+    return None
+
+
+def has_converged(history: Sequence[tuple[int, float]], margin: float, patience: int) -> bool:
+    """True when the last ``patience`` evaluations together gained less than ``margin`` of what
+    training had gained before them: ``best_before - best_recent < margin * (first - best_before)``.
+
+    Relative to the gain so far, not to the loss itself: a denoising loss is mostly the noise no word
+    can explain, so the part a word can improve is a small, model-dependent share of it. No gain at
+    all (or a worse value) before the recent evaluations counts as converged once they do not improve.
+    """
+    if len(history) <= patience:
+        return False
+    values = [value for _, value in history]
+    before, recent = values[:-patience], values[-patience:]
+    best_before = min(before)
+    gain = best_before - min(recent)
+    return gain <= 0 or gain < margin * (values[0] - best_before)
+
+
+class HeldOutEvaluation:
+    """The run's held-out curve: evaluates when due, keeps the best vectors, and says when it has converged."""
+
+    def __init__(self, config: TrainConfig, held: HeldOutSet, device: torch.device) -> None:
+        self.config, self.held, self.device = config, held, device
+        self.history: list[tuple[int, float]] = []
+        self.best_step: Optional[int] = None
+        self.best_loss = math.inf
+        self.best_vectors: dict[str, torch.Tensor] = {}
+        self.seconds = 0.0
+
+    @classmethod
+    def for_run(
+        cls, config: TrainConfig, parts: Any, latents: Any, stream: Any, device: torch.device
+    ) -> Optional[HeldOutEvaluation]:
+        """The evaluation ``config`` asks for (``--eval_steps`` > 0), or None."""
+        if not config.eval_steps:
+            return None
+        held = build_held_out(
+            latents,
+            parts.noise_scheduler,
+            stream.templates,
+            stream.placeholder_text,
+            stream.seed,
+            config.eval_samples,
+            stream.random_flip,
+        )
+        return cls(config, held, device)
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step % self.config.eval_steps == 0 or step == max_steps
+
+    def evaluate(self, run: RunContext, step: int) -> float:
+        """eval_loss of the current vectors (the same on every process); records it and keeps the best."""
+        import time
+
+        started = time.perf_counter()
+        accelerator = run.accelerator
+        fork_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):  # nothing here may move the training's random state
+            total = held_out_sum(
+                run.trainable,
+                run.parts,
+                self.held,
+                self.device,
+                self.config.train_batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
+        if accelerator.num_processes > 1:
+            total = float(
+                accelerator.reduce(torch.tensor([total], dtype=torch.float64, device=self.device), reduction="sum")[0]
+            )
+        value = total / len(self.held)
+        self.history.append((step, value))
+        if value < self.best_loss:
+            self.best_step, self.best_loss = step, value
+            self.best_vectors = {
+                name: v.detach().float().cpu().clone() for name, v in run.trainable.vectors_by_encoder().items()
+            }
+            write_embedding(run, step, BEST_EMBEDDING_FILE)
+        self.seconds += time.perf_counter() - started
+        self.update_record(run)
+        return value
+
+    def converged(self) -> bool:
+        return has_converged(self.history, self.config.convergence_margin, self.config.convergence_patience)
+
+    def stop_text(self) -> str:
+        step, patience = self.history[-1][0], self.config.convergence_patience
+        return (
+            f"stopped at step {step}: eval_loss gained less than {self.config.convergence_margin:g} of its gain so far "
+            f"over the last {patience} evaluations (--stop_when_converged); "
+            f"best {self.best_loss:.5f} at step {self.best_step}"
+        )
+
+    def best_text(self) -> str:
+        if self.best_step is None:
+            return ""
+        return f"; lowest eval_loss {self.best_loss:.5f} at step {self.best_step} ({BEST_EMBEDDING_FILE})"
+
+    def update_record(self, run: RunContext) -> None:
+        """run.json: the curve, the best step and the evaluation's own time."""
+        run.record["eval"] = {
+            "samples": len(self.held),
+            "every": self.config.eval_steps,
+            "losses": [[step, value] for step, value in self.history],
+            "best_step": self.best_step,
+            "best_loss": self.best_loss if self.best_step is not None else None,
+            "best_file": BEST_EMBEDDING_FILE if self.best_step is not None else None,
+        }
+        run.record.setdefault("timings", {})["eval_seconds"] = round(self.seconds, 3)
+        run.save_record()
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "samples": len(self.held),
+            "history": [[step, value] for step, value in self.history],
+            "best_step": -1 if self.best_step is None else self.best_step,
+            "best_loss": self.best_loss,
+            "best_vectors": dict(self.best_vectors),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], run: RunContext, step: int) -> None:
+        """Continue a checkpoint's curve (up to its ``step``); rewrite the best file from its best vectors."""
+        if not state:
+            return
+        if int(state.get("samples", -1)) != len(self.held):
+            logger.warning("--eval_samples changed since the checkpoint: the eval_loss curve starts afresh")
+            return
+        self.history = [(int(s), float(v)) for s, v in state["history"] if int(s) <= step]
+        best_step = int(state["best_step"])
+        if best_step >= 0 and best_step <= step:
+            self.best_step, self.best_loss = best_step, float(state["best_loss"])
+            self.best_vectors = {name: tensor.float() for name, tensor in state["best_vectors"].items()}
+            if run.is_main_process:  # the file may hold a later step of the stopped run: back to the checkpoint's best
+                best = Embedding(token=self.config.placeholder_token, vectors=dict(self.best_vectors), step=best_step)
+                save_diffusers(best, run.output_dir / BEST_EMBEDDING_FILE)
+        self.update_record(run)

@@ -1,0 +1,377 @@
+"""The training recipe: :meth:`TrainingRecipe.setup`, then :meth:`~TrainingRecipe.loop`, then
+:meth:`~TrainingRecipe.finish`. Read the loop top to bottom; each line calls one named step.
+
+Observers (:class:`textinv.events.TrainObserver`) see the run start, every step and the end;
+the caller chooses them (``textinv.observers.observers_from_config`` builds the configured ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from textinv.config import TrainConfig, TrainingInterrupted
+from textinv.data.examples import ExampleStream
+from textinv.data.images import discover_images
+from textinv.data.latents import LatentCache
+from textinv.data.templates import choose_language, templates_for
+from textinv.events import BEST_EMBEDDING_FILE, RUN_FILE, RunContext, StepState, TrainObserver, TrainResult
+from textinv.files import atomic_write_json
+from textinv.models import precision
+from textinv.models.conditioning import add_placeholder
+from textinv.models.loading import load_model_parts, resolve_model_dir
+from textinv.models.quiet import quiet_loading
+from textinv.models.tokens import check_words, expand_placeholder
+from textinv.training import builders, checkpoints, run_dir
+from textinv.training.export import (
+    check_embedding_formats, embedding_file_name, embedding_of, save_embedding_files, save_pipeline, write_embedding_files, write_snapshot,
+)
+from textinv.training.held_out import HeldOutEvaluation
+from textinv.training.loss import LossSettings, denoising_loss
+from textinv.training.stopping import (
+    DIVERGED_HINT, TrainingDiverged, TrainingOutOfMemory, agreed_stop, out_of_memory_text, stop_on_signals,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def train(
+    config: TrainConfig,
+    observers: Sequence[TrainObserver] = (),
+    latent_cache: Optional[LatentCache] = None,
+) -> TrainResult:
+    """Learn the placeholder token's vectors; write them (and checkpoints) to output_dir.
+
+    ``latent_cache`` replaces the images of ``train_data_dir`` with ready-made latents
+    (benchmarks that plant a concept use it).
+    """
+    recipe = TrainingRecipe(config, observers, latent_cache)
+    with stop_on_signals(recipe):  # from the start: a SIGTERM while the model loads stops after step 1
+        try:
+            recipe.setup()
+        except torch.OutOfMemoryError:
+            raise TrainingOutOfMemory(out_of_memory_text(recipe.config, getattr(recipe, "device", None), None)) from None
+        recipe.loop()
+    return recipe.finish()
+
+
+class TrainingRecipe:
+    """One training run. ``setup`` loads and checks everything, ``loop`` trains, ``finish`` writes."""
+
+    def __init__(self, config: TrainConfig, observers: Sequence[TrainObserver], latent_cache: Optional[LatentCache]) -> None:
+        self.config = config
+        self.observers = list(observers)
+        self.latent_cache = latent_cache
+        self.losses: list[float] = []
+        self.saved: list[Path] = []
+        self.start_step = 0
+        self.run: Optional[RunContext] = None
+        self._early_stop: Optional[int] = None  # a signal that came before the run context existed
+
+    @property
+    def stop_requested(self) -> Optional[int]:
+        return self.run.stop_requested if self.run is not None else self._early_stop
+
+    @stop_requested.setter
+    def stop_requested(self, signum: Optional[int]) -> None:
+        if self.run is not None:
+            self.run.stop_requested = signum
+        else:
+            self._early_stop = signum
+
+    # --- setup -----------------------------------------------------------------------------------
+    def setup(self) -> RunContext:
+        from accelerate import Accelerator
+
+        config = self.config
+        config.validate()
+        output_dir = Path(config.output_dir).expanduser()
+        # accelerate never does precision here (fp16's loss scaler is textinv's own, precision.grad_scaler), so its
+        # process-wide state is the same for every train() call in a process (a notebook, textinv serve).
+        accelerator = Accelerator(cpu=builders.processes_share_cpu(), mixed_precision="no")
+        config, precision_text = precision.choose_precision(config, accelerator.device)
+        self.config = config
+        logger.info("%s", precision_text)
+        resume_dir = run_dir.prepare_output_dir(config, output_dir, accelerator)
+        device = self.device = accelerator.device
+
+        # Cheap checks first: a missing image folder should not cost a model load.
+        image_paths = discover_images(config.train_data_dir) if self.latent_cache is None else []
+        start_vectors = None
+        if config.init_embeddings:
+            start_vectors = builders.starting_vectors_by_encoder(config.init_embeddings, config.placeholder_token, config.num_vectors)
+            config = self.config = dataclasses.replace(config, num_vectors=int(next(iter(start_vectors.values())).shape[0]))
+        initializer = None if start_vectors is not None else config.initializer_token
+        check_tokenizer = functools.partial(check_words, token=config.placeholder_token, num_vectors=config.num_vectors, initializer=initializer)
+        with accelerator.local_main_process_first():  # one hub download per machine; the others then read its cache
+            model_dir = resolve_model_dir(config.pretrained_model_name_or_path, config.revision)
+        dtype = precision.frozen_dtype(config)  # the frozen parts load in it, straight onto the device
+        parts = self.parts = load_model_parts(str(model_dir), config.revision, config.tokenizer_name, check_tokenizer, dtype, device)
+        check_embedding_formats(config.embedding_formats, parts)
+        language = choose_language(config.language, config.pretrained_model_name_or_path, parts.family)
+        identity = run_dir.run_identity(config, parts, image_paths, self.latent_cache)
+        identity["language"] = language  # the templates change the examples, so a resume must keep them
+        previous_record = run_dir.check_resume_identity(output_dir, identity) if resume_dir else None
+
+        # Latents: each view through the VAE once, when first drawn; the cache lets the VAE go once full.
+        if self.latent_cache is None:
+            self.latent_cache = builders.load_latents(config, parts, image_paths, device)
+        parts.vae = None
+
+        # The placeholder token: the only trainable tensors, [n, dim] per text encoder.
+        trainable = self.trainable = add_placeholder(
+            parts, config.placeholder_token, config.num_vectors, config.initializer_token, start_vectors, config.init_embeddings or ""
+        )
+        parts.unet = precision.apply_to_unet(config, parts.unet, device)
+        trainable.to(device)
+
+        # Schedule, optimizer, and the state of a resumed run.
+        resume_state, resume_rng = (None, None)
+        if resume_dir is not None:
+            resume_state, resume_rng = checkpoints.read_checkpoint(resume_dir, accelerator.process_index)
+        seed = run_dir.choose_seed(config, previous_record, resume_state)
+        stream = ExampleStream(
+            num_images=self.latent_cache.num_images,
+            repeats=config.repeats,
+            templates=templates_for(config.learnable_property, language),
+            placeholder_text=expand_placeholder(config.placeholder_token, config.placeholder_token, config.num_vectors),
+            random_flip=config.random_flip and self.latent_cache.num_flips > 1,
+            seed=seed,
+        )
+        num_processes = accelerator.num_processes
+        max_steps = builders.schedule_length(config, stream.epoch_length, num_processes)
+        self.optimizer = builders.make_optimizer(config, trainable.parameters(), num_processes)
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.lr_scheduler = builders.make_lr_scheduler(config, self.optimizer, max_steps)
+        self.scaler = precision.grad_scaler(config, device)  # fp16 only
+        if resume_state is not None:
+            trainable.load_vectors(resume_state.vectors_by_encoder)
+            self.optimizer.load_state_dict(resume_state.optimizer)
+            self.lr_scheduler.load_state_dict(resume_state.lr_scheduler)
+            if self.scaler is not None and resume_state.grad_scaler:
+                self.scaler.load_state_dict(resume_state.grad_scaler)  # the loss scale it had reached
+            self.losses = list(resume_state.losses)
+            self.start_step = resume_state.step
+            if resume_rng is not None:
+                checkpoints.set_rng_state(resume_rng)
+            logger.info("resuming from %s at step %d of %d", resume_dir, self.start_step, max_steps)
+        else:
+            torch.manual_seed(seed)  # only for anything a library draws; our draws use explicit generators
+        self.model = accelerator.prepare(trainable)
+
+        record = run_dir.run_record(config, seed, parts, identity, max_steps, learning_rate, device, num_processes)
+        if previous_record is not None:
+            record["resumed"] = previous_record.get("resumed", []) + [{"from_step": self.start_step, "at": run_dir.now()}]
+        self.run = run = RunContext(config, output_dir, parts, trainable, accelerator, stream, max_steps, seed, record)
+        run.start_step, run.stop_requested = self.start_step, self._early_stop
+        run.save_record = lambda: atomic_write_json(output_dir / RUN_FILE, record) if accelerator.is_main_process else None
+        run.save_record()
+        self.stop_reason = "max_train_steps"
+        self.evaluation = HeldOutEvaluation.for_run(config, parts, self.latent_cache, stream, device)  # None with --eval_steps 0
+        if self.evaluation is not None:
+            if resume_state is not None:
+                self.evaluation.load_state_dict(resume_state.held_out, run, self.start_step)
+            if not self.evaluation.history:
+                self.evaluation.evaluate(run, self.start_step)  # where the curve starts
+        self.per_update = config.examples_per_update(num_processes)
+        self.loss_settings = LossSettings.from_config(config)
+        logger.info(
+            "%d steps, %d example(s) per step (batch %d x accumulation %d x %d process(es)), lr %.3g, %s",
+            max_steps,
+            self.per_update,
+            config.train_batch_size,
+            config.gradient_accumulation_steps,
+            num_processes,
+            learning_rate,
+            parts.prediction_type,
+        )
+        cost = builders.cpu_step_estimate(config, parts, device, num_processes)
+        if cost is not None:
+            logger.info("%s", cost)
+        for observer in self.observers:
+            observer.on_start(run)
+        self.started = time.perf_counter()
+        return run
+
+    # --- the loop --------------------------------------------------------------------------------
+    def loop(self) -> None:
+        run, trainable = self.run, self.trainable
+        for step in range(self.start_step + 1, run.max_steps + 1):
+            step_started = time.perf_counter()
+            last_good = {name: vectors.detach().clone() for name, vectors in trainable.vectors_by_encoder().items()}
+            out_of_memory = False
+            try:
+                mean_loss = self.accumulate_gradients(step)
+                if not math.isfinite(mean_loss):
+                    self.stop_diverged(f"the loss became {mean_loss} at step {step}", step - 1)
+                self.optimizer_step()
+                if not trainable.all_finite():
+                    trainable.load_vectors(last_good)
+                    self.stop_diverged(f"the token vectors became non-finite at step {step}", step - 1)
+                self.losses.append(mean_loss)
+                step_seconds = time.perf_counter() - step_started
+                eval_loss = self.evaluate_if_due(step)
+                lr = self.lr_scheduler.get_last_lr()[0]
+                state = StepState(step, run.max_steps, mean_loss, lr, step_seconds, eval_loss, getattr(self.latent_cache, "views_encoded", None))
+                for observer in self.observers:
+                    observer.on_step(run, state)
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # handled below, once the error's frames (and the activations they hold) are gone
+            if out_of_memory:
+                self.stop_out_of_memory(step, last_good)
+            self.save_if_due(step)
+            if step == run.max_steps:
+                break  # the last step, or the one --stop_when_converged made the last
+
+    def evaluate_if_due(self, step: int) -> Optional[float]:
+        """eval_loss when due (every --eval_steps and at the end); with --stop_when_converged, a converged
+        curve makes this step the run's last (``run.max_steps``), so observers and finish see a normal end."""
+        evaluation, run = self.evaluation, self.run
+        if evaluation is None or not evaluation.due(step, run.max_steps):
+            return None
+        value = evaluation.evaluate(run, step)
+        if self.config.stop_when_converged and step < run.max_steps and evaluation.converged():
+            self.stop_reason, run.max_steps = "converged", step
+            logger.info("%s", evaluation.stop_text())
+        return value
+
+    def accumulate_gradients(self, step: int) -> float:
+        """Forward and backward over this step's micro-batches; the mean loss over every process."""
+        config, accelerator = self.config, self.run.accelerator
+        num_processes, accumulation = accelerator.num_processes, config.gradient_accumulation_steps
+        step_loss = torch.zeros((), device=self.device)
+        for micro in range(accumulation):
+            offset = (micro * num_processes + accelerator.process_index) * config.train_batch_size
+            first = (step - 1) * self.per_update + offset
+            examples = [self.run.stream[index] for index in range(first, first + config.train_batch_size)]
+            is_last_micro = micro == accumulation - 1
+            with accelerator.no_sync(self.model) if not is_last_micro else contextlib.nullcontext():
+                loss = denoising_loss(
+                    self.model, self.parts, self.parts.tokenizer, self.latent_cache, examples, self.device, self.loss_settings
+                )
+                scaled = loss / accumulation
+                accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
+            step_loss += loss.detach() / accumulation
+        return float(accelerator.reduce(step_loss, reduction="mean")) if num_processes > 1 else float(step_loss)
+
+    def optimizer_step(self) -> None:
+        """AdamW on the vectors (through fp16's loss scaler), then the LR schedule, unless the scaler skipped the step."""
+        scaler = self.scaler
+        if self.config.max_grad_norm > 0:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)  # clip the true gradients
+            self.run.accelerator.clip_grad_norm_(self.trainable.parameters(), self.config.max_grad_norm)
+        if scaler is None:
+            self.optimizer.step()
+            self.lr_scheduler.step()
+        else:
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
+            if scaler.get_scale() >= scale:  # the scale drops only on a skipped step
+                self.lr_scheduler.step()
+            else:
+                logger.debug("fp16: gradients overflowed; step skipped, loss scale %g -> %g", scale, scaler.get_scale())
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_if_due(self, step: int) -> None:
+        """Snapshots every --save_steps, checkpoints every --checkpointing_steps, and a clean stop on a signal."""
+        config, run = self.config, self.run
+        if run.is_main_process and step % config.save_steps == 0 and step < run.max_steps:
+            self.saved.extend(write_snapshot(run, step))
+        stop = agreed_stop(run)
+        due = bool(config.checkpointing_steps) and step % config.checkpointing_steps == 0 and step < run.max_steps
+        if due or stop:
+            checkpoint = self.save_checkpoint(step)
+            if stop:
+                self.saved.extend(write_embedding_files(run, step))
+                run_dir.finish_record(run, "interrupted", step, self.losses, self.started, self.saved)
+                raise TrainingInterrupted(step, run.max_steps, stop, str(checkpoint))
+
+    def save_checkpoint(self, step: int) -> Path:
+        embedding = embedding_of(self.config, self.trainable, step)
+        held_out = self.evaluation.state_dict() if self.evaluation is not None else None
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
+        return checkpoints.save_checkpoint(self.run, step, self.optimizer, self.lr_scheduler, self.losses, embedding, held_out, scaler)
+
+    def stop_diverged(self, what: str, good_step: int) -> None:
+        where = ""
+        if good_step > 0:
+            checkpoint = self.save_checkpoint(good_step)
+            first = write_embedding_files(self.run, good_step)[:1] or [self.run.output_dir / embedding_file_name(self.config.embedding_formats[0])]
+            where = f"; the last good vectors (step {good_step}) are in {first[0]} and {checkpoint}"
+        run_dir.finish_record(self.run, "diverged", good_step, self.losses, None, [])
+        raise TrainingDiverged(f"{what}{where}. {DIVERGED_HINT}")
+
+    def stop_out_of_memory(self, step: int, last_good: dict[str, torch.Tensor]) -> None:
+        """The device ran out of memory in ``step``: keep the last good vectors, and end in one line naming what to change.
+
+        One process writes a checkpoint of the last good step; several do not (the others may be waiting in a
+        collective that the one out of memory will never join), and the last periodic checkpoint is the one to resume."""
+        run = self.run
+        good_step = step if len(self.losses) >= step else step - 1  # validation can run out after the update
+        if good_step < step:
+            self.trainable.load_vectors(last_good)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        where = ""
+        if run.accelerator.num_processes > 1:
+            found = checkpoints.list_checkpoints(run.output_dir)
+            where = f"; the last checkpoint is {found[-1]}" if found else ""
+        elif good_step > self.start_step:
+            checkpoint = self.save_checkpoint(good_step)
+            first = write_embedding_files(run, good_step)[:1] or [run.output_dir / embedding_file_name(self.config.embedding_formats[0])]
+            where = f"; the vectors of step {good_step} are in {first[0]} and {checkpoint}"
+        elif good_step > 0:
+            where = f"; this run started from {run.output_dir / f'checkpoint-{good_step}'}"
+        run_dir.finish_record(run, "out_of_memory", good_step, self.losses[:good_step], None, [])
+        raise TrainingOutOfMemory(out_of_memory_text(self.config, self.device, step, where))
+
+    # --- finish ----------------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        run, config, parts = self.run, self.config, self.parts
+        elapsed = time.perf_counter() - self.started
+        embedding = embedding_of(config, self.trainable, run.max_steps)
+        embedding_path = run.output_dir / embedding_file_name(config.embedding_formats[0])
+        if run.is_main_process:
+            self.saved.extend(save_embedding_files(config.embedding_formats, embedding, run.output_dir))
+            if not config.only_save_embeds:
+                # The text encoder(s) saved are the base model's as stored plus the learned rows, whatever
+                # precision training's copies ran in (bf16/fp16 would round every weight).
+                with quiet_loading():  # no "Writing model shards" bars
+                    self.saved.extend(save_pipeline(parts, run.output_dir, config.ppdiffusers_weights, self.trainable))
+        run.record["vectors_sha256_by_rank"] = self.vectors_digest_by_rank()
+        run.record["stop_reason"] = self.stop_reason
+        if self.evaluation is not None and self.evaluation.best_step is not None and run.is_main_process:
+            self.saved.append(run.output_dir / BEST_EMBEDDING_FILE)
+        if run.is_main_process:
+            run_dir.finish_record(run, "completed", run.max_steps, self.losses, self.started, self.saved, elapsed)
+        self.trainable.detach_hook()
+        run.accelerator.wait_for_everyone()
+        steps_here = run.max_steps - self.start_step
+        result = TrainResult(run.output_dir, embedding_path, embedding, run.max_steps, self.losses, self.saved, steps_here, self.stop_reason)
+        why = f"; {self.evaluation.stop_text()}" if self.stop_reason == "converged" and self.evaluation is not None else ""
+        best = self.evaluation.best_text() if self.evaluation is not None else ""
+        this_run = f"{steps_here} this run, " if steps_here != run.max_steps else ""
+        result.summary = f"learned {config.placeholder_token} in {run.max_steps} steps ({this_run}{elapsed:.1f} s); wrote {embedding_path}{best}{why}"
+        for observer in self.observers:
+            observer.on_end(run, result)
+        logger.debug("%s", result.summary)  # the CLI prints it, after the progress bar has closed
+        return result
+
+    def vectors_digest_by_rank(self) -> list[str]:
+        """A digest of the final vectors from every process (they must agree under DDP)."""
+        accelerator = self.run.accelerator
+        vectors = torch.cat([v.detach().float().flatten() for v in self.trainable.vectors_by_encoder().values()])
+        gathered = accelerator.gather(vectors.unsqueeze(0)) if accelerator.num_processes > 1 else vectors.unsqueeze(0)
+        return [hashlib.sha256(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in gathered]

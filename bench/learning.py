@@ -90,6 +90,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "batch8_lr1e-3": dict(train_batch_size=8, learning_rate=1e-3),
     "batch4_lr1e-3": dict(train_batch_size=4, learning_rate=1e-3),
     "batch4_lr2e-3": dict(train_batch_size=4, learning_rate=2e-3),
+    "batch4_lr1e-3_cosine": dict(train_batch_size=4, learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=0),
+    "batch4_lr1e-3_logit_normal": dict(train_batch_size=4, learning_rate=1e-3, timestep_sampling="logit_normal"),
     "batch4_lr2e-3_cosine": dict(train_batch_size=4, learning_rate=2e-3, lr_scheduler="cosine", lr_warmup_steps=0),
     "batch4x4_lr1e-3": dict(train_batch_size=4, gradient_accumulation_steps=4, learning_rate=1e-3),
     "batch16_lr5e-4": dict(train_batch_size=16, learning_rate=5e-4),

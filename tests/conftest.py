@@ -119,3 +119,14 @@ def train_config(model: Path, images: Path, output_dir: Path, **overrides):
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def same_vectors(actual, expected, mixed_precision: str = "no") -> bool:
+    """Two runs' vectors agree: bit-identical on the CPU (same thread count), within
+    textinv.models.precision.vector_tolerance on CUDA, where some kernels are nondeterministic."""
+    import torch
+
+    from textinv.models.precision import vector_tolerance, vectors_agree
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return vectors_agree(actual, expected, vector_tolerance(device, mixed_precision))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -54,6 +55,7 @@ def test_missing_train_data_dir(tiny_model: Path, tmp_path: Path) -> None:
     assert_user_error(run_cli(*train_args(tiny_model, tmp_path / "nope", tmp_path / "out")), "nope", "does not exist")
 
 
+@pytest.mark.slow
 def test_some_unreadable_images_warn_and_train_goes_on(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -81,6 +83,7 @@ def test_output_dir_with_another_run_is_refused(tiny_model: Path, train_images: 
     assert (out / "learned_embeds.safetensors").read_bytes() == b"precious"
 
 
+@pytest.mark.slow
 def test_tiny_then_generate_is_reproducible(tmp_path: Path) -> None:
     model = tmp_path / "tiny"
     assert run_cli("tiny", str(model)).returncode == 0
@@ -115,6 +118,7 @@ def test_generate_bad_input(tiny_model: Path, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_generate_with_embedding_changes_the_image(tiny_model: Path, tmp_path: Path) -> None:
     import torch
     from safetensors.torch import save_file
@@ -131,6 +135,7 @@ def test_generate_with_embedding_changes_the_image(tiny_model: Path, tmp_path: P
     assert not np.array_equal(image_t, image_n)
 
 
+@pytest.mark.slow
 def test_demo_writes_embedding_and_image(tmp_path: Path) -> None:
     result = run_cli("demo", "--output_dir", str(tmp_path / "demo"), "--steps", "30")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -114,32 +114,36 @@ def embeddings(request: pytest.FixtureRequest) -> Path:
 def test_lookalike_builders_write_the_originals_byte_for_byte(interop_data: Path, tmp_path: Path) -> None:
     """Given an original's contents, each builder the standalone tests use writes the original's bytes."""
     originals = interop_data / "embeddings"
-    build = lookalike
+    for name in lookalike.VENDORED:  # and the committed copies are the originals
+        assert (lookalike.VENDORED_DIR / name).read_bytes() == (originals / name).read_bytes(), name
     diffusers_bins = {"fastai_diffusion-nbs_learned_embeds.bin": "archive", "padmanabh_pop_art.bin": "learned_embeds"}
     for name, archive in diffusers_bins.items():  # torch names the zip's folder after the file (older) or "archive"
         ((token, vector),) = torch.load(originals / name, weights_only=True).items()
-        made = build.diffusers_bin(tmp_path / name, token, vector, archive)
+        made = lookalike.diffusers_bin(tmp_path / name, token, vector, archive)
         assert made.read_bytes() == (originals / name).read_bytes()
     hands = torch.load(originals / "bad-hands-5.pt", weights_only=True, map_location="cpu")
-    made = build.a1111_pt(tmp_path / "bad-hands-5.pt", hands["name"], hands["string_to_param"]["*"], hands["step"],
-                          hands["sd_checkpoint"], hands["sd_checkpoint_name"])
+    made = lookalike.a1111_pt(
+        tmp_path / "bad-hands-5.pt", hands["name"], hands["string_to_param"]["*"], hands["step"],
+        hands["sd_checkpoint"], hands["sd_checkpoint_name"],
+    )
     assert made.read_bytes() == (originals / "bad-hands-5.pt").read_bytes()
     easy = torch.load(originals / "EasyNegative.pt", weights_only=True)["emb_params"]
-    assert build.emb_params_pt(tmp_path / "e.pt", easy).read_bytes() == (originals / "EasyNegative.pt").read_bytes()
-    assert build.empty_pt(tmp_path / "empty.pt").read_bytes() == (originals / "empty.pt").read_bytes()
+    made = lookalike.emb_params_pt(tmp_path / "e.pt", easy)
+    assert made.read_bytes() == (originals / "EasyNegative.pt").read_bytes()
+    assert lookalike.empty_pt(tmp_path / "empty.pt").read_bytes() == (originals / "empty.pt").read_bytes()
     ((token, vectors),) = load_file(str(originals / "ttekcor_learned_embeds.safetensors")).items()
-    made = build.diffusers_safetensors(tmp_path / "t.safetensors", token, vectors)
+    made = lookalike.diffusers_safetensors(tmp_path / "t.safetensors", token, vectors)
     assert made.read_bytes() == (originals / "ttekcor_learned_embeds.safetensors").read_bytes()
     sdxl = load_file(str(originals / "Kaleidia_SDXL-Detail.safetensors"))
-    made = build.sdxl_safetensors(tmp_path / "k.safetensors", sdxl["clip_l"], sdxl["clip_g"])
+    made = lookalike.sdxl_safetensors(tmp_path / "k.safetensors", sdxl["clip_l"], sdxl["clip_g"])
     assert made.read_bytes() == (originals / "Kaleidia_SDXL-Detail.safetensors").read_bytes()
     # The PNG: the same chunks before the pixels and the same text chunk, byte for byte.
-    chunks = build.png_chunks((originals / "test_embedding.png").read_bytes())
+    chunks = lookalike.png_chunks((originals / "test_embedding.png").read_bytes())
     (text,) = [body for kind, body in chunks if kind == b"tEXt"]
     data = json.loads(base64.b64decode(text.split(b"\0", 1)[1]))
     rick = torch.tensor(data["string_to_param"]["*"]["TORCHTENSOR"], dtype=torch.float32)
-    made = build.a1111_png(tmp_path / "rick.png", data["name"], rick, data["step"])
-    made_chunks = build.png_chunks(made.read_bytes())
+    made = lookalike.a1111_png(tmp_path / "rick.png", data["name"], rick, data["step"])
+    made_chunks = lookalike.png_chunks(made.read_bytes())
     assert [kind for kind, _ in made_chunks] == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
     assert [kind for kind, _ in chunks[:3]] == [b"IHDR", b"tEXt", b"IDAT"] and chunks[-1][0] == b"IEND"
     assert made_chunks[1] == (b"tEXt", text)
@@ -604,6 +608,7 @@ def _start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_cli_inspect_and_convert(standalone_embeddings: Path, tmp_path: Path) -> None:
     embeddings = standalone_embeddings  # the command line's plumbing; the formats are tested above
     bad = {kind: _bad_file(kind, tmp_path)[0] for kind in ("empty", "truncated-zip", "jpeg")}

@@ -68,6 +68,7 @@ def test_prompt_files_and_the_text_clip_reads(tmp_path: Path) -> None:
         read_prompts(prompts)
 
 
+@pytest.mark.slow
 def test_eval_command_prints_both_scores_and_writes_json(
     tiny_model: Path, train_images: Path, tiny_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -110,6 +110,7 @@ def _row(tokenizer: Any, text_encoder: Any, token: str) -> torch.Tensor:
     return text_encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)].detach()
 
 
+@pytest.mark.slow
 def test_family_is_detected_and_recorded(family_run: FamilyRun) -> None:
     record = json.loads((family_run.result.output_dir / "run.json").read_text())
     assert detect_family(family_run.model) == family_run.family == record["model"]["family"]
@@ -119,6 +120,7 @@ def test_family_is_detected_and_recorded(family_run: FamilyRun) -> None:
     assert all(torch.isfinite(torch.tensor(family_run.result.losses)))
 
 
+@pytest.mark.slow
 def test_each_encoder_gets_its_own_vectors_and_only_those_rows_change(family_run: FamilyRun) -> None:
     """The saved pipeline's text encoders equal the base ones but for the placeholder rows."""
     vectors = family_run.result.embedding.vectors
@@ -147,6 +149,7 @@ def test_each_encoder_gets_its_own_vectors_and_only_those_rows_change(family_run
         assert torch.allclose(learned[0], before[embedding_key][init_id], atol=0.2)
 
 
+@pytest.mark.slow
 def test_embedding_loads_in_textinv_and_diffusers_and_generates(family_run: FamilyRun) -> None:
     family, learned = family_run.family, family_run.result.embedding.vectors
     embedding_file = family_run.result.embedding_path
@@ -183,6 +186,7 @@ def test_embedding_loads_in_textinv_and_diffusers_and_generates(family_run: Fami
     assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
 
 
+@pytest.mark.slow
 def test_saved_pipeline_also_holds_what_ppdiffusers_reads(family_run: FamilyRun) -> None:
     """Issue 15: each CLIP tokenizer folder also holds paddlenlp's vocab.json / merges.txt / added_tokens.json, and
     each CLIP text encoder names its weights text_model.* (tests/test_ppdiffusers.py loads them in ppdiffusers)."""
@@ -203,6 +207,7 @@ def test_saved_pipeline_also_holds_what_ppdiffusers_reads(family_run: FamilyRun)
             assert all(key.startswith("text_model.") or key == "text_projection.weight" for key in weights.keys())
 
 
+@pytest.mark.slow
 def test_captions_fed_to_the_tokenizers_follow_the_language(family_run: FamilyRun) -> None:
     _, language, expected = CASES[family_run.family]
     captions = [caption for _, batch in family_run.tokenized for caption in batch]
@@ -228,6 +233,7 @@ def test_captions_fed_to_the_tokenizers_follow_the_language(family_run: FamilyRu
     assert record["identity"]["language"] == (language or "en")
 
 
+@pytest.mark.slow
 def test_v_prediction_trains_against_the_velocity(family_run: FamilyRun) -> None:
     record = json.loads((family_run.result.output_dir / "run.json").read_text())
     if family_run.family == "sd2-v":
@@ -238,6 +244,7 @@ def test_v_prediction_trains_against_the_velocity(family_run: FamilyRun) -> None
         assert family_run.velocity_calls == 0
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_every_encoder_and_resumes_exactly(family_run: FamilyRun, tmp_path: Path) -> None:
     from textinv.training.checkpoints import read_checkpoint
 

@@ -144,6 +144,7 @@ def test_debug_keeps_exit_code_1_for_an_internal_fault(monkeypatch: pytest.Monke
     assert "Traceback" in err and err.strip().splitlines()[-1] == "textinv: internal error: RuntimeError: a bug"
 
 
+@pytest.mark.slow
 def test_generate_names_a_flag_it_has(tiny_model: Path, embedding_file: Path, tmp_path: Path) -> None:
     common = ["generate", "--model", str(tiny_model), "--num_inference_steps", "2", "--height", "64", "--width", "64", "--seed", "1"]
     twice = _cli(*common, "--prompt", "a <thing>", "--embeddings", str(embedding_file), "--embeddings", str(embedding_file))
@@ -156,6 +157,7 @@ def test_generate_names_a_flag_it_has(tiny_model: Path, embedding_file: Path, tm
 
 
 # --- file modes: results get the umask, whoever wrote them ----------------------------------------------------
+@pytest.mark.slow
 def test_every_result_gets_the_umask_modes(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:
@@ -211,6 +213,7 @@ class _SlowValidation(events.TrainObserver):
             events.add_timing(run, "validation_seconds", 1.5)
 
 
+@pytest.mark.slow
 def test_the_rate_after_a_slow_validation_round_is_the_steps_own(
     tiny_model: Path, train_images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -243,9 +246,10 @@ def test_the_rate_is_the_recent_steps_median(caplog: pytest.LogCaptureFixture) -
 
 
 def test_the_line_says_the_first_epoch_fills_the_cache() -> None:
-    filling = progress_text(StepState(2, 10, 0.5, 1e-4, 0.2, views_encoded=(3, 8)), 0.2, 0.0)
+    filling = progress_text(StepState(2, 10, 0.5, 1e-4, 0.2, views_encoded=(3, 8)), 0.2, {})
     assert filling.endswith("(the first epoch also fills the latent cache: 3/8 views)")
-    assert "cache" not in progress_text(StepState(9, 10, 0.5, 1e-4, 0.2), 0.2, 0.0)
+    full = progress_text(StepState(9, 10, 0.5, 1e-4, 0.2), 0.2, {"validation": 3.14, "eval_loss": 0.8})
+    assert full == "loss 0.5000 lr 1.00e-04 0.200 s/step ETA 0:00:00; validation 3.1 s, eval_loss 0.8 s so far"
 
 
 def _read_terminal(command: list[str], env: dict[str, str], timeout: float = 300) -> str:
@@ -273,6 +277,7 @@ def _read_terminal(command: list[str], env: dict[str, str], timeout: float = 300
     return b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_a_terminal_run_shows_one_bar_then_one_summary_line(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "textinv.cli", "train", f"--pretrained_model_name_or_path={tiny_model}",
                f"--train_data_dir={train_images}", "--placeholder_token=<cat-toy>", "--initializer_token=toy",
@@ -288,6 +293,7 @@ def test_a_terminal_run_shows_one_bar_then_one_summary_line(tiny_model: Path, tr
     assert len(after) == 1 and re.fullmatch(r"learned <cat-toy> in 12 steps \([\d.]+ s\); wrote .*learned_embeds\.safetensors", after[0]), after
 
 
+@pytest.mark.slow
 def test_after_a_resume_the_summary_says_both_counts(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     class StopAtStep(events.TrainObserver):
         def on_step(self, run: events.RunContext, state: StepState) -> None:
@@ -339,6 +345,7 @@ print("done")
 """
 
 
+@pytest.mark.slow
 def test_the_python_api_keeps_library_chatter_quiet(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     code = API_SNIPPET.format(model=tiny_model, images=train_images, out=tmp_path / "out", samples=tmp_path / "samples")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
@@ -388,6 +395,7 @@ def test_an_unreachable_hub_fails_at_the_first_error(monkeypatch: pytest.MonkeyP
     assert calls == ["someone/no-such-clip"]
 
 
+@pytest.mark.slow
 def test_tiny_clip_from_the_cli_works_for_eval(tiny_model: Path, embedding_file: Path, train_images: Path, tmp_path: Path) -> None:
     made = _cli("tiny", "--clip", str(tmp_path / "clip"))
     assert made.returncode == 0, made.stderr[-2000:]
@@ -402,6 +410,7 @@ def test_tiny_clip_from_the_cli_works_for_eval(tiny_model: Path, embedding_file:
 
 
 # --- the demo, the README ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_demo_replaces_its_own_outputs(tmp_path: Path) -> None:
     from textinv.demo import run_demo
 
@@ -446,6 +455,7 @@ def test_the_lazy_cache_equals_the_eager_cache_bit_for_bit(tiny_model: Path, tra
         assert torch.equal(mean, eager.mean[image, flip]) and torch.equal(std, eager.std[image, flip])
 
 
+@pytest.mark.slow
 def test_training_with_the_lazy_cache_learns_the_eager_caches_vectors(
     tiny_model: Path, train_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -114,6 +114,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_push_uploads_the_output_dir_after_training(stand_in_hub: StandInHub, tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "cat-toy"
     config = train_config(
@@ -179,6 +180,7 @@ def test_unreachable_endpoint_after_training_is_one_line_and_keeps_the_results(
     assert (output_dir / "learned_embeds.safetensors").is_file() and (output_dir / "README.md").is_file()
 
 
+@pytest.mark.slow
 def test_missing_token_is_one_line_before_training(tmp_path: Path) -> None:
     output_dir = tmp_path / "out"
     output_dir.mkdir()

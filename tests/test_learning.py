@@ -52,6 +52,7 @@ def _train(concept, scorer, output_dir: Path, **overrides) -> RecoveryCurve:
     return curve
 
 
+@pytest.mark.slow
 def test_the_teacher_prefers_the_planted_word(planted) -> None:
     concept, scorer = planted
     losses = word_losses(scorer, CONCEPT_WORDS)
@@ -60,6 +61,7 @@ def test_the_teacher_prefers_the_planted_word(planted) -> None:
     assert gap > 5 * error and gap > 0.03, (gap, error)  # a real minimum, far above the held-out noise (measured: 0.061 +- 0.007)
 
 
+@pytest.mark.slow
 def test_training_recovers_the_planted_word(planted, tmp_path: Path) -> None:
     concept, scorer = planted
     score = _train(concept, scorer, tmp_path / "run").scores[SHORT_STEPS]
@@ -69,12 +71,14 @@ def test_training_recovers_the_planted_word(planted, tmp_path: Path) -> None:
     assert score.cosine > start_cosine and 0.5 < score.norm_ratio < 2.0, score  # it turned towards "star"
 
 
+@pytest.mark.slow
 def test_recovery_stays_near_zero_when_training_updates_nothing(planted, tmp_path: Path) -> None:
     concept, scorer = planted
     score = _train(concept, scorer, tmp_path / "still", learning_rate=1e-9).scores[SHORT_STEPS]
     assert abs(score.recovery) < 0.05, score  # the bar above is not met by standing still
 
 
+@pytest.mark.slow
 def test_recovery_is_deterministic_for_a_seed(planted, tmp_path: Path) -> None:
     concept, scorer = planted
     first = _train(concept, scorer, tmp_path / "a", max_train_steps=5).scores[5]

@@ -82,6 +82,7 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_every_round_writes_one_png_per_seed(watched) -> None:
     rounds = list_rounds(watched.output_dir)
     assert [step for step, _ in rounds] == [10, 20, 30, 40, 50]
@@ -93,6 +94,7 @@ def test_every_round_writes_one_png_per_seed(watched) -> None:
     assert prompts == {"0": PROMPT}
 
 
+@pytest.mark.slow
 def test_last_round_is_what_generate_makes_from_the_saved_pipeline(watched) -> None:
     """Same seeds, same sampler: a validation image can be made again with `textinv generate`."""
     from textinv.inference.generation import generate
@@ -103,6 +105,7 @@ def test_last_round_is_what_generate_makes_from_the_saved_pipeline(watched) -> N
         assert np.abs(saved - np.asarray(image, dtype=np.int16)).max() <= 1
 
 
+@pytest.mark.slow
 def test_progress_grid_shows_each_round_and_seed_with_labels(watched) -> None:
     grid_path = watched.output_dir / VALIDATION_DIR / GRID_FILE
     layout, _ = progress_layout(watched.output_dir, 1)
@@ -125,6 +128,7 @@ def test_progress_grid_shows_each_round_and_seed_with_labels(watched) -> None:
     assert (grid[top:bottom, left:right] < 128).any()  # the seed above each column
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_loss_lr_norms_and_images(watched) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -142,6 +146,7 @@ def test_tensorboard_events_hold_loss_lr_norms_and_images(watched) -> None:
     assert (images[-1].width, images[-1].height) == (2 * 64, 64)  # the round's two seeds side by side
 
 
+@pytest.mark.slow
 def test_run_json_lists_every_output_with_timings_and_losses(watched) -> None:
     record = json.loads((watched.output_dir / "run.json").read_text())
     losses = watched.result.losses
@@ -159,6 +164,7 @@ def test_run_json_lists_every_output_with_timings_and_losses(watched) -> None:
         assert (watched.output_dir / name).exists(), name
 
 
+@pytest.mark.slow
 def test_model_card_has_hub_metadata_usage_and_the_grid(watched) -> None:
     text = (watched.output_dir / "README.md").read_text()
     assert text.startswith("---\n")
@@ -185,6 +191,7 @@ def test_model_card_names_a_hub_base_model_and_its_license(tmp_path: Path) -> No
     assert 'load_textual_inversion("me/my-style")' in render_model_card(config, record, tmp_path, repo_id="me/my-style")
 
 
+@pytest.mark.slow
 def test_validation_leaves_training_unchanged(watched, tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     """Sampling draws no training randomness: 20 steps without it give the watched run's step-20 vectors."""
     config = train_config(
@@ -198,6 +205,7 @@ def test_validation_leaves_training_unchanged(watched, tiny_model: Path, train_i
     assert not (tmp_path / "plain" / VALIDATION_DIR).exists() and not (tmp_path / "plain" / "logs").exists()
 
 
+@pytest.mark.slow
 def test_progress_lines_without_a_terminal(watched) -> None:
     lines = [line for line in watched.lines if line.startswith("step ")]
     assert 15 <= len(lines) <= 21  # about 20 a run, whatever its length

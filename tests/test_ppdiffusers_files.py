@@ -49,7 +49,9 @@ def test_root_script_also_writes_pdparams_and_textinv_train_does_not(capsys: pyt
     assert script.embedding_formats == ["diffusers", "pdparams"]
     assert plain.embedding_formats == ["diffusers"] == textinv.TrainConfig("m", "d", TOKEN).embedding_formats
     chosen = build_parser(SCRIPT_DEFAULTS).parse_args(["train", *REQUIRED, "--embedding_formats", "a1111", "diffusers"])
-    assert config_from_args(chosen).embedding_formats == ["a1111", "diffusers"]
+    config = config_from_args(chosen)
+    config.validate()
+    assert config.embedding_formats == ["diffusers", "a1111"]  # each once, diffusers (the main result) first
     with pytest.raises(SystemExit):
         build_parser(SCRIPT_DEFAULTS).parse_args(["train", "--help"])
     assert "(default: diffusers pdparams)" in " ".join(capsys.readouterr().out.split())
@@ -62,8 +64,12 @@ def test_a_bad_embedding_format_is_one_line(capsys: pytest.CaptureFixture[str]) 
     assert main(["train", *REQUIRED, "--initializer_token=toy", "--embedding_formats", "ckpt"]) == 2
     error = capsys.readouterr().err.strip()
     assert "--embedding_formats" in error and "ckpt" in error and len(error.splitlines()) == 1
-    with pytest.raises(UserError, match="embedding_formats"):
-        textinv.TrainConfig("m", "d", TOKEN, initializer_token="toy", embedding_formats=[]).validate()
+    for formats in ([], ["pdparams"]):
+        with pytest.raises(UserError, match="embedding_formats"):
+            textinv.TrainConfig("m", "d", TOKEN, initializer_token="toy", embedding_formats=formats).validate()
+    assert main(["train", *REQUIRED, "--initializer_token=toy", "--embedding_formats", "pdparams"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "must include diffusers" in error and len(error.splitlines()) == 1
 
 
 def test_two_encoder_models_refuse_one_encoder_formats_before_training() -> None:

@@ -244,6 +244,7 @@ def test_a_second_job_is_refused_while_one_runs(tmp_path: Path, tiny_model: Path
         state.stop()
 
 
+@pytest.mark.slow
 def test_stop_resume_export_and_generate(tmp_path: Path, tiny_model: Path) -> None:
     state = ServerState(tmp_path / "work", default_model=tiny_model)
     job = state.start(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, train_config
+from conftest import REPO, same_vectors, train_config
 from textinv import train
 
 PROMPT = "a photo of <cat-toy>"
@@ -52,6 +52,7 @@ def trained_run(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.T
     return output_dir
 
 
+@pytest.mark.slow
 def test_seed_command_line_writes_embedding_snapshots_and_pipeline(trained_run: Path) -> None:
     embeds = load_file(str(trained_run / "learned_embeds.safetensors"))
     assert list(embeds) == ["<cat-toy>"]
@@ -65,6 +66,7 @@ def test_seed_command_line_writes_embedding_snapshots_and_pipeline(trained_run: 
     assert record["effective_learning_rate"] == pytest.approx(2e-3)
 
 
+@pytest.mark.slow
 def test_diffusers_loader_and_full_pipeline_agree(trained_run: Path, tiny_model: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -82,6 +84,7 @@ def test_diffusers_loader_and_full_pipeline_agree(trained_run: Path, tiny_model:
     assert (_hidden_states(plain, PROMPT) - from_pipeline).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_textinv_loader_matches_diffusers_loader(trained_run: Path, tiny_model: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -94,9 +97,13 @@ def test_textinv_loader_matches_diffusers_loader(trained_run: Path, tiny_model: 
     assert torch.equal(_hidden_states(ours, PROMPT), _hidden_states(theirs, PROMPT))
 
 
+@pytest.mark.slow
 def test_only_placeholder_rows_change(trained_run: Path, tiny_model: Path) -> None:
     base = load_file(str(tiny_model / "text_encoder" / "model.safetensors"))
-    trained = load_file(str(trained_run / "text_encoder" / "model.safetensors"))
+    # The saved text encoder names its weights text_model.* (ppdiffusers' names, issue 15); the tiny base does not.
+    saved = load_file(str(trained_run / "text_encoder" / "model.safetensors"))
+    trained = {name.removeprefix("text_model."): tensor for name, tensor in saved.items()}
+    assert set(trained) == set(base) and all(name.startswith("text_model.") for name in saved)
     key = next(k for k in base if k.endswith("token_embedding.weight"))
     before, after = base[key], trained[key]
     assert after.shape[0] == before.shape[0] + 1
@@ -115,12 +122,13 @@ def test_only_placeholder_rows_change(trained_run: Path, tiny_model: Path) -> No
         ).read_bytes()
 
 
+@pytest.mark.slow
 def test_same_seed_same_vectors_other_seed_other_vectors(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         config = train_config(tiny_model, train_images, tmp_path / name, seed=seed, max_train_steps=8, only_save_embeds=True)
         runs[name] = train(config, show_progress=False).embedding.vectors["text_encoder"]
-    assert torch.equal(runs["a"], runs["b"])
+    assert same_vectors(runs["a"], runs["b"])  # bit-identical on the CPU
     assert not torch.equal(runs["a"], runs["c"])
 
 
@@ -158,6 +166,7 @@ def test_only_save_embeds_skips_pipeline_and_snapshots_follow_save_steps(
     assert not torch.equal(step4, final)
 
 
+@pytest.mark.slow
 def test_epochs_decide_length_when_steps_not_given(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     # 3 images x 2 repeats = 6 examples an epoch; batch 2 -> 3 steps an epoch; 2 epochs -> 6 steps.
     config = train_config(
@@ -167,6 +176,7 @@ def test_epochs_decide_length_when_steps_not_given(tiny_model: Path, train_image
     assert train(config, show_progress=False).steps == 6
 
 
+@pytest.mark.slow
 def test_previous_run_is_not_overwritten(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     from textinv.config import UserError
 
@@ -182,6 +192,7 @@ def test_previous_run_is_not_overwritten(tiny_model: Path, train_images: Path, t
     assert again.embedding_path.read_bytes() != kept
 
 
+@pytest.mark.slow
 def test_python_api_generate_full_pipeline_equals_base_plus_embedding(trained_run: Path, tiny_model: Path) -> None:
     import numpy as np
     from diffusers import StableDiffusionPipeline

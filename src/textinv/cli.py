@@ -232,7 +232,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """The Textual Inversion paper's image and text similarity of a learned word."""
     from textinv.inference.evaluation import evaluate, read_prompts
+    from textinv.models.loading import local_model_dir
 
+    local_model_dir(args.model)  # before the CLIP model loads
     prompts = read_prompts(args.prompts) if args.prompts else None
     result = evaluate(
         args.model,

@@ -145,7 +145,7 @@ class TrainConfig:
     # The root train_textual_inversion.py defaults to diffusers + pdparams (textinv.cli.SCRIPT_DEFAULTS).
     embedding_formats: list[str] = option(
         default_factory=lambda: ["diffusers"],
-        help='embedding files to write: diffusers (.safetensors), pdparams (ppdiffusers), a1111 (.pt); several allowed',
+        help='embedding files to write: diffusers (.safetensors; always), and beside it pdparams (ppdiffusers), a1111 (.pt)',
         choices=EMBEDDING_FORMATS,
     )
     # ppdiffusers needs from_diffusers=True for PyTorch weights; this also writes its own layout
@@ -413,7 +413,13 @@ class TrainConfig:
             self.embedding_formats = [self.embedding_formats]
         if not self.embedding_formats:
             raise UserError(f"--embedding_formats is empty; give one or more of: {', '.join(EMBEDDING_FORMATS)}")
-        self.embedding_formats = list(dict.fromkeys(self.embedding_formats))  # each once, in the order given
+        if "diffusers" not in self.embedding_formats:  # the model card, the web page, diffusers' loaders read it
+            raise UserError(
+                "--embedding_formats must include diffusers (learned_embeds.safetensors, the run's main result); "
+                f"the others are written beside it, e.g. --embedding_formats diffusers {self.embedding_formats[0]}"
+            )
+        # Each once, diffusers first (TrainResult.embedding_path is the first format's file).
+        self.embedding_formats = list(dict.fromkeys(["diffusers", *self.embedding_formats]))
         if not 0.0 <= self.noise_offset < float("inf"):
             raise UserError(f"--noise_offset {self.noise_offset} must be >= 0, e.g. 0.1 (0 turns it off)")
 

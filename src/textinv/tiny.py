@@ -17,6 +17,7 @@ these too; only the widths are small. Vocabularies:
 from __future__ import annotations
 
 import logging
+import shutil
 import string
 from dataclasses import dataclass
 from importlib import resources
@@ -78,9 +79,10 @@ def build_tiny_pipeline(
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"{str(output_dir)!r} already exists and is not empty; give a new folder")
     # Weights are drawn in one order for every family: text encoder(s), UNet, VAE.
-    pipeline = _BUILDERS[family](spec, lambda: torch.manual_seed(seed))
-    with atomic_dir(output_dir) as tmp, quiet_loading():
-        pipeline.save_pretrained(tmp)
+    with quiet_loading():  # importing a pipeline class logs transformers' notices; saving draws bars
+        pipeline = _BUILDERS[family](spec, lambda: torch.manual_seed(seed))
+        with atomic_dir(output_dir) as tmp:
+            pipeline.save_pretrained(tmp)
     logger.info("wrote a tiny %s pipeline (seed %d) to %s", family, seed, output_dir)
     return output_dir
 
@@ -417,7 +419,8 @@ def build_tiny_clip(output_dir: str | Path, seed: int = 0, spec: TinyClipSpec = 
     )
     with atomic_dir(output_dir) as tmp, quiet_loading():
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "SOURCE.md"):
+            shutil.copyfile(clip_tokenizer_dir() / name, tmp / name)  # the real CLIP tokenizer's own files
         image_processor.save_pretrained(tmp)
     logger.info("wrote a tiny CLIP model (seed %d) to %s", seed, output_dir)
     return output_dir

@@ -18,12 +18,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import os
 from typing import Any, Optional
 
 import torch
 
-from textinv.config import MIXED_PRECISIONS, TrainConfig, UserError
+from textinv.config import TrainConfig, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +63,9 @@ def bf16_supported(device: torch.device) -> bool:
 
 def choose_precision(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, str]:
     """Fill in ``--mixed_precision`` when it was not given; returns the config and the line that says what
-    the run uses. ``accelerate launch --mixed_precision X`` counts as giving it."""
+    the run uses. (``accelerate launch --mixed_precision`` is not read: the launcher exports its default
+    "no" too, so it cannot tell a choice from a default; textinv's own flag decides.)"""
     asked = config.mixed_precision
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if asked is None and launcher in MIXED_PRECISIONS:
-        asked = launcher
     chosen = asked
     if chosen is None:
         chosen = "bf16" if device.type == "cuda" and bf16_supported(device) else "no"

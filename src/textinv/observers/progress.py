@@ -7,7 +7,7 @@ import math
 import statistics
 import sys
 from collections import deque
-from typing import Any
+from typing import Any, Mapping
 
 from textinv.events import RunContext, StepState, TrainObserver, TrainResult
 
@@ -57,7 +57,7 @@ class Progress(TrainObserver):
             self.redirect = logging_redirect_tqdm()  # a checkpoint's or a warning's line, then the bar again
             self.redirect.__enter__()
         self.recent.append(state.step_seconds)
-        text = progress_text(state, statistics.median(self.recent), _validation_seconds(run))
+        text = progress_text(state, statistics.median(self.recent), time_apart(run))
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
@@ -73,20 +73,26 @@ class Progress(TrainObserver):
             self.redirect = None
 
 
-def progress_text(state: StepState, per_step: float, validation_seconds: float) -> str:
-    """``loss 0.1234 lr 1.00e-04 0.052 s/step ETA 0:00:10``, then the validation time and the cache's filling."""
+def progress_text(state: StepState, per_step: float, apart: Mapping[str, float]) -> str:
+    """``loss 0.1234 lr 1.00e-04 0.052 s/step ETA 0:00:10``, then the time spent apart from the steps
+    (``; validation 3.1 s, eval_loss 0.8 s so far``) and, while it fills, the latent cache."""
     eta = clock_text(per_step * (state.max_steps - state.step))
     text = f"loss {state.loss:.4f} lr {state.lr:.2e} {per_step:.3f} s/step ETA {eta}"
-    if validation_seconds:
-        text += f"; validation {validation_seconds:.1f} s so far"
+    if apart:
+        text += "; " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in apart.items()) + " so far"
     if state.views_encoded is not None:
         text += f" (the first epoch also fills the latent cache: {state.views_encoded[0]}/{state.views_encoded[1]} views)"
     return text
 
 
-def _validation_seconds(run: Any) -> float:
-    """What validation rounds took so far (the observer adds it to run.json's timings)."""
-    return float(getattr(run, "record", {}).get("timings", {}).get("validation_seconds", 0.0))
+# run.json's timings that are not the steps' own (observers and the held-out evaluation add them), as shown.
+TIME_APART = (("validation_seconds", "validation"), ("eval_seconds", "eval_loss"))
+
+
+def time_apart(run: Any) -> dict[str, float]:
+    """What validation rounds and held-out evaluations took so far, by the name the line gives them."""
+    timings = getattr(run, "record", {}).get("timings", {})
+    return {name: float(timings[key]) for key, name in TIME_APART if timings.get(key)}
 
 
 def clock_text(seconds: float) -> str:

@@ -191,6 +191,7 @@ class ServerState:
                 self._refuse_if_busy()  # again, atomically: two clicks may both have passed the first check
                 job = TrainingJob(job_id, config, folder)
                 self._job = job
+                self.release_pipeline()  # training needs the GPU memory the generation pipeline holds
                 job.launch()
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -255,8 +256,24 @@ class ServerState:
                 raise UserError(f"nothing to resume: {job.job_id} {job.status}, it was not stopped; start a new training")
             if not list_checkpoints(job.output_dir):
                 raise UserError(f"{job.job_id} has no checkpoint to resume from; start a new training")
+            self.release_pipeline()
             job.launch(resume=True)
             return job.snapshot()
+
+    def release_pipeline(self) -> None:
+        """Drop the generation pipeline (after a generation in progress ends) and give its GPU memory back."""
+        with self._generate_lock:
+            if self._pipeline is None:
+                return
+            self._pipeline, self._pipeline_key, self._tokens = None, None, ()
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("released the generation pipeline for training")
 
     def snapshot(self) -> Optional[JobSnapshot]:
         job = self._job

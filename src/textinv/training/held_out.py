@@ -4,7 +4,9 @@ The training loss of textual inversion is dominated by each step's random timest
 fixed set of (view, timestep, noise) triples is drawn once from the run's seed, its timesteps spread
 over the whole range (one per stratum), and every ``--eval_steps`` steps (and at the end) the plain
 denoising loss on those same triples is measured with forward passes only: ``eval_loss``. It is a
-measurement, not a sample: the same vectors give the same value.
+measurement, not a sample: the same vectors give the same value. It is the plain MSE against the
+scheduler's target, whatever loss options training uses (--snr_gamma, --noise_offset, the timestep
+draw), so curves of runs with different options compare.
 
 The triples have generators of their own (a stream of the seed the example stream does not use), the
 forward passes run under ``torch.no_grad`` and every RNG is restored afterwards, so a run learns the

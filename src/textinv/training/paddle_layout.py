@@ -79,6 +79,9 @@ def write_paddle_text_encoder(encoder: Any, state: dict[str, Any], folder: Path)
     import torch
     from safetensors.numpy import save_file
 
+    if not (folder / "model.safetensors").is_file():  # sharded (over transformers' 50 GB default): not handled
+        logger.warning("--ppdiffusers_weights: a sharded text encoder stays PyTorch-only (from_diffusers=True)")
+        return
     prefix = LEGACY_KEY_PREFIXES.get(type(encoder).__name__, "")
     linear = {
         _prefixed(f"{name}.weight", prefix)
@@ -87,7 +90,8 @@ def write_paddle_text_encoder(encoder: Any, state: dict[str, Any], folder: Path)
     }
     arrays = {}
     for key, tensor in state.items():
-        array = tensor.detach().cpu().numpy()
+        tensor = tensor.detach().cpu()
+        array = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()  # numpy has no bfloat16
         arrays[key] = np.ascontiguousarray(array.T if key in linear else array)
     save_file(arrays, str(folder / PADDLE_TEXT_WEIGHTS), metadata={"format": "np"})
     index = {

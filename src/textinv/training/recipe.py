@@ -164,6 +164,7 @@ class TrainingRecipe:
             if resume_rng is not None:
                 checkpoints.set_rng_state(resume_rng)
             logger.info("resuming from %s at step %d of %d", resume_dir, self.start_step, max_steps)
+            run_dir.warn_if_threads_differ(previous_record, device)
         else:
             torch.manual_seed(seed)  # only for anything a library draws; our draws use explicit generators
         self.model = accelerator.prepare(trainable)

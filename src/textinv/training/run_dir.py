@@ -154,6 +154,7 @@ def run_record(
         "effective_learning_rate": learning_rate,
         "device": str(device),
         "num_processes": num_processes,
+        "torch_threads": torch.get_num_threads(),  # CPU runs are bit-identical at the same thread count only
         "versions": {
             "textinv": textinv.__version__,
             "torch": torch.__version__,
@@ -193,3 +194,16 @@ def finish_record(
             timings["seconds_per_step"] = round(elapsed / steps_this_session, 4)
     record["outputs"] = sorted({*record.get("outputs", []), *(str(p.relative_to(run.output_dir)) for p in saved)})
     atomic_write_json(run.output_dir / RUN_FILE, record)
+
+
+def warn_if_threads_differ(previous: Optional[dict[str, Any]], device: torch.device) -> None:
+    """A CPU run resumed with another torch thread count sums in another order: say it will not be bit-identical."""
+    before = (previous or {}).get("torch_threads")
+    if device.type == "cpu" and before is not None and before != torch.get_num_threads():
+        logger.warning(
+            "the run used %d CPU threads and this resume uses %d: the vectors will differ slightly (about 1e-7) from an "
+            "uninterrupted run; set OMP_NUM_THREADS=%d for bit-identical ones",
+            before,
+            torch.get_num_threads(),
+            before,
+        )

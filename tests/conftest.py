@@ -113,6 +113,7 @@ def train_config(model: Path, images: Path, output_dir: Path, **overrides):
         train_batch_size=1,
         max_train_steps=20,
         learning_rate=5e-3,
+        lr_scheduler="constant",  # the tests' runs keep one rate (textinv's default decays it: cosine)
         lr_warmup_steps=0,
         seed=42,
         output_dir=str(output_dir),

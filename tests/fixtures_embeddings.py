@@ -65,7 +65,7 @@ class _Storage:
     """A tensor's storage as torch.save pickles it: a persistent id and the raw bytes."""
 
     def __init__(self, tensor: torch.Tensor, key: str, location: str) -> None:
-        self.tensor = tensor.detach().contiguous()
+        self.tensor = tensor.detach().cpu().contiguous().clone()  # a storage of exactly its elements
         self.key = key
         self.location = location
 
@@ -82,7 +82,8 @@ class _TorchPickler(pickle.Pickler):
         if isinstance(obj, torch.Tensor):
             storage = _Storage(obj, str(len(self.storages)), self.location)
             self.storages.append(storage)
-            args = (storage, 0, tuple(obj.shape), obj.stride(), obj.requires_grad, OrderedDict())
+            compact = storage.tensor
+            args = (storage, 0, tuple(compact.shape), compact.stride(), obj.requires_grad, OrderedDict())
             return torch._utils._rebuild_tensor_v2, args
         return NotImplemented
 
@@ -99,7 +100,7 @@ def torch_save_bytes(obj: Any, archive: str = "archive", location: str = "cpu") 
     pickler = _TorchPickler(buffer, location)
     pickler.dump(obj)
     records = [("data.pkl", buffer.getvalue())]
-    records += [(f"data/{s.key}", s.tensor.cpu().numpy().tobytes()) for s in pickler.storages]
+    records += [(f"data/{s.key}", bytes(s.tensor.untyped_storage())) for s in pickler.storages]
     records.append(("version", b"3\n"))
     return _zip_records([(f"{archive}/{name}", data) for name, data in records])
 

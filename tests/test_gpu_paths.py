@@ -22,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, train_config
 import textinv
+from conftest import REPO, train_config
 from textinv import cli, events
 from textinv.config import TrainingInterrupted, UserError
 from textinv.models import precision
@@ -60,7 +60,9 @@ def allow_fp16_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --- mixed precision never reaches the saved pipeline ---------------------------------------------------
-def test_bf16_run_saves_the_base_text_encoder_bytes_and_the_learned_rows(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_bf16_run_saves_the_base_text_encoder_bytes_and_the_learned_rows(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
     result, capture = _train(tiny_model, train_images, tmp_path / "out", mixed_precision="bf16", only_save_embeds=False)
     assert capture.dtypes == {"unet": torch.bfloat16, "text_encoder": torch.bfloat16}
     base = _by_name(load_file(str(tiny_model / "text_encoder" / "model.safetensors")))
@@ -69,7 +71,9 @@ def test_bf16_run_saves_the_base_text_encoder_bytes_and_the_learned_rows(tiny_mo
     rows = base[key].shape[0]
     assert saved[key].dtype == torch.float32 and saved[key].shape[0] == rows + 1
     assert torch.equal(saved[key][:rows], base[key]), "a row other than the placeholder changed"
-    assert torch.equal(saved[key][rows:], result.embedding.vectors["text_encoder"]), "the new row is not the learned vector"
+    assert torch.equal(saved[key][rows:], result.embedding.vectors["text_encoder"]), (
+        "the new row is not the learned vector"
+    )
     assert all(torch.equal(saved[name], tensor) for name, tensor in base.items() if name != key)
     # What saving training's own copy would have written: every weight rounded to bf16.
     rounded = _by_name({k: v.float() for k, v in capture.run.parts.text_encoder.state_dict().items()})
@@ -123,7 +127,9 @@ def test_host_peak_while_loading_in_bf16_is_one_fp32_read_plus_the_bf16_weights(
 
     spec = TinySpec(text_hidden_size=256, text_layers=4, unet_channels=(128, 256, 512), unet_layers_per_block=2)
     model = build_tiny_pipeline(tmp_path / "medium", seed=0, spec=spec)
-    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(model)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(model)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["dtypes"] == ["torch.bfloat16"] and measured["vae"] == "torch.float32"
@@ -134,16 +140,29 @@ def test_host_peak_while_loading_in_bf16_is_one_fp32_read_plus_the_bf16_weights(
 
 # --- train() twice in one process, other precisions ----------------------------------------------------
 def test_train_calls_in_one_process_may_change_precision(
-    tiny_model: Path, train_images: Path, tmp_path: Path, allow_fp16_on_cpu: None
+    tiny_model: Path, train_images: Path, tmp_path: Path, allow_fp16_on_cpu: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """accelerate's state is per process and refuses another mixed_precision once set ("internal error" on the
+    second train() of a notebook or textinv serve); textinv never asks it for one, fp16 included."""
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    asked: list[Any] = []
+    real_init = Accelerator.__init__
+    monkeypatch.setattr(
+        Accelerator,
+        "__init__",
+        lambda self, *a, **k: asked.append(k.get("mixed_precision")) or real_init(self, *a, **k),
+    )
     results = {}
     for name, mixed in (("fp32", "no"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32-again", "no")):
         result, capture = _train(tiny_model, train_images, tmp_path / name, mixed_precision=mixed, max_train_steps=3)
         assert capture.dtypes["unet"] == precision.frozen_dtype(capture.run.config)
-        assert AcceleratorState().mixed_precision == "no"  # textinv does precision itself: accelerate's state never changes
+        assert AcceleratorState().mixed_precision == "no"
         results[name] = result.embedding.vectors["text_encoder"]
+    assert asked == ["no"] * 4
+    with pytest.raises(ValueError, match="already been initialized"):  # what asking it would have done
+        AcceleratorState()._check_initialized(mixed_precision="fp16")
     assert all(torch.isfinite(v).all() for v in results.values())
     assert torch.equal(results["fp32"], results["fp32-again"]), "an earlier run's settings leaked into a later one"
 
@@ -185,15 +204,13 @@ def test_fp16_loss_scale_and_lr_schedule_survive_a_resume(
     # The schedule advanced only on the steps the optimizer took.
     assert whole.lr_scheduler.last_epoch == 8 - whole.scaler.skipped
 
-    stopped = _fp16_recipe(tiny_model, train_images, tmp_path / "stopped")
-    real_on_step = stopped.observers.append  # stop after step 3, inside the run of skipped steps
-
-    class StopAfter3(events.TrainObserver):
+    class StopAfter3(events.TrainObserver):  # inside the run of skipped steps
         def on_step(self, run: events.RunContext, state: events.StepState) -> None:
             if state.step == 3:
                 run.request_stop()
 
-    real_on_step(StopAfter3())
+    stopped = _fp16_recipe(tiny_model, train_images, tmp_path / "stopped")
+    stopped.observers.append(StopAfter3())
     with pytest.raises(TrainingInterrupted):
         stopped.loop()
     state, _ = read_checkpoint(list_checkpoints(tmp_path / "stopped")[-1])
@@ -214,7 +231,9 @@ def _out_of_memory_on_call(monkeypatch: pytest.MonkeyPatch, call_number: int) ->
     def loss_or_out_of_memory(*args: Any, **kwargs: Any) -> Any:
         calls["count"] += 1
         if calls["count"] == call_number:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total capacity)")
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total capacity)"
+            )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(recipe, "denoising_loss", loss_or_out_of_memory)
@@ -226,10 +245,19 @@ def test_out_of_memory_in_a_step_is_one_line_with_a_hint_and_a_checkpoint(
     out = tmp_path / "out"
     _out_of_memory_on_call(monkeypatch, 4)  # batch 2, no accumulation: the 4th loss is step 4's
     argv = [
-        "train", f"--pretrained_model_name_or_path={tiny_model}", f"--train_data_dir={train_images}",
-        "--placeholder_token=<cat-toy>", "--initializer_token=toy", "--resolution=64", "--train_batch_size=2",
-        "--max_train_steps=10", "--checkpointing_steps=100", "--only_save_embeds", "--eval_steps=0",
-        "--report_to=none", f"--output_dir={out}",
+        "train",
+        f"--pretrained_model_name_or_path={tiny_model}",
+        f"--train_data_dir={train_images}",
+        "--placeholder_token=<cat-toy>",
+        "--initializer_token=toy",
+        "--resolution=64",
+        "--train_batch_size=2",
+        "--max_train_steps=10",
+        "--checkpointing_steps=100",
+        "--only_save_embeds",
+        "--eval_steps=0",
+        "--report_to=none",
+        f"--output_dir={out}",
     ]
     code = cli.main(argv)
     stderr = capsys.readouterr().err
@@ -237,8 +265,15 @@ def test_out_of_memory_in_a_step_is_one_line_with_a_hint_and_a_checkpoint(
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, stderr
     line = errors[0]
-    for fragment in ("out of memory on cpu at step 4", "batch 2 at 64x64", "--train_batch_size 1", "--gradient_checkpointing",
-                     "--mixed_precision bf16", "checkpoint-3", "--resume_from_checkpoint latest"):
+    for fragment in (
+        "out of memory on cpu at step 4",
+        "batch 2 at 64x64",
+        "--train_batch_size 1",
+        "--gradient_checkpointing",
+        "--mixed_precision bf16",
+        "checkpoint-3",
+        "--resume_from_checkpoint latest",
+    ):
         assert fragment in line, (fragment, line)
     state, _ = read_checkpoint(out / "checkpoint-3")
     assert state.step == 3 and len(state.losses) == 3
@@ -270,7 +305,9 @@ def test_out_of_memory_in_validation_keeps_that_steps_vectors_and_while_loading_
 
 
 # --- the RNG state of this process's GPU only --------------------------------------------------------------
-def test_checkpoints_hold_the_local_gpus_rng_state_only(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_checkpoints_hold_the_local_gpus_rng_state_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     states = {index: torch.full((16,), index, dtype=torch.uint8) for index in range(4)}
     restored: list[int] = []
     current = {"device": 1}
@@ -311,19 +348,25 @@ def _fake_gpu(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> torch.device:
     return torch.device("cuda", 0)
 
 
-def test_cuda_defaults_are_chosen_and_said_in_one_line(monkeypatch: pytest.MonkeyPatch, tiny_model: Path, train_images: Path) -> None:
+def test_cuda_defaults_are_chosen_and_said_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, train_images: Path
+) -> None:
     config = train_config(tiny_model, train_images, Path("unused"))
     assert config.mixed_precision is None and config.allow_tf32
     chosen, line = precision.choose_precision(config, _fake_gpu(monkeypatch, bf16=True))
     assert chosen.mixed_precision == "bf16"
-    assert line == ("on cuda:0 (NVIDIA A100, 16 GiB): frozen weights bf16 (chosen: this GPU has bf16), TF32 on, "
-                    "attention PyTorch SDPA; the vectors and AdamW fp32")
+    assert line == (
+        "on cuda:0 (NVIDIA A100, 16 GiB): frozen weights bf16 (chosen: this GPU has bf16), TF32 on, "
+        "attention PyTorch SDPA; the vectors and AdamW fp32"
+    )
     chosen, line = precision.choose_precision(config, _fake_gpu(monkeypatch, bf16=False))
     assert chosen.mixed_precision == "no" and "frozen weights fp32 (chosen: this GPU has no bf16)" in line
     assert precision.choose_precision(config, torch.device("cpu"))[0].mixed_precision == "no"
 
 
-def test_bf16_is_refused_on_a_gpu_without_it(monkeypatch: pytest.MonkeyPatch, tiny_model: Path, train_images: Path) -> None:
+def test_bf16_is_refused_on_a_gpu_without_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, train_images: Path
+) -> None:
     config = train_config(tiny_model, train_images, Path("unused"), mixed_precision="bf16")
     with pytest.raises(UserError, match=r"this GPU \(Tesla T4\) has no bf16; use --mixed_precision fp16"):
         precision.choose_precision(config, _fake_gpu(monkeypatch, bf16=False))
@@ -341,7 +384,8 @@ def readers():
 set_tf32(True)
 on = readers()
 set_tf32(False)
-off = {"new matmul": torch.backends.cuda.matmul.fp32_precision, "float32_matmul_precision": torch.get_float32_matmul_precision()}
+off = {"new matmul": torch.backends.cuda.matmul.fp32_precision,
+       "float32_matmul_precision": torch.get_float32_matmul_precision()}
 print(json.dumps({"on": on, "off": off}))
 """
 
@@ -351,8 +395,13 @@ def test_tf32_goes_through_fp32_precision_and_every_reader_still_works() -> None
     done = subprocess.run([sys.executable, "-c", TF32_SCRIPT], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout)
-    assert seen["on"] == {"new matmul": "tf32", "new conv": "tf32", "float32_matmul_precision": "high",
-                          "legacy matmul": True, "legacy cudnn": True}
+    assert seen["on"] == {
+        "new matmul": "tf32",
+        "new conv": "tf32",
+        "float32_matmul_precision": "high",
+        "legacy matmul": True,
+        "legacy cudnn": True,
+    }
     assert seen["off"] == {"new matmul": "ieee", "float32_matmul_precision": "highest"}
 
 
@@ -401,12 +450,27 @@ def test_compile_trains_with_the_compiled_unet_and_validates_with_the_plain_one(
     from textinv.models import loading
 
     compiled: list[FakeCompiled] = []
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(FakeCompiled(module)) or compiled[-1])
+    monkeypatch.setattr(
+        torch, "compile", lambda module, **kwargs: compiled.append(FakeCompiled(module)) or compiled[-1]
+    )
     given: list[Any] = []
     real_pipeline = loading.pipeline_from_parts
-    monkeypatch.setattr(loading, "pipeline_from_parts", lambda parts, vae, scheduler, unet=None: given.append(unet) or real_pipeline(parts, vae, scheduler, unet))
-    _train(tiny_model, train_images, tmp_path / "out", compile=True, max_train_steps=2, validation_prompt=["a <cat-toy>"],
-           validation_steps=2, num_validation_images=1, validation_num_inference_steps=2)
+    monkeypatch.setattr(
+        loading,
+        "pipeline_from_parts",
+        lambda parts, vae, scheduler, unet=None: given.append(unet) or real_pipeline(parts, vae, scheduler, unet),
+    )
+    _train(
+        tiny_model,
+        train_images,
+        tmp_path / "out",
+        compile=True,
+        max_train_steps=2,
+        validation_prompt=["a <cat-toy>"],
+        validation_steps=2,
+        num_validation_images=1,
+        validation_num_inference_steps=2,
+    )
     assert len(compiled) == 1 and compiled[0].calls == 2  # one UNet call per training step, none from sampling
     assert given == [compiled[0]._orig_mod]
     assert (tmp_path / "out" / "validation" / "step-000002" / "prompt0-seed3.png").is_file()
@@ -422,29 +486,58 @@ def test_image_shares_are_contiguous_and_cover_every_seed() -> None:
             assert covered == list(range(images)), (images, processes, shares)
 
 
-def test_validation_runs_on_every_process_and_writes_every_seed(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_validation_runs_on_every_process_and_writes_every_seed(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
     """torchrun, 2 processes (gloo): each samples its share; the images are those of one process."""
     flags = [
-        f"--pretrained_model_name_or_path={tiny_model}", f"--train_data_dir={train_images}", "--placeholder_token=<cat-toy>",
-        "--initializer_token=toy", "--resolution=64", "--train_batch_size=1", "--max_train_steps=2", "--seed=4",
-        "--only_save_embeds", "--eval_steps=0", "--report_to=none", "--validation_prompt=a <cat-toy>",
-        "--validation_steps=2", "--num_validation_images=3", "--validation_num_inference_steps=2",
+        f"--pretrained_model_name_or_path={tiny_model}",
+        f"--train_data_dir={train_images}",
+        "--placeholder_token=<cat-toy>",
+        "--initializer_token=toy",
+        "--resolution=64",
+        "--train_batch_size=1",
+        "--max_train_steps=2",
+        "--seed=4",
+        "--only_save_embeds",
+        "--eval_steps=0",
+        "--report_to=none",
+        "--validation_prompt=a <cat-toy>",
+        "--validation_steps=2",
+        "--num_validation_images=3",
+        "--validation_num_inference_steps=2",
     ]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([*torchrun, str(REPO / "train_textual_inversion.py"), *flags, f"--output_dir={tmp_path / 'two'}"],
-                         capture_output=True, text=True, timeout=600, env=environment)
+    two = subprocess.run(
+        [*torchrun, str(REPO / "train_textual_inversion.py"), *flags, f"--output_dir={tmp_path / 'two'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(REPO / "train_textual_inversion.py"), *flags, "--train_batch_size=2",
-                          f"--output_dir={tmp_path / 'one'}"], capture_output=True, text=True, timeout=600, env=environment)
+    one = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train_textual_inversion.py"),
+            *flags,
+            "--train_batch_size=2",
+            f"--output_dir={tmp_path / 'one'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "two" / "validation" / "step-000002").iterdir())
     assert names == ["prompt0-seed4.png", "prompt0-seed5.png", "prompt0-seed6.png"]
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     for name in names:
         a = np.asarray(Image.open(tmp_path / "two" / "validation" / "step-000002" / name), dtype=int)
@@ -469,15 +562,20 @@ def test_the_hub_download_happens_once_per_machine_before_the_others_load(
 
     real_resolve = recipe.resolve_model_dir
     monkeypatch.setattr(Accelerator, "local_main_process_first", local_main_first)
-    monkeypatch.setattr(recipe, "resolve_model_dir", lambda *a: inside["resolved_inside"].append(inside["now"]) or real_resolve(*a))
+    monkeypatch.setattr(
+        recipe, "resolve_model_dir", lambda *a: inside["resolved_inside"].append(inside["now"]) or real_resolve(*a)
+    )
     _train(tiny_model, train_images, tmp_path / "out", max_train_steps=1)
     assert inside["resolved_inside"] == [True]
 
 
 # --- fewer host syncs, determinism --------------------------------------------------------------------------
-def test_host_reads_of_device_values_do_not_grow_with_micro_batches(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_host_reads_of_device_values_do_not_grow_with_micro_batches(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
     """Each ``.item()`` / ``bool()`` / ``float()`` of a device tensor makes the CPU wait for the GPU; counted on the CPU
-    as ``aten._local_scalar_dense`` calls. A step reads the loss and the vectors' finiteness, whatever the accumulation."""
+    as ``aten._local_scalar_dense`` calls. A step reads the loss and the vectors' finiteness, whatever the
+    accumulation."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountReads(TorchDispatchMode):
@@ -494,24 +592,43 @@ def test_host_reads_of_device_values_do_not_grow_with_micro_batches(tiny_model: 
         counter = CountReads()
 
         class Window(events.TrainObserver):
+            def __init__(self, counter: CountReads) -> None:
+                self.counter = counter
+
             def on_start(self, run: events.RunContext) -> None:
-                counter.active = True
+                self.counter.active = True
 
             def on_end(self, run: events.RunContext, result: events.TrainResult) -> None:
-                counter.active = False
+                self.counter.active = False
 
-        config = train_config(tiny_model, train_images, tmp_path / f"acc{accumulation}", **{**FAST, "max_train_steps": 3},
-                              gradient_accumulation_steps=accumulation)
+        config = train_config(
+            tiny_model,
+            train_images,
+            tmp_path / f"acc{accumulation}",
+            **{**FAST, "max_train_steps": 3},
+            gradient_accumulation_steps=accumulation,
+        )
         with counter:
-            textinv.train(config, show_progress=False, observers=[Window()])
+            textinv.train(config, show_progress=False, observers=[Window(counter)])
         per_step[accumulation] = counter.reads / 3
     # The loss, the vectors' finiteness, and on the CPU AdamW's step counter (a CPU tensor on a GPU too).
     assert per_step == {1: 3.0, 3: 3.0}
 
 
-DETERMINISM_FLAGS = ["--resolution=64", "--train_batch_size=4", "--gradient_accumulation_steps=2", "--max_train_steps=6",
-                     "--learning_rate=5e-3", "--lr_warmup_steps=0", "--seed=42", "--only_save_embeds", "--eval_steps=0",
-                     "--report_to=none", "--placeholder_token=<cat-toy>", "--initializer_token=toy"]
+DETERMINISM_FLAGS = [
+    "--resolution=64",
+    "--train_batch_size=4",
+    "--gradient_accumulation_steps=2",
+    "--max_train_steps=6",
+    "--learning_rate=5e-3",
+    "--lr_warmup_steps=0",
+    "--seed=42",
+    "--only_save_embeds",
+    "--eval_steps=0",
+    "--report_to=none",
+    "--placeholder_token=<cat-toy>",
+    "--initializer_token=toy",
+]
 
 
 def test_cpu_runs_are_bit_identical_at_one_thread_count_and_within_the_stated_tolerance_across_counts(
@@ -522,14 +639,34 @@ def test_cpu_runs_are_bit_identical_at_one_thread_count_and_within_the_stated_to
     vectors = {}
     for name, threads in (("a", "2"), ("b", "2"), ("one-thread", "1")):
         out = tmp_path / name
-        command = [sys.executable, str(REPO / "train_textual_inversion.py"), f"--pretrained_model_name_or_path={tiny_model}",
-                   f"--train_data_dir={train_images}", *DETERMINISM_FLAGS, f"--output_dir={out}"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": threads})
+        command = [
+            sys.executable,
+            str(REPO / "train_textual_inversion.py"),
+            f"--pretrained_model_name_or_path={tiny_model}",
+            f"--train_data_dir={train_images}",
+            *DETERMINISM_FLAGS,
+            f"--output_dir={out}",
+        ]
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": threads}
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         vectors[name] = load_file(str(out / "learned_embeds.safetensors"))["<cat-toy>"]
         assert json.loads((out / "run.json").read_text())["torch_threads"] == int(threads)
     assert torch.equal(vectors["a"], vectors["b"])
-    assert precision.vectors_agree(vectors["one-thread"], vectors["a"], precision.vector_tolerance("cpu", same_threads=False))
+    assert precision.vectors_agree(
+        vectors["one-thread"], vectors["a"], precision.vector_tolerance("cpu", same_threads=False)
+    )
+
+
+def test_a_resume_with_another_thread_count_says_it_will_not_be_bit_identical(caplog: pytest.LogCaptureFixture) -> None:
+    from textinv.training import run_dir
+
+    with caplog.at_level(logging.WARNING, logger="textinv.training.run_dir"):
+        run_dir.warn_if_threads_differ({"torch_threads": torch.get_num_threads()}, torch.device("cpu"))
+        assert caplog.text == ""
+        run_dir.warn_if_threads_differ({"torch_threads": 97}, torch.device("cpu"))
+    assert "used 97 CPU threads" in caplog.text and "OMP_NUM_THREADS=97" in caplog.text
 
 
 # --- textinv serve: the generation pipeline leaves the GPU when training starts ----------------------------
@@ -542,18 +679,41 @@ def test_serve_releases_the_generation_pipeline_when_a_training_starts(tmp_path:
     state.generate(GenerateRequest(prompt="a toy", num_inference_steps=2))
     assert state._pipeline is not None
     images = [(str(path), path.name) for path in sorted(demo_images_dir().glob("*.jpg"))]
-    job = state.start(TrainRequest(images=images, placeholder_token="<t>", initializer_token="toy", max_train_steps=2, validation_prompt=""))
+    job = state.start(
+        TrainRequest(
+            images=images, placeholder_token="<t>", initializer_token="toy", max_train_steps=2, validation_prompt=""
+        )
+    )
     assert state._pipeline is None, "the generation pipeline must not hold GPU memory while training"
     assert job.join(300)
 
 
 # --- bench/gpu_check.py -------------------------------------------------------------------------------------
 def test_gpu_check_quick_passes_on_the_cpu(tmp_path: Path) -> None:
-    command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--quick", "--cache", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "gpu_check.py"),
+        "--device",
+        "cpu",
+        "--quick",
+        "--cache",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["model", "px", "precision", "s/step", "peak", "GPU", "peak", "RSS", "start-up", "checks"]
+    assert lines[0].split() == [
+        "model",
+        "px",
+        "precision",
+        "s/step",
+        "peak",
+        "GPU",
+        "peak",
+        "RSS",
+        "start-up",
+        "checks",
+    ]
     rows = {tuple(line.split()[:3]): line for line in lines[1:-1]}
     for precision_name in ("fp32", "bf16"):
         row = rows[("tiny", "64", precision_name)]

@@ -39,7 +39,12 @@ from textinv.training.export import check_embedding_formats
 from textinv.training.loss import LossSettings, denoising_loss, example_draws
 
 TOKEN = "<cat-toy>"
-REQUIRED = ["--pretrained_model_name_or_path=m", "--train_data_dir=d", f"--placeholder_token={TOKEN}"]
+REQUIRED = [
+    "--pretrained_model_name_or_path=m",
+    "--train_data_dir=d",
+    f"--placeholder_token={TOKEN}",
+    "--initializer_token=toy",
+]
 
 
 # --- which files, per entry point ---------------------------------------------------------------
@@ -61,13 +66,13 @@ def test_root_script_also_writes_pdparams_and_textinv_train_does_not(capsys: pyt
 
 
 def test_a_bad_embedding_format_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", *REQUIRED, "--initializer_token=toy", "--embedding_formats", "ckpt"]) == 2
+    assert main(["train", *REQUIRED, "--embedding_formats", "ckpt"]) == 2
     error = capsys.readouterr().err.strip()
     assert "--embedding_formats" in error and "ckpt" in error and len(error.splitlines()) == 1
     for formats in ([], ["pdparams"]):
         with pytest.raises(UserError, match="embedding_formats"):
             textinv.TrainConfig("m", "d", TOKEN, initializer_token="toy", embedding_formats=formats).validate()
-    assert main(["train", *REQUIRED, "--initializer_token=toy", "--embedding_formats", "pdparams"]) == 2
+    assert main(["train", *REQUIRED, "--embedding_formats", "pdparams"]) == 2
     error = capsys.readouterr().err.strip()
     assert "must include diffusers" in error and len(error.splitlines()) == 1
 
@@ -252,10 +257,10 @@ def test_diffusers_model_folder_gets_an_index_naming_its_own_weights(tiny_model:
 
     shutil.copytree(tiny_model / "unet", tmp_path / "unet")
     assert paddle_layout.write_paddle_model_index(tmp_path / "unet")
-    index = json.loads((tmp_path / "unet" / paddle_layout.PADDLE_UNET_INDEX).read_text())
-    with safe_open(str(tmp_path / "unet" / paddle_layout.TORCH_UNET_WEIGHTS), "pt") as handle:
+    index = json.loads((tmp_path / "unet" / paddle_layout.PADDLE_MODEL_INDEX).read_text())
+    with safe_open(str(tmp_path / "unet" / paddle_layout.DIFFUSERS_WEIGHTS), "pt") as handle:
         assert set(index["weight_map"]) == set(handle.keys())
-    assert set(index["weight_map"].values()) == {paddle_layout.TORCH_UNET_WEIGHTS}
+    assert set(index["weight_map"].values()) == {paddle_layout.DIFFUSERS_WEIGHTS}
     assert not paddle_layout.write_paddle_model_index(tmp_path)  # no weights there: nothing written
 
 

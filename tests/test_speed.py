@@ -18,12 +18,14 @@ from textinv.data import latents
 from textinv.training.checkpoints import list_checkpoints
 from textinv.config import UserError
 
-SETTINGS = dict(max_train_steps=6, repeats=2, only_save_embeds=True, seed=9, checkpointing_steps=3)
+# eval_steps=0: no held-out evaluation passes, so every UNet and VAE call below is a training step's.
+SETTINGS = dict(max_train_steps=6, repeats=2, only_save_embeds=True, seed=9, checkpointing_steps=3, eval_steps=0)
 
 
 class _Capture(events.TrainObserver):
     """Keeps the run so a test can look at the frozen modules after training, and counts the forward
-    calls of each of the UNet's ResNet blocks (the modules diffusers' gradient checkpointing wraps)."""
+    calls with gradients on of each of the UNet's ResNet blocks (the modules diffusers' gradient
+    checkpointing wraps): training forwards and their recomputation in backward, no inference."""
 
     def on_start(self, run: events.RunContext) -> None:
         from diffusers.models.resnet import ResnetBlock2D
@@ -36,7 +38,8 @@ class _Capture(events.TrainObserver):
 
     def _counted(self, name: str, forward: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
-            self.block_calls[name] += 1
+            if torch.is_grad_enabled():
+                self.block_calls[name] += 1
             return forward(*args, **kwargs)
 
         return counted

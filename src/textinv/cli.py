@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
-PPDIFFUSERS_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-4, "eval_steps": 0}
+PPDIFFUSERS_DEFAULTS: dict[str, Any] = {"train_batch_size": 16, "learning_rate": 1e-4, "lr_scheduler": "constant", "lr_warmup_steps": 500, "eval_steps": 0}
 # The root train_textual_inversion.py's own defaults (else TrainConfig's): ppdiffusers', and it also writes .pdparams.
 SCRIPT_DEFAULTS: dict[str, Any] = {"embedding_formats": ["diffusers", "pdparams"], **PPDIFFUSERS_DEFAULTS}
 

@@ -1,8 +1,8 @@
 """Every training option, its default and its validation, in one place.
 
 Defaults follow PaddlePaddle ppdiffusers' ``examples/textual_inversion/train_textual_inversion.py``
-(``parse_args``) where that script has the flag, so its command lines behave the same here.
-Where textinv deliberately differs, the field's comment says so.
+(``parse_args``) where that script has the flag; where textinv deliberately differs, the field's comment
+says so, and the root script passes ppdiffusers' value (textinv.cli.PPDIFFUSERS_DEFAULTS).
 
 This module must not import torch: the CLI validates a config before paying for torch's import.
 """
@@ -115,15 +115,16 @@ class TrainConfig:
     repeats: int = option(100, help='times each image appears per epoch')
 
     # --- optimisation ------------------------------------------------------------------------
-    train_batch_size: int = option(16, help='examples per process per micro-batch')
+    # textinv's recipe (issue 20, README "How many steps"); ppdiffusers': batch 16, lr 1e-4, constant, 500 warm-up.
+    train_batch_size: int = option(4, help='examples per process per micro-batch')
     gradient_accumulation_steps: int = option(1, help='micro-batches per optimizer step')
     num_train_epochs: int = option(100, help='epochs to train when --max_train_steps is not given')
     # Overrides num_train_epochs when set; None means "derive from num_train_epochs".
     max_train_steps: Optional[int] = option(5000, help='optimizer steps to train (overrides --num_train_epochs)')
-    learning_rate: float = option(1e-4, help='peak learning rate (before --scale_lr)')
+    learning_rate: float = option(1e-3, help='peak learning rate (before --scale_lr)')
     scale_lr: bool = option(False, help='multiply the learning rate by batch size x accumulation x processes')
-    lr_scheduler: str = option("constant", help='learning-rate schedule', choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = option(500, help='warm-up steps of the schedule')
+    lr_scheduler: str = option("cosine", help='learning-rate schedule', choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, help='warm-up steps of the schedule')
     lr_num_cycles: int = option(1, help='restarts of cosine_with_restarts')
     lr_power: float = option(1.0, help='power of the polynomial schedule')
     adam_beta1: float = option(0.9, help='AdamW beta1')
@@ -268,7 +269,7 @@ class TrainConfig:
     convergence_margin: float = option(
         0.05, help='--stop_when_converged stops when the last --convergence_patience evaluations gained less than this share of the eval_loss gained before them'
     )
-    convergence_patience: int = option(3, help='evaluations --stop_when_converged looks back over')
+    convergence_patience: int = option(2, help='evaluations --stop_when_converged looks back over')
 
     # Things the CLI learned about how the config was given (not options).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -120,7 +120,7 @@ def set_tf32(enabled: bool) -> None:
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         matmul.fp32_precision = "tf32" if enabled else "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"  # type: ignore[attr-defined]
         torch.set_float32_matmul_precision("high" if enabled else "highest")
     else:  # torch < 2.9
         matmul.allow_tf32 = enabled
@@ -128,7 +128,8 @@ def set_tf32(enabled: bool) -> None:
 
 
 def attention_name(config: TrainConfig, device: torch.device) -> str:
-    if config.enable_xformers_memory_efficient_attention and device.type == "cuda" and importlib.util.find_spec("xformers"):
+    asked = config.enable_xformers_memory_efficient_attention
+    if asked and device.type == "cuda" and importlib.util.find_spec("xformers") is not None:
         return "xformers"
     return "PyTorch SDPA"
 
@@ -145,7 +146,8 @@ def apply_to_unet(config: TrainConfig, unet: Any, device: torch.device) -> Any:
             unet.enable_xformers_memory_efficient_attention()
             logger.info("attention: xformers")
         else:
-            why = "xformers is not installed" if device.type == "cuda" else f"xformers needs CUDA (this run is on {device.type})"
+            on = device.type
+            why = "xformers is not installed" if on == "cuda" else f"xformers needs CUDA (this run is on {on})"
             logger.warning("%s; using PyTorch's scaled-dot-product attention, the default anyway", why)
     if config.gradient_checkpointing:
         # diffusers checkpoints whenever gradients are on, in eval mode too (the UNet stays frozen).

@@ -7,7 +7,7 @@ import math
 import statistics
 import sys
 from collections import deque
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from textinv.events import RunContext, StepState, TrainObserver, TrainResult
 
@@ -33,6 +33,7 @@ class Progress(TrainObserver):
         self.redirect: Any = None  # log lines go above the bar while it is on screen
         self.recent: deque[float] = deque(maxlen=self.RECENT)
         self.every = 1
+        self.eval_loss: Optional[float] = None  # the latest held-out evaluation's (--eval_steps)
 
     def on_start(self, run: RunContext) -> None:
         self.enabled = self.enabled and run.is_main_process
@@ -57,7 +58,8 @@ class Progress(TrainObserver):
             self.redirect = logging_redirect_tqdm()  # a checkpoint's or a warning's line, then the bar again
             self.redirect.__enter__()
         self.recent.append(state.step_seconds)
-        text = progress_text(state, statistics.median(self.recent), time_apart(run))
+        self.eval_loss = state.eval_loss if state.eval_loss is not None else self.eval_loss
+        text = progress_text(state, statistics.median(self.recent), time_apart(run), self.eval_loss)
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
@@ -73,11 +75,13 @@ class Progress(TrainObserver):
             self.redirect = None
 
 
-def progress_text(state: StepState, per_step: float, apart: Mapping[str, float]) -> str:
-    """``loss 0.1234 lr 1.00e-04 0.052 s/step ETA 0:00:10``, then the time spent apart from the steps
-    (``; validation 3.1 s, eval_loss 0.8 s so far``) and, while it fills, the latent cache."""
+def progress_text(state: StepState, per_step: float, apart: Mapping[str, float], eval_loss: Optional[float] = None) -> str:
+    """``loss 0.1234 [eval_loss 0.1111 ]lr 1.00e-04 0.052 s/step ETA 0:00:10`` (eval_loss: the latest
+    held-out evaluation's), then the time spent apart from the steps (``; validation 3.1 s, evaluation
+    0.8 s so far``) and, while it fills, the latent cache."""
     eta = clock_text(per_step * (state.max_steps - state.step))
-    text = f"loss {state.loss:.4f} lr {state.lr:.2e} {per_step:.3f} s/step ETA {eta}"
+    held_out = f"eval_loss {eval_loss:.4f} " if eval_loss is not None else ""
+    text = f"loss {state.loss:.4f} {held_out}lr {state.lr:.2e} {per_step:.3f} s/step ETA {eta}"
     if apart:
         text += "; " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in apart.items()) + " so far"
     if state.views_encoded is not None:
@@ -86,7 +90,7 @@ def progress_text(state: StepState, per_step: float, apart: Mapping[str, float])
 
 
 # run.json's timings that are not the steps' own (observers and the held-out evaluation add them), as shown.
-TIME_APART = (("validation_seconds", "validation"), ("eval_seconds", "eval_loss"))
+TIME_APART = (("validation_seconds", "validation"), ("eval_seconds", "evaluation"))
 
 
 def time_apart(run: Any) -> dict[str, float]:

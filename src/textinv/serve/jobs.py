@@ -36,7 +36,7 @@ class TrainRequest:
     learnable_property: str = "object"
     model: str = ""  # empty: the server's default model
     max_train_steps: int = 200
-    learning_rate: float = 5e-3
+    learning_rate: float = TrainConfig.learning_rate  # textinv's recipe, as `textinv train` (README "How many steps")
     validation_prompt: str = "a photo of {token}"  # empty: no validation images
     validation_steps: int = 0  # 0: five rounds per run
     num_validation_images: int = 2

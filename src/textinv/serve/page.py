@@ -148,7 +148,9 @@ def build_app(state: ServerState) -> Any:
                     elem_id="model-folder",
                 )
                 steps = gr.Number(label="Steps", value=200, precision=0, minimum=1, elem_id="steps")
-                lr = gr.Number(label="Learning rate", value=5e-3, minimum=0, step=1e-4, elem_id="learning-rate")
+                lr = gr.Number(
+                    label="Learning rate", value=TrainRequest.learning_rate, minimum=0, step=1e-4, elem_id="learning-rate"
+                )
                 with gr.Accordion("Validation images and seed", open=False):
                     vprompt = gr.Textbox(
                         label="Validation prompt",

@@ -219,10 +219,8 @@ class ServerState:
             initializer_token=initializer,
             learnable_property=request.learnable_property,
             resolution=native_resolution(model_dir),
-            train_batch_size=1,
-            max_train_steps=steps,
+            max_train_steps=steps,  # batch, schedule and the held-out evaluation: TrainConfig's, as `textinv train`
             learning_rate=float(request.learning_rate),
-            lr_warmup_steps=0,
             seed=int(request.seed),
             output_dir=str(folder / "output"),
             only_save_embeds=True,  # the page generates from the base model plus the embedding

@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Text encoder classes whose checkpoints ppdiffusers reads with a key prefix transformers 5 may leave out.
 LEGACY_KEY_PREFIXES = {"CLIPTextModel": "text_model."}
-TORCH_UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-PADDLE_UNET_INDEX = "diffusion_paddle_model.safetensors.index.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+PADDLE_MODEL_INDEX = "diffusion_paddle_model.safetensors.index.json"
 PADDLE_TEXT_INDEX = "model.safetensors.index.json"
 PADDLE_TEXT_WEIGHTS = "paddle_model.safetensors"  # not "model-*": see the module docstring
 TORCH_TEXT_ALIAS = "model-pytorch.safetensors"  # what paddlenlp converts under from_diffusers=True
@@ -105,21 +105,21 @@ def write_paddle_text_encoder(encoder: Any, state: dict[str, Any], folder: Path)
 def write_paddle_model_index(folder: Path) -> bool:
     """Let ppdiffusers load a diffusers model folder (UNet, VAE) without from_diffusers=True: an index
     naming the PyTorch shards, which ppdiffusers converts as it loads them (no weights are copied)."""
-    torch_index = folder / (TORCH_UNET_WEIGHTS + ".index.json")
+    torch_index = folder / (DIFFUSERS_WEIGHTS + ".index.json")
     if torch_index.is_file():
         index = json.loads(torch_index.read_text(encoding="utf-8"))
-    elif (folder / TORCH_UNET_WEIGHTS).is_file():
+    elif (folder / DIFFUSERS_WEIGHTS).is_file():
         from safetensors import safe_open
 
-        with safe_open(str(folder / TORCH_UNET_WEIGHTS), framework="np") as handle:
+        with safe_open(str(folder / DIFFUSERS_WEIGHTS), framework="np") as handle:
             keys = list(handle.keys())
         index = {
-            "metadata": {"total_size": (folder / TORCH_UNET_WEIGHTS).stat().st_size},
-            "weight_map": dict.fromkeys(keys, TORCH_UNET_WEIGHTS),
+            "metadata": {"total_size": (folder / DIFFUSERS_WEIGHTS).stat().st_size},
+            "weight_map": dict.fromkeys(keys, DIFFUSERS_WEIGHTS),
         }
     else:
         return False
-    (folder / PADDLE_UNET_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    (folder / PADDLE_MODEL_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
     return True
 
 

@@ -39,7 +39,8 @@ def out_of_memory_text(config: Any, device: Any, step: Optional[int], where: str
         gpu = f" ({torch.cuda.get_device_name(device)}, {total:.0f} GiB)"
     when = f"at step {step}" if step is not None else "while loading the model"
     size = f"{config.image_width}x{config.image_height}"
-    asked = f"batch {config.train_batch_size} at {size}, frozen weights {config.mixed_precision or 'no'}"
+    weights = "fp32" if config.mixed_precision in (None, "no") else config.mixed_precision
+    asked = f"batch {config.train_batch_size} at {size}, frozen weights {weights}"
     hints = []
     if config.train_batch_size > 1:
         smaller = max(1, config.train_batch_size // 4)

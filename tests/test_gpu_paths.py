@@ -581,10 +581,10 @@ def test_host_reads_of_device_values_do_not_grow_with_micro_batches(
     class CountReads(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
-            self.reads, self.active = 0, False
+            self.reads = 0
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            self.reads += self.active and func is torch.ops.aten._local_scalar_dense.default
+            self.reads += func is torch.ops.aten._local_scalar_dense.default
             return func(*args, **(kwargs or {}))
 
     per_step = {}
@@ -595,11 +595,11 @@ def test_host_reads_of_device_values_do_not_grow_with_micro_batches(
             def __init__(self, counter: CountReads) -> None:
                 self.counter = counter
 
-            def on_start(self, run: events.RunContext) -> None:
-                self.counter.active = True
+            def on_start(self, run: events.RunContext) -> None:  # from the first step: loading is slow under it
+                self.counter.__enter__()
 
             def on_end(self, run: events.RunContext, result: events.TrainResult) -> None:
-                self.counter.active = False
+                self.counter.__exit__(None, None, None)
 
         config = train_config(
             tiny_model,
@@ -608,8 +608,7 @@ def test_host_reads_of_device_values_do_not_grow_with_micro_batches(
             **{**FAST, "max_train_steps": 3},
             gradient_accumulation_steps=accumulation,
         )
-        with counter:
-            textinv.train(config, show_progress=False, observers=[Window(counter)])
+        textinv.train(config, show_progress=False, observers=[Window(counter)])
         per_step[accumulation] = counter.reads / 3
     # The loss, the vectors' finiteness, and on the CPU AdamW's step counter (a CPU tensor on a GPU too).
     assert per_step == {1: 3.0, 3: 3.0}
@@ -721,3 +720,17 @@ def test_gpu_check_quick_passes_on_the_cpu(tmp_path: Path) -> None:
             assert check in row, row
     assert "skipped: fp16 needs CUDA" in rows[("tiny", "64", "fp16")]
     assert lines[-1] == "gpu_check: every check passed"
+
+
+def test_gpu_check_exits_1_on_a_failed_check_and_not_on_out_of_memory(capsys: pytest.CaptureFixture) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    row = {"model": "sdxl", "resolution": 1024, "precision": "fp32", "s_per_step": 1.0}
+    assert gpu_check.report([{**row, "status": "out of memory"}], {}, None) == 0
+    failed = {**row, "status": "ran", "checks": {"base bytes": "FAILED: text_encoder: other rows changed"}}
+    assert gpu_check.report([failed], {}, None) == 1
+    assert gpu_check.report([], {"sd15 bf16: torchrun 2 x batch 1 vs 1 x batch 2": "FAILED: 1e-1 apart"}, None) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "gpu_check: FAILED"

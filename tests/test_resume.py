@@ -194,12 +194,13 @@ def test_kill_9_at_random_moments_leaves_every_file_loadable(tiny_model: Path, t
     checked = 0
     for attempt in range(10):
         resume = ["--resume_from_checkpoint=latest"] if list_checkpoints(out) else ["--overwrite_output_dir"]
-        started = (out / "run.json").stat().st_mtime if (out / "run.json").exists() else 0.0
+        before = {path.name for path in list_checkpoints(out)}
         process = subprocess.Popen(_train_command(tiny_model, train_images, out, *common, *resume), stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while time.time() < deadline and process.poll() is None:
-            # run.json is rewritten when training starts: kill some time after that, mid-steps or mid-write.
-            if (out / "run.json").exists() and (out / "run.json").stat().st_mtime > started:
+            # A new checkpoint means steps are running (a checkpoint every step): kill some time after
+            # that, mid-step or mid-write, however long the start-up took on a loaded machine.
+            if {path.name for path in list_checkpoints(out)} - before:
                 break
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 2.0))

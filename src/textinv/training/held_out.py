@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -157,8 +158,6 @@ class HeldOutEvaluation:
 
     def evaluate(self, run: RunContext, step: int) -> float:
         """eval_loss of the current vectors (the same on every process); records it and keeps the best."""
-        import time
-
         started = time.perf_counter()
         accelerator = run.accelerator
         fork_devices = [self.device] if self.device.type == "cuda" else []

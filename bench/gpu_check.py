@@ -79,9 +79,17 @@ def build_sdxl_architecture(output_dir: Path, seed: int = 0, device: str = "cpu"
 
     def clip(tok: Any, width: int, layers: int, heads: int, act: str) -> Any:
         return CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=77, hidden_act=act, projection_dim=width,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=4 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            hidden_act=act,
+            projection_dim=width,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
 
     with torch.device(device):  # initialising 2.6 B UNet weights is minutes on a CPU, seconds on a GPU
@@ -112,12 +120,23 @@ def build_sdxl_architecture(output_dir: Path, seed: int = 0, device: str = "cpu"
             force_upcast=True,
         )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
-        timestep_spacing="leading", prediction_type="epsilon",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
     )
     pipeline = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
     with atomic_dir(output_dir) as tmp:
@@ -181,11 +200,23 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
         def config(name: str, **extra: Any) -> TrainConfig:
             values: dict[str, Any] = dict(
-                pretrained_model_name_or_path=str(model), train_data_dir=str(demo_images_dir()),
-                placeholder_token=PLACEHOLDER, initializer_token="toy", resolution=spec["resolution"],
-                train_batch_size=1, max_train_steps=steps, learning_rate=5e-3, lr_scheduler="linear",
-                lr_warmup_steps=2, seed=42, checkpointing_steps=None, save_steps=10**9, eval_steps=0,
-                report_to="none", mixed_precision=spec["precision"], output_dir=str(Path(scratch) / name),
+                pretrained_model_name_or_path=str(model),
+                train_data_dir=str(demo_images_dir()),
+                placeholder_token=PLACEHOLDER,
+                initializer_token="toy",
+                resolution=spec["resolution"],
+                train_batch_size=1,
+                max_train_steps=steps,
+                learning_rate=5e-3,
+                lr_scheduler="linear",
+                lr_warmup_steps=2,
+                seed=42,
+                checkpointing_steps=None,
+                save_steps=10**9,
+                eval_steps=0,
+                report_to="none",
+                mixed_precision=spec["precision"],
+                output_dir=str(Path(scratch) / name),
             )
             values.update(extra)
             return TrainConfig(**values)
@@ -298,11 +329,21 @@ def ddp_check(model: Path, resolution: int, precision: str, steps: int) -> str:
 
         def command(out: str, batch: int) -> list[str]:
             return [
-                str(REPO / "train_textual_inversion.py"), f"--pretrained_model_name_or_path={model}",
-                f"--train_data_dir={demo_images_dir()}", f"--placeholder_token={PLACEHOLDER}",
-                "--initializer_token=toy", f"--resolution={resolution}", f"--train_batch_size={batch}",
-                f"--max_train_steps={steps}", "--learning_rate=5e-3", "--lr_warmup_steps=0", "--seed=42",
-                "--only_save_embeds", "--eval_steps=0", "--report_to=none", f"--mixed_precision={precision}",
+                str(REPO / "train_textual_inversion.py"),
+                f"--pretrained_model_name_or_path={model}",
+                f"--train_data_dir={demo_images_dir()}",
+                f"--placeholder_token={PLACEHOLDER}",
+                "--initializer_token=toy",
+                f"--resolution={resolution}",
+                f"--train_batch_size={batch}",
+                f"--max_train_steps={steps}",
+                "--learning_rate=5e-3",
+                "--lr_warmup_steps=0",
+                "--seed=42",
+                "--only_save_embeds",
+                "--eval_steps=0",
+                "--report_to=none",
+                f"--mixed_precision={precision}",
                 f"--output_dir={Path(scratch) / out}",
             ]
 

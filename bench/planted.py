@@ -40,19 +40,20 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from textinv.models.conditioning import TrainableTextEncoders, add_placeholder, predict
 from textinv.data.latents import LatentCache
-from textinv.models.loading import ModelParts, load_model_parts
 from textinv.data.templates import templates_for
-from textinv.tiny import TinySpec, build_tiny_pipeline
-from textinv.models.tokens import expand_placeholder
 from textinv.events import RunContext, StepState, TrainObserver
+from textinv.models.conditioning import TrainableTextEncoders, add_placeholder, predict
+from textinv.models.loading import ModelParts, load_model_parts
+from textinv.models.tokens import expand_placeholder
+from textinv.tiny import TinySpec, build_tiny_pipeline
 from textinv.training.loss import loss_target
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,13 @@ def pretrain_teacher(model_dir: Path, recipe: TeacherRecipe) -> TeacherReport:
     # The text encoder stays frozen, so every (word, template) caption is encoded once.
     captions = [template.format(word) for word in recipe.words for template in templates]
     with torch.no_grad():
-        ids = parts.tokenizer(captions, padding="max_length", max_length=parts.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = parts.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=parts.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         hidden = parts.text_encoder(ids)[0]
     generator = torch.Generator().manual_seed(recipe.seed + 202)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
@@ -149,8 +156,14 @@ def pretrain_teacher(model_dir: Path, recipe: TeacherRecipe) -> TeacherReport:
         latents = draw_concept_latents(recipe, words, generator)
         noise = torch.randn(latents.shape, generator=generator)
         uniform = torch.rand(recipe.batch_size, generator=generator)
-        timesteps = (uniform ** (1 / recipe.timestep_root) * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
-        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden[words * len(templates) + picks]).sample
+        timesteps = (
+            (uniform ** (1 / recipe.timestep_root) * scheduler.config.num_train_timesteps)
+            .long()
+            .clamp(max=scheduler.config.num_train_timesteps - 1)
+        )
+        prediction = unet(
+            scheduler.add_noise(latents, noise, timesteps), timesteps, hidden[words * len(templates) + picks]
+        ).sample
         loss = torch.nn.functional.mse_loss(prediction, loss_target(scheduler, latents, noise, timesteps))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,7 +186,9 @@ def teacher(cache_dir: Path, recipe: TeacherRecipe = TeacherRecipe()) -> tuple[P
         with atomic_dir(folder) as tmp:
             model_dir = build_tiny_pipeline(tmp / "model", family=recipe.family, seed=recipe.seed, spec=recipe.spec)
             report = pretrain_teacher(model_dir, recipe)
-            (tmp / "teacher.json").write_text(json.dumps({"recipe": dataclasses.asdict(recipe), **dataclasses.asdict(report)}))
+            (tmp / "teacher.json").write_text(
+                json.dumps({"recipe": dataclasses.asdict(recipe), **dataclasses.asdict(report)})
+            )
         logger.info("pre-trained a planted-concept teacher in %s (%s)", folder, report.summary())
     saved = json.loads(record.read_text())
     return folder / "model", TeacherReport(saved["seconds"], saved["losses"])
@@ -213,7 +228,13 @@ def _captions(count: int, generator: torch.Generator, word: str) -> list[str]:
     return [templates[int(index)].format(word) for index in picks]
 
 
-def plant(model_dir: Path, recipe: TeacherRecipe = TeacherRecipe(), seed: int = 0, num_train: int = 64, num_held_out: int = 256) -> PlantedConcept:
+def plant(
+    model_dir: Path,
+    recipe: TeacherRecipe = TeacherRecipe(),
+    seed: int = 0,
+    num_train: int = 64,
+    num_held_out: int = 256,
+) -> PlantedConcept:
     """Draw the training latents and held-out triples of TARGET_WORD for the teacher in ``model_dir``."""
     parts = load_model_parts(str(model_dir))
     target_index = torch.full((num_train,), recipe.words.index(TARGET_WORD))
@@ -228,12 +249,23 @@ def plant(model_dir: Path, recipe: TeacherRecipe = TeacherRecipe(), seed: int = 
     # Held-out: new latents of the same distribution, fresh noise, timesteps drawn uniformly.
     held_generator = torch.Generator().manual_seed(seed + 1_000_003)
     captions = _captions(num_held_out, held_generator, PLACEHOLDER)
-    held_latents = draw_concept_latents(recipe, torch.full((num_held_out,), recipe.words.index(TARGET_WORD)), held_generator)
+    held_latents = draw_concept_latents(
+        recipe, torch.full((num_held_out,), recipe.words.index(TARGET_WORD)), held_generator
+    )
     noise = torch.randn(held_latents.shape, generator=held_generator)
-    timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (num_held_out,), generator=held_generator)
+    timesteps = torch.randint(
+        0, parts.noise_scheduler.config.num_train_timesteps, (num_held_out,), generator=held_generator
+    )
     scheduler = parts.noise_scheduler
-    held_out = HeldOut(captions, scheduler.add_noise(held_latents, noise, timesteps), loss_target(scheduler, held_latents, noise, timesteps), timesteps)
-    return PlantedConcept(Path(model_dir), cache, held_out, _word_row(parts, TARGET_WORD), _word_row(parts, INITIAL_WORD), seed, recipe)
+    held_out = HeldOut(
+        captions,
+        scheduler.add_noise(held_latents, noise, timesteps),
+        loss_target(scheduler, held_latents, noise, timesteps),
+        timesteps,
+    )
+    return PlantedConcept(
+        Path(model_dir), cache, held_out, _word_row(parts, TARGET_WORD), _word_row(parts, INITIAL_WORD), seed, recipe
+    )
 
 
 @dataclass
@@ -258,7 +290,11 @@ class PlantedScorer:
         self.initial_loss = self.loss(concept.initial)
         self.target_loss = self.loss(concept.target)
         if not self.target_loss < self.initial_loss:
-            logger.warning("the planted word does not score better than the initial one (%.6f >= %.6f)", self.target_loss, self.initial_loss)
+            logger.warning(
+                "the planted word does not score better than the initial one (%.6f >= %.6f)",
+                self.target_loss,
+                self.initial_loss,
+            )
 
     @torch.no_grad()
     def per_triple(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -271,7 +307,14 @@ class PlantedScorer:
         losses = []
         for start in range(0, len(captions), self.batch_size):
             end = start + self.batch_size
-            prediction = predict(self.tokens, self.parts, captions[start:end], held.noisy[start:end], held.timesteps[start:end], torch.device("cpu"))
+            prediction = predict(
+                self.tokens,
+                self.parts,
+                captions[start:end],
+                held.noisy[start:end],
+                held.timesteps[start:end],
+                torch.device("cpu"),
+            )
             losses.append((prediction.float() - held.target[start:end]).pow(2).flatten(1).mean(1))
         return torch.cat(losses)
 
@@ -326,4 +369,3 @@ class RecoveryCurve(TrainObserver):
 def word_losses(scorer: PlantedScorer, words: Sequence[str]) -> dict[str, float]:
     """L(word) on the held-out triples for each word: the target's should be clearly the lowest."""
     return {word: scorer.word_loss(word) for word in words}
-

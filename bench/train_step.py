@@ -60,9 +60,16 @@ def build_sd15_architecture(output_dir: Path, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     )
     unet = UNet2DConditionModel(
@@ -83,12 +90,23 @@ def build_sd15_architecture(output_dir: Path, seed: int = 0) -> Path:
         sample_size=512,
     )
     scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     with atomic_dir(output_dir) as tmp:
         pipeline.save_pretrained(tmp)
@@ -107,14 +125,16 @@ def ensure_models(cache: Path, wanted: set[str]) -> dict[str, Path]:
     return models
 
 
-def run_child(model: Path, resolution: int, steps: int, warmup: int, extra: dict[str, Any], launched_at: float) -> dict[str, Any]:
+def run_child(
+    model: Path, resolution: int, steps: int, warmup: int, extra: dict[str, Any], launched_at: float
+) -> dict[str, Any]:
     """Train warmup + steps steps in this process and report timings (called in a fresh process)."""
     import torch
 
-    from textinv.config import TrainConfig
-    from textinv.tiny import demo_images_dir
-    from textinv.events import TrainObserver
     from textinv import train
+    from textinv.config import TrainConfig
+    from textinv.events import TrainObserver
+    from textinv.tiny import demo_images_dir
 
     step_times: list[float] = []
     first_step_at: list[float] = []
@@ -130,15 +150,27 @@ def run_child(model: Path, resolution: int, steps: int, warmup: int, extra: dict
             held_out = run.record.get("eval")
             if held_out:  # run.json's eval_seconds covers every evaluation (the one before step 1 too)
                 count = len(held_out["losses"])
-                evaluations.update(s_per_eval=run.record["timings"]["eval_seconds"] / count, samples=held_out["samples"])
+                evaluations.update(
+                    s_per_eval=run.record["timings"]["eval_seconds"] / count, samples=held_out["samples"]
+                )
 
     with tempfile.TemporaryDirectory() as scratch:
         config = TrainConfig(
-            pretrained_model_name_or_path=str(model), train_data_dir=str(demo_images_dir()),
-            placeholder_token="<bench>", initializer_token="toy", resolution=resolution,
-            train_batch_size=1, max_train_steps=warmup + steps, learning_rate=5e-4, lr_warmup_steps=0,
-            seed=42, only_save_embeds=True, checkpointing_steps=None, save_steps=10**9,
-            output_dir=str(Path(scratch) / "out"), **{"eval_steps": 0, **extra},
+            pretrained_model_name_or_path=str(model),
+            train_data_dir=str(demo_images_dir()),
+            placeholder_token="<bench>",
+            initializer_token="toy",
+            resolution=resolution,
+            train_batch_size=1,
+            max_train_steps=warmup + steps,
+            learning_rate=5e-4,
+            lr_warmup_steps=0,
+            seed=42,
+            only_save_embeds=True,
+            checkpointing_steps=None,
+            save_steps=10**9,
+            output_dir=str(Path(scratch) / "out"),
+            **{"eval_steps": 0, **extra},
         )
         train(config, show_progress=False, observers=[Timer()])
     steady = step_times[warmup:] or step_times
@@ -158,7 +190,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steady steps to time (default: 20 tiny, 4 sd15)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--extra", default="{}", help='JSON of more TrainConfig fields, e.g. \'{"mixed_precision": "bf16"}\'')
+    parser.add_argument(
+        "--extra", default="{}", help='JSON of more TrainConfig fields, e.g. \'{"mixed_precision": "bf16"}\''
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,7 +202,18 @@ def main() -> None:
 
         return_freed_memory_promptly()
         spec = json.loads(args.child)
-        print(json.dumps(run_child(Path(spec["model"]), spec["resolution"], spec["steps"], spec["warmup"], spec["extra"], spec["launched_at"])))
+        print(
+            json.dumps(
+                run_child(
+                    Path(spec["model"]),
+                    spec["resolution"],
+                    spec["steps"],
+                    spec["warmup"],
+                    spec["extra"],
+                    spec["launched_at"],
+                )
+            )
+        )
         return
 
     names = [name for name in args.settings if args.only is None or SETTINGS[name][0] == args.only]
@@ -177,8 +222,14 @@ def main() -> None:
     for name in names:
         model_key, resolution, extra = SETTINGS[name]
         steps = args.steps or (20 if model_key == "tiny" else 4)
-        spec = {"model": str(models[model_key]), "resolution": resolution, "steps": steps, "warmup": args.warmup,
-                "extra": {**extra, **json.loads(args.extra)}, "launched_at": time.time()}
+        spec = {
+            "model": str(models[model_key]),
+            "resolution": resolution,
+            "steps": steps,
+            "warmup": args.warmup,
+            "extra": {**extra, **json.loads(args.extra)},
+            "launched_at": time.time(),
+        }
         child = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
         if child.returncode != 0:
             print(f"{name}: failed: {child.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -189,9 +240,15 @@ def main() -> None:
 
     print(f"{'setting':<14} {'s/step':>8} {'peak RSS':>10} {'start-up':>9} {'s/eval':>8} {'s/triple':>9}  extra")
     for row in rows:
-        per_eval = f"{row['s_per_eval']:>8.2f} {row['s_per_eval'] / row['samples']:>9.3f}" if "s_per_eval" in row else f"{'':>8} {'':>9}"
-        print(f"{row['setting']:<14} {row['s_per_step']:>8.3f} {row['peak_rss_gib']:>8.2f} G {row['startup_s']:>8.1f}s {per_eval}  "
-              f"{json.dumps(row['extra']) if row['extra'] else ''}")
+        per_eval = (
+            f"{row['s_per_eval']:>8.2f} {row['s_per_eval'] / row['samples']:>9.3f}"
+            if "s_per_eval" in row
+            else f"{'':>8} {'':>9}"
+        )
+        print(
+            f"{row['setting']:<14} {row['s_per_step']:>8.3f} {row['peak_rss_gib']:>8.2f} G {row['startup_s']:>8.1f}s {per_eval}  "
+            f"{json.dumps(row['extra']) if row['extra'] else ''}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -12,9 +12,10 @@ import os
 import struct
 import subprocess
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 import torch
@@ -49,8 +50,13 @@ class Scene:
         self.precious.append(path)
         return path
 
-    def train(self, *extra: str, images: Optional[Path] = None, output_dir: Optional[Path] = None,
-              model: Optional[Path] = None) -> list[str]:
+    def train(
+        self,
+        *extra: str,
+        images: Optional[Path] = None,
+        output_dir: Optional[Path] = None,
+        model: Optional[Path] = None,
+    ) -> list[str]:
         return [
             "train",
             f"--pretrained_model_name_or_path={model or self.model}",
@@ -66,8 +72,22 @@ class Scene:
         ]
 
     def generate(self, *extra: str) -> list[str]:
-        return ["generate", "--model", str(self.model), "--prompt", "a toy", "--num_inference_steps", "2",
-                "--height", "64", "--width", "64", "--output_dir", str(self.root / "images"), *extra]
+        return [
+            "generate",
+            "--model",
+            str(self.model),
+            "--prompt",
+            "a toy",
+            "--num_inference_steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--output_dir",
+            str(self.root / "images"),
+            *extra,
+        ]
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -138,20 +158,48 @@ CASES: list[Case] = [
     # --- train: tokens -------------------------------------------------------------------------
     ("placeholder-is-a-word", lambda s: s.train("--placeholder_token=toy"), ("--placeholder_token", "toy")),
     ("placeholder-is-special", lambda s: s.train("--placeholder_token=<|endoftext|>"), ("<|endoftext|>",)),
-    ("placeholder-with-space", lambda s: s.train("--placeholder_token=<cat toy>"), ("--placeholder_token", "<cat toy>")),
-    ("initializer-several-tokens", lambda s: s.train("--initializer_token=toy robot"), ("--initializer_token", "--num_vectors 2")),
-    ("initializer-missing", lambda s: [a for a in s.train() if not a.startswith("--initializer_token")], ("--initializer_token", "--init_embeddings")),
+    (
+        "placeholder-with-space",
+        lambda s: s.train("--placeholder_token=<cat toy>"),
+        ("--placeholder_token", "<cat toy>"),
+    ),
+    (
+        "initializer-several-tokens",
+        lambda s: s.train("--initializer_token=toy robot"),
+        ("--initializer_token", "--num_vectors 2"),
+    ),
+    (
+        "initializer-missing",
+        lambda s: [a for a in s.train() if not a.startswith("--initializer_token")],
+        ("--initializer_token", "--init_embeddings"),
+    ),
     ("init-embeddings-missing", lambda s: s.train(f"--init_embeddings={s.root / 'gone.pt'}"), ("gone.pt",)),
-    ("init-embeddings-wrong-dim", lambda s: s.train(f"--init_embeddings={_an_embedding(s, 768)}"), ("768", "32", "--init_embeddings")),
+    (
+        "init-embeddings-wrong-dim",
+        lambda s: s.train(f"--init_embeddings={_an_embedding(s, 768)}"),
+        ("768", "32", "--init_embeddings"),
+    ),
     # --- train: images -------------------------------------------------------------------------
     ("data-dir-missing", lambda s: s.train(images=s.root / "nope"), ("nope", "does not exist")),
     ("data-dir-empty-flag", lambda s: s.train("--train_data_dir="), ("--train_data_dir",)),
     ("data-dir-is-a-file", lambda s: s.train(images=s.keep(s.root / "notes.txt")), ("notes.txt", "is a file")),
-    ("data-dir-without-images", lambda s: s.train(images=s.folder("docs", {"readme.txt": b"hi"})), ("no image files", "readme.txt")),
+    (
+        "data-dir-without-images",
+        lambda s: s.train(images=s.folder("docs", {"readme.txt": b"hi"})),
+        ("no image files", "readme.txt"),
+    ),
     ("zero-byte-image", lambda s: s.train(images=s.folder("zero", {"a.jpg": b""})), ("a.jpg",)),
     ("text-named-png", lambda s: s.train(images=s.folder("text", {"b.png": b"just some text"})), ("b.png",)),
-    ("huge-image", lambda s: s.train(images=s.folder("huge", {"big.png": _png_claiming(60000, 60000)})), ("big.png", "3600000000 pixels")),
-    ("one-pixel-image", lambda s: s.train(images=s.folder("dot", {"dot.png": _image_bytes((1, 1))})), ("dot.png", "1x1")),
+    (
+        "huge-image",
+        lambda s: s.train(images=s.folder("huge", {"big.png": _png_claiming(60000, 60000)})),
+        ("big.png", "3600000000 pixels"),
+    ),
+    (
+        "one-pixel-image",
+        lambda s: s.train(images=s.folder("dot", {"dot.png": _image_bytes((1, 1))})),
+        ("dot.png", "1x1"),
+    ),
     # --- train: model folder -------------------------------------------------------------------
     ("model-missing", lambda s: s.train(model=s.root / "no-model"), ("no-model", "does not exist")),
     ("model-not-a-pipeline", lambda s: s.train(model=s.images), ("model_index.json",)),
@@ -159,26 +207,70 @@ CASES: list[Case] = [
     ("model-missing-tokenizer", lambda s: s.train(model=_broken_model(s, "tokenizer")), ("tokenizer",)),
     ("model-truncated-weights", lambda s: s.train(model=_truncated_weights_model(s)), ("model-truncated",)),
     # --- train: output_dir and resume ----------------------------------------------------------
-    ("output-dir-holds-a-run", lambda s: s.train(output_dir=_earlier_run(s)), ("already holds another run", "--overwrite_output_dir")),
+    (
+        "output-dir-holds-a-run",
+        lambda s: s.train(output_dir=_earlier_run(s)),
+        ("already holds another run", "--overwrite_output_dir"),
+    ),
     ("output-dir-is-a-file", lambda s: s.train(output_dir=s.keep(s.root / "out.txt")), ("out.txt", "is a file")),
-    ("resume-without-checkpoints", lambda s: s.train("--resume_from_checkpoint=latest"), ("--resume_from_checkpoint", "latest")),
-    ("resume-from-missing-folder", lambda s: s.train(f"--resume_from_checkpoint={s.root / 'checkpoint-7'}"), ("checkpoint-7",)),
+    (
+        "resume-without-checkpoints",
+        lambda s: s.train("--resume_from_checkpoint=latest"),
+        ("--resume_from_checkpoint", "latest"),
+    ),
+    (
+        "resume-from-missing-folder",
+        lambda s: s.train(f"--resume_from_checkpoint={s.root / 'checkpoint-7'}"),
+        ("checkpoint-7",),
+    ),
     # --- generate ------------------------------------------------------------------------------
-    ("generate-model-missing", lambda s: ["generate", "--model", str(s.root / "none"), "--prompt", "x"], ("none", "does not exist")),
+    (
+        "generate-model-missing",
+        lambda s: ["generate", "--model", str(s.root / "none"), "--prompt", "x"],
+        ("none", "does not exist"),
+    ),
     ("generate-empty-prompt", lambda s: s.generate("--prompt", " "), ("--prompt",)),
     ("generate-zero-images", lambda s: s.generate("--num_images", "0"), ("--num_images 0",)),
     ("generate-width-not-multiple", lambda s: s.generate("--width", "30"), ("--width 30", "multiple of 8")),
-    ("generate-embedding-missing", lambda s: s.generate("--embeddings", str(s.root / "gone.safetensors")), ("gone.safetensors",)),
+    (
+        "generate-embedding-missing",
+        lambda s: s.generate("--embeddings", str(s.root / "gone.safetensors")),
+        ("gone.safetensors",),
+    ),
     ("generate-embedding-wrong-dim", lambda s: s.generate("--embeddings", str(_an_embedding(s, 768))), ("768", "32")),
     ("generate-bad-device", lambda s: s.generate("--device", "tpu9"), ("--device", "tpu9")),
     # --- inspect and convert -------------------------------------------------------------------
     ("inspect-missing-file", lambda s: ["inspect", str(s.root / "absent.pt")], ("absent.pt",)),
-    ("inspect-zero-byte-file", lambda s: ["inspect", str(s.folder("e", {"empty.pt": b""}) / "empty.pt")], ("empty.pt",)),
-    ("inspect-text-named-pt", lambda s: ["inspect", str(s.folder("t", {"words.pt": b"hello there"}) / "words.pt")], ("words.pt",)),
-    ("inspect-image-without-embedding", lambda s: ["inspect", str(s.folder("i", {"photo.png": _image_bytes((16, 16))}) / "photo.png")], ("photo.png",)),
-    ("convert-unknown-suffix", lambda s: ["convert", str(_an_embedding(s, 768)), str(s.root / "out.docx")], ("out.docx",)),
-    ("convert-would-overwrite", lambda s: ["convert", str(_an_embedding(s, 768)), str(s.keep(s.root / "mine.pt"))], ("mine.pt", "--overwrite")),
-    ("convert-unknown-format", lambda s: ["convert", str(_an_embedding(s, 768)), str(s.root / "x.pt"), "--to", "comfy"], ("--to", "comfy")),
+    (
+        "inspect-zero-byte-file",
+        lambda s: ["inspect", str(s.folder("e", {"empty.pt": b""}) / "empty.pt")],
+        ("empty.pt",),
+    ),
+    (
+        "inspect-text-named-pt",
+        lambda s: ["inspect", str(s.folder("t", {"words.pt": b"hello there"}) / "words.pt")],
+        ("words.pt",),
+    ),
+    (
+        "inspect-image-without-embedding",
+        lambda s: ["inspect", str(s.folder("i", {"photo.png": _image_bytes((16, 16))}) / "photo.png")],
+        ("photo.png",),
+    ),
+    (
+        "convert-unknown-suffix",
+        lambda s: ["convert", str(_an_embedding(s, 768)), str(s.root / "out.docx")],
+        ("out.docx",),
+    ),
+    (
+        "convert-would-overwrite",
+        lambda s: ["convert", str(_an_embedding(s, 768)), str(s.keep(s.root / "mine.pt"))],
+        ("mine.pt", "--overwrite"),
+    ),
+    (
+        "convert-unknown-format",
+        lambda s: ["convert", str(_an_embedding(s, 768)), str(s.root / "x.pt"), "--to", "comfy"],
+        ("--to", "comfy"),
+    ),
 ]
 
 
@@ -223,8 +315,13 @@ def test_every_case_pins_its_message_and_the_check_rejects_unclear_errors() -> N
 
 
 @pytest.mark.parametrize("name, argv_for, fragments", CASES, ids=[case[0] for case in CASES])
-def test_bad_input(name: str, argv_for: Callable[[Scene], list[str]], fragments: tuple[str, ...], scene: Scene,
-                   capsys: pytest.CaptureFixture) -> None:
+def test_bad_input(
+    name: str,
+    argv_for: Callable[[Scene], list[str]],
+    fragments: tuple[str, ...],
+    scene: Scene,
+    capsys: pytest.CaptureFixture,
+) -> None:
     argv = argv_for(scene)
     code, stderr = run_main(argv, capsys)
     assert_one_clear_line(code, stderr, fragments)
@@ -292,13 +389,15 @@ def test_read_only_output_dir(scene: Scene, capsys: pytest.CaptureFixture, monke
             target.chmod(0o755)
 
 
-def test_disk_full_while_saving_keeps_the_embedding(scene: Scene, capsys: pytest.CaptureFixture,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_while_saving_keeps_the_embedding(
+    scene: Scene, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The pipeline copy does not fit: one line, exit 2, and the embedding written before it is intact."""
     target = scene.root / "small-disk"
     # 256 KiB holds the embedding, run.json and checkpoints, not the tiny pipeline's weights.
     mounted = _mount_tmpfs(target, "size=256k")
     if not mounted:
+
         def full_disk(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device", str(target / "out" / "unet"))
 

@@ -89,8 +89,23 @@ def test_tiny_then_generate_is_reproducible(tmp_path: Path) -> None:
     assert run_cli("tiny", str(model)).returncode == 0
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     assert_user_error(run_cli("tiny", str(model)), "not empty")
-    common = ["generate", "--model", str(model), "--prompt", "a toy", "--num_images", "2", "--num_inference_steps", "3",
-              "--seed", "5", "--height", "64", "--width", "64"]
+    common = [
+        "generate",
+        "--model",
+        str(model),
+        "--prompt",
+        "a toy",
+        "--num_images",
+        "2",
+        "--num_inference_steps",
+        "3",
+        "--seed",
+        "5",
+        "--height",
+        "64",
+        "--width",
+        "64",
+    ]
     first = run_cli(*common, "--output_dir", str(tmp_path / "a"))
     second = run_cli(*common, "--output_dir", str(tmp_path / "b"))
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:]
@@ -113,7 +128,15 @@ def test_generate_bad_input(tiny_model: Path, tmp_path: Path) -> None:
         run_cli("generate", "--model", str(tiny_model), "--prompt", "x", "--num_images", "0"), "--num_images 0"
     )
     assert_user_error(
-        run_cli("generate", "--model", str(tiny_model), "--prompt", "x", "--embeddings", str(tmp_path / "missing.safetensors")),
+        run_cli(
+            "generate",
+            "--model",
+            str(tiny_model),
+            "--prompt",
+            "x",
+            "--embeddings",
+            str(tmp_path / "missing.safetensors"),
+        ),
         "missing.safetensors",
     )
 
@@ -125,8 +148,22 @@ def test_generate_with_embedding_changes_the_image(tiny_model: Path, tmp_path: P
 
     embedding = tmp_path / "learned_embeds.safetensors"
     save_file({"<thing>": torch.randn(1, 32, generator=torch.Generator().manual_seed(0)) * 5}, str(embedding))
-    common = ["generate", "--model", str(tiny_model), "--num_inference_steps", "3", "--seed", "1", "--height", "64", "--width", "64"]
-    with_token = run_cli(*common, "--prompt", "a <thing>", "--embeddings", str(embedding), "--output_dir", str(tmp_path / "t"))
+    common = [
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--num_inference_steps",
+        "3",
+        "--seed",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+    ]
+    with_token = run_cli(
+        *common, "--prompt", "a <thing>", "--embeddings", str(embedding), "--output_dir", str(tmp_path / "t")
+    )
     assert with_token.returncode == 0, with_token.stderr[-2000:]
     without = run_cli(*common, "--prompt", "a toy", "--output_dir", str(tmp_path / "n"))
     assert without.returncode == 0

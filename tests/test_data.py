@@ -87,7 +87,9 @@ def test_no_readable_image_is_an_error_naming_files(tmp_path: Path) -> None:
 
 
 def test_example_stream_epoch_visits_each_image_repeats_times() -> None:
-    stream = ExampleStream(num_images=3, repeats=4, templates=["a {}", "b {}"], placeholder_text="<t>", random_flip=True, seed=5)
+    stream = ExampleStream(
+        num_images=3, repeats=4, templates=["a {}", "b {}"], placeholder_text="<t>", random_flip=True, seed=5
+    )
     epoch = [stream[i] for i in range(12)]
     assert Counter(e.image_index for e in epoch) == {0: 4, 1: 4, 2: 4}
     assert {e.caption for e in epoch} <= {"a <t>", "b <t>"}

@@ -123,8 +123,12 @@ def test_lookalike_builders_write_the_originals_byte_for_byte(interop_data: Path
         assert made.read_bytes() == (originals / name).read_bytes()
     hands = torch.load(originals / "bad-hands-5.pt", weights_only=True, map_location="cpu")
     made = lookalike.a1111_pt(
-        tmp_path / "bad-hands-5.pt", hands["name"], hands["string_to_param"]["*"], hands["step"],
-        hands["sd_checkpoint"], hands["sd_checkpoint_name"],
+        tmp_path / "bad-hands-5.pt",
+        hands["name"],
+        hands["string_to_param"]["*"],
+        hands["step"],
+        hands["sd_checkpoint"],
+        hands["sd_checkpoint_name"],
     )
     assert made.read_bytes() == (originals / "bad-hands-5.pt").read_bytes()
     easy = torch.load(originals / "EasyNegative.pt", weights_only=True)["emb_params"]
@@ -264,7 +268,12 @@ def test_a1111_export_is_what_the_web_ui_writes(tmp_path: Path) -> None:
     assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
     assert data["string_to_token"] == {"*": 265}
     assert torch.equal(data["string_to_param"]["*"], embedding.vectors[TEXT_ENCODER])
-    assert (data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == ("<style>", 500, None, None)
+    assert (data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == (
+        "<style>",
+        500,
+        None,
+        None,
+    )
     emb_params = load_file(str(write_embedding(embedding, tmp_path / "style.safetensors", "a1111")))
     assert set(emb_params) == {"emb_params"}
 
@@ -560,7 +569,11 @@ def _two_encoder_pipeline(dims: tuple[int, int]) -> SimpleNamespace:
     for suffix, dim in zip(("", "_2"), dims):
         tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
         config = CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=dim, num_hidden_layers=1, num_attention_heads=2
+            vocab_size=len(tokenizer),
+            hidden_size=dim,
+            intermediate_size=dim,
+            num_hidden_layers=1,
+            num_attention_heads=2,
         )
         parts[f"tokenizer{suffix}"] = tokenizer
         parts[f"text_encoder{suffix}"] = CLIPTextModel(config)
@@ -571,7 +584,11 @@ def test_two_encoder_pipeline_gets_both_vectors_and_refuses_one_encoder_embeddin
     pipe = _two_encoder_pipeline((16, 24))
     generator = torch.Generator().manual_seed(3)
     embedding = Embedding(
-        "<xl>", {TEXT_ENCODER: torch.randn(2, 16, generator=generator), TEXT_ENCODER_2: torch.randn(2, 24, generator=generator)}
+        "<xl>",
+        {
+            TEXT_ENCODER: torch.randn(2, 16, generator=generator),
+            TEXT_ENCODER_2: torch.randn(2, 24, generator=generator),
+        },
     )
     path = write_embedding(embedding, tmp_path / "xl.safetensors")
     assert load_embeddings(pipe, path) == ["<xl>"]
@@ -625,7 +642,12 @@ def test_cli_inspect_and_convert(standalone_embeddings: Path, tmp_path: Path) ->
     runs["table"] = _start("inspect", str(embeddings / "bad-hands-5.pt"))
     runs["refuse"] = _start("convert", str(embeddings / "bad-hands-5.pt"), str(exists))
     runs["overwrite"] = _start(
-        "convert", str(embeddings / "ttekcor_learned_embeds.safetensors"), str(replaced), "--overwrite", "--token", "<t>"
+        "convert",
+        str(embeddings / "ttekcor_learned_embeds.safetensors"),
+        str(replaced),
+        "--overwrite",
+        "--token",
+        "<t>",
     )
     results = {kind: (process.communicate(timeout=120), process.returncode) for kind, process in runs.items()}
 
@@ -673,16 +695,25 @@ def test_cli_parser_has_the_new_flags() -> None:
 # --- training from an existing embedding (--init_embeddings) -------------------------------------
 
 
-def test_training_starts_from_an_embedding_file_of_another_format(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_training_starts_from_an_embedding_file_of_another_format(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
     from conftest import train_config
-    from textinv import training
 
     start = torch.randn(3, TINY_DIM, generator=torch.Generator().manual_seed(3))
     source = write_embedding(Embedding("their-token", {TEXT_ENCODER: start}, step=900), tmp_path / "theirs.pt")
     assert detect_format(source) == "a1111"
     # A tiny learning rate: the result must be the file's vectors (3 of them, as the file says), barely moved.
-    config = train_config(tiny_model, train_images, tmp_path / "out", init_embeddings=str(source), initializer_token=None,
-                          learning_rate=1e-9, max_train_steps=2, only_save_embeds=True)
+    config = train_config(
+        tiny_model,
+        train_images,
+        tmp_path / "out",
+        init_embeddings=str(source),
+        initializer_token=None,
+        learning_rate=1e-9,
+        max_train_steps=2,
+        only_save_embeds=True,
+    )
     result = textinv.train(config, show_progress=False)
     learned = result.embedding.vectors[TEXT_ENCODER]
     assert learned.shape == (3, TINY_DIM)

@@ -73,17 +73,35 @@ def test_eval_command_prints_both_scores_and_writes_json(
     tiny_model: Path, train_images: Path, tiny_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     embedding_file = write_embedding(
-        Embedding(token="<cat-toy>", vectors={"text_encoder": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))}),
+        Embedding(
+            token="<cat-toy>", vectors={"text_encoder": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))}
+        ),
         tmp_path / "learned_embeds.safetensors",
     )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {} on the beach\na {} in the snow\n")
     out = tmp_path / "scores.json"
-    code = main([
-        "eval", "--model", str(tiny_model), "--embeddings", str(embedding_file),
-        "--train_data_dir", str(train_images), "--clip_model", str(tiny_clip), "--prompts", str(prompts),
-        "--num_images", "2", "--num_inference_steps", "2", "--json", str(out),
-    ])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model),
+            "--embeddings",
+            str(embedding_file),
+            "--train_data_dir",
+            str(train_images),
+            "--clip_model",
+            str(tiny_clip),
+            "--prompts",
+            str(prompts),
+            "--num_images",
+            "2",
+            "--num_inference_steps",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     scores = json.loads(out.read_text())
@@ -100,10 +118,19 @@ def test_eval_command_prints_both_scores_and_writes_json(
 def test_eval_with_a_folder_that_is_not_clip_is_one_line(
     tiny_model: Path, train_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    code = main([
-        "eval", "--model", str(tiny_model), "--embeddings", str(tmp_path / "x.safetensors"),
-        "--train_data_dir", str(train_images), "--clip_model", str(tiny_model),
-    ])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model),
+            "--embeddings",
+            str(tmp_path / "x.safetensors"),
+            "--train_data_dir",
+            str(train_images),
+            "--clip_model",
+            str(tiny_model),
+        ]
+    )
     stderr = capsys.readouterr().err
     assert code == 2, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]

@@ -18,12 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train_config
-from textinv.models import conditioning
+from textinv import train
 from textinv.cli import main
 from textinv.config import UserError
-from textinv.embeddings import TEXT_ENCODER, TEXT_ENCODER_2, detect_format
-from textinv.inference.generation import generate, load_pipeline
-from textinv.models.loading import detect_family, load_model_parts, load_pipeline_folder
 from textinv.data.templates import (
     OBJECT_TEMPLATES_EN,
     OBJECT_TEMPLATES_ZH,
@@ -31,10 +28,13 @@ from textinv.data.templates import (
     choose_language,
     templates_for,
 )
-from textinv.tiny import FAMILIES
-from textinv.models.tokens import initializer_ids
+from textinv.embeddings import TEXT_ENCODER, TEXT_ENCODER_2, detect_format
 from textinv.events import TrainResult
-from textinv import train
+from textinv.inference.generation import generate, load_pipeline
+from textinv.models import conditioning
+from textinv.models.loading import detect_family, load_model_parts, load_pipeline_folder
+from textinv.models.tokens import initializer_ids
+from textinv.tiny import FAMILIES
 
 TOKEN = "<cat-toy>"
 # family: (initializer, --language, the template languages the captions must come from)
@@ -68,17 +68,27 @@ class FamilyRun:
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family_run(request: pytest.FixtureRequest, train_images: Path, tmp_path_factory: pytest.TempPathFactory) -> FamilyRun:
+def family_run(
+    request: pytest.FixtureRequest, train_images: Path, tmp_path_factory: pytest.TempPathFactory
+) -> FamilyRun:
     family = request.param
     folder = tmp_path_factory.mktemp(f"family-{family}")
     model = folder / "model"
     assert main(["tiny", str(model), "--family", family]) == 0
     initializer, language, _ = CASES[family]
     config = train_config(
-        model, train_images, folder / "out", initializer_token=initializer, language=language, max_train_steps=STEPS,
-        checkpointing_steps=10, report_to="none",
+        model,
+        train_images,
+        folder / "out",
+        initializer_token=initializer,
+        language=language,
+        max_train_steps=STEPS,
+        checkpointing_steps=10,
+        report_to="none",
         # One validation image at the end: the family's own pipeline class over the training's parts.
-        validation_prompt=[f"a photo of {TOKEN}"], num_validation_images=1, validation_num_inference_steps=2,
+        validation_prompt=[f"a photo of {TOKEN}"],
+        num_validation_images=1,
+        validation_num_inference_steps=2,
         validation_steps=STEPS,
     )
     run = FamilyRun(family, model, None, config)  # type: ignore[arg-type]
@@ -114,7 +124,10 @@ def _row(tokenizer: Any, text_encoder: Any, token: str) -> torch.Tensor:
 def test_family_is_detected_and_recorded(family_run: FamilyRun) -> None:
     record = json.loads((family_run.result.output_dir / "run.json").read_text())
     assert detect_family(family_run.model) == family_run.family == record["model"]["family"]
-    assert json.loads((family_run.model / "model_index.json").read_text())["_class_name"] == PIPELINE_CLASSES[family_run.family]
+    assert (
+        json.loads((family_run.model / "model_index.json").read_text())["_class_name"]
+        == PIPELINE_CLASSES[family_run.family]
+    )
     assert record["status"] == "completed" and len(family_run.result.losses) == STEPS
     assert len(list((family_run.result.output_dir / "validation").glob(f"step-*{STEPS}/*.png"))) == 1
     assert all(torch.isfinite(torch.tensor(family_run.result.losses)))
@@ -170,8 +183,12 @@ def test_embedding_loads_in_textinv_and_diffusers_and_generates(family_run: Fami
     theirs = load_pipeline_folder(family_run.model)
     if family == "sdxl":
         state = load_file(str(embedding_file))
-        theirs.load_textual_inversion(state["clip_l"], token=TOKEN, text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer)
-        theirs.load_textual_inversion(state["clip_g"], token=TOKEN, text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2)
+        theirs.load_textual_inversion(
+            state["clip_l"], token=TOKEN, text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer
+        )
+        theirs.load_textual_inversion(
+            state["clip_g"], token=TOKEN, text_encoder=theirs.text_encoder_2, tokenizer=theirs.tokenizer_2
+        )
     else:
         theirs.load_textual_inversion(str(embedding_file))
     for name in _encoder_names(family):
@@ -180,7 +197,12 @@ def test_embedding_loads_in_textinv_and_diffusers_and_generates(family_run: Fami
     theirs.set_progress_bar_config(disable=True)
     # Latents only: decoding was shown above, and the VAE decode is the slowest part at this size.
     latents = theirs(
-        prompt, num_inference_steps=2, guidance_scale=1.0, height=64, width=64, output_type="latent",
+        prompt,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        height=64,
+        width=64,
+        output_type="latent",
         generator=torch.Generator().manual_seed(0),
     ).images
     assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all()
@@ -202,7 +224,11 @@ def test_saved_pipeline_also_holds_what_ppdiffusers_reads(family_run: FamilyRun)
         assert (folder / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\n")
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         token_id = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(TOKEN)
-        assert json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")) == {TOKEN: token_id} == {TOKEN: len(vocab)}
+        assert (
+            json.loads((folder / "added_tokens.json").read_text(encoding="utf-8"))
+            == {TOKEN: token_id}
+            == {TOKEN: len(vocab)}
+        )
         with safe_open(str(out / name / "model.safetensors"), "pt") as weights:
             assert all(key.startswith("text_model.") or key == "text_projection.weight" for key in weights.keys())
 
@@ -214,7 +240,9 @@ def test_captions_fed_to_the_tokenizers_follow_the_language(family_run: FamilyRu
     encoders = len(_encoder_names(family_run.family))
     assert len(captions) == STEPS * encoders  # batch 1; SDXL tokenizes each caption with both tokenizers
     if encoders == 2:
-        assert [c for _, b in family_run.tokenized[0::2] for c in b] == [c for _, b in family_run.tokenized[1::2] for c in b]
+        assert [c for _, b in family_run.tokenized[0::2] for c in b] == [
+            c for _, b in family_run.tokenized[1::2] for c in b
+        ]
     by_language = {
         "en": {template.format(TOKEN) for template in OBJECT_TEMPLATES_EN},
         "zh": {template.format(TOKEN) for template in OBJECT_TEMPLATES_ZH},
@@ -254,9 +282,17 @@ def test_checkpoint_holds_every_encoder_and_resumes_exactly(family_run: FamilyRu
     copy = tmp_path / "out"
     shutil.copytree(family_run.result.output_dir, copy)
     resumed_config = train_config(
-        family_run.model, Path(family_run.config.train_data_dir), copy, initializer_token=family_run.config.initializer_token,
-        language=family_run.config.language, max_train_steps=STEPS, checkpointing_steps=10, report_to="none", seed=None,
-        resume_from_checkpoint="checkpoint-10", only_save_embeds=True,
+        family_run.model,
+        Path(family_run.config.train_data_dir),
+        copy,
+        initializer_token=family_run.config.initializer_token,
+        language=family_run.config.language,
+        max_train_steps=STEPS,
+        checkpointing_steps=10,
+        report_to="none",
+        seed=None,
+        resume_from_checkpoint="checkpoint-10",
+        only_save_embeds=True,
     )
     resumed = train(resumed_config, show_progress=False)
     for name, vectors in family_run.result.embedding.vectors.items():
@@ -290,8 +326,17 @@ def test_chinese_captions_on_a_clip_model_are_warned_about(caplog: pytest.LogCap
 
 
 def test_bad_language_is_one_line(train_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["train", "--pretrained_model_name_or_path=x", f"--train_data_dir={train_images}", "--placeholder_token=<x>",
-                 "--initializer_token=toy", "--language=fr", f"--output_dir={tmp_path / 'out'}"])
+    code = main(
+        [
+            "train",
+            "--pretrained_model_name_or_path=x",
+            f"--train_data_dir={train_images}",
+            "--placeholder_token=<x>",
+            "--initializer_token=toy",
+            "--language=fr",
+            f"--output_dir={tmp_path / 'out'}",
+        ]
+    )
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "--language" in lines[0] and "'fr'" in lines[0] and "zh_en" in lines[0]
 
@@ -327,20 +372,35 @@ SD_CONFIGS = {
 }
 UNSUPPORTED = {
     "sd3": (
-        {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
-         "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
-         "text_encoder_3": ["transformers", "T5EncoderModel"], "vae": ["diffusers", "AutoencoderKL"],
-         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]},
+        {
+            "_class_name": "StableDiffusion3Pipeline",
+            "transformer": ["diffusers", "SD3Transformer2DModel"],
+            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder_3": ["transformers", "T5EncoderModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        },
         {},
         ("StableDiffusion3Pipeline", "no UNet", "SD3Transformer2DModel"),
     ),
     "sdxl-refiner": (
-        {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None], "tokenizer": [None, None],
-         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-         "scheduler": ["diffusers", "EulerDiscreteScheduler"]},
+        {
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        },
         {},
-        ("StableDiffusionXLImg2ImgPipeline", "without a first text encoder", "text_encoder_2: CLIPTextModelWithProjection"),
+        (
+            "StableDiffusionXLImg2ImgPipeline",
+            "without a first text encoder",
+            "text_encoder_2: CLIPTextModelWithProjection",
+        ),
     ),
     "t5-encoder": (
         {**SD_INDEX, "_class_name": "IFPipeline", "text_encoder": ["transformers", "T5EncoderModel"]},
@@ -367,11 +427,21 @@ def test_unsupported_pipeline_is_one_line_naming_what_was_found(kind: str, tmp_p
         assert fragment in message, (fragment, message)
 
 
-def test_unsupported_pipeline_through_the_cli(train_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsupported_pipeline_through_the_cli(
+    train_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     index, configs, _ = UNSUPPORTED["sd3"]
     folder = _fake_pipeline(tmp_path / "sd3", index, configs)
-    code = main(["train", f"--pretrained_model_name_or_path={folder}", f"--train_data_dir={train_images}",
-                 "--placeholder_token=<x>", "--initializer_token=toy", f"--output_dir={tmp_path / 'out'}"])
+    code = main(
+        [
+            "train",
+            f"--pretrained_model_name_or_path={folder}",
+            f"--train_data_dir={train_images}",
+            "--placeholder_token=<x>",
+            "--initializer_token=toy",
+            f"--output_dir={tmp_path / 'out'}",
+        ]
+    )
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
     assert "SD3Transformer2DModel" in lines[0] and "SDXL" in lines[0]
@@ -379,10 +449,19 @@ def test_unsupported_pipeline_through_the_cli(train_images: Path, tmp_path: Path
 
 def test_sd1_json_detection_by_width_and_activation(tmp_path: Path) -> None:
     sd1 = _fake_pipeline(tmp_path / "sd1", SD_INDEX, SD_CONFIGS)
-    sd2 = _fake_pipeline(tmp_path / "sd2", SD_INDEX, {**SD_CONFIGS, "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_size": 1024}})
+    sd2 = _fake_pipeline(
+        tmp_path / "sd2",
+        SD_INDEX,
+        {**SD_CONFIGS, "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_size": 1024}},
+    )
     sd2_v = _fake_pipeline(
-        tmp_path / "sd2v", SD_INDEX,
-        {**SD_CONFIGS, "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_size": 1024}, "scheduler": {"prediction_type": "v_prediction"}},
+        tmp_path / "sd2v",
+        SD_INDEX,
+        {
+            **SD_CONFIGS,
+            "text_encoder": {"architectures": ["CLIPTextModel"], "hidden_size": 1024},
+            "scheduler": {"prediction_type": "v_prediction"},
+        },
     )
     assert [detect_family(path) for path in (sd1, sd2, sd2_v)] == ["sd1", "sd2", "sd2-v"]
 

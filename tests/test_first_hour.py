@@ -21,8 +21,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, train_config
 import textinv
+from conftest import REPO, train_config
 from textinv import cli, events
 from textinv.config import TrainingInterrupted, UserError
 from textinv.data import latents
@@ -42,8 +42,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "textinv.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env=_env(**env), cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "textinv.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(**env),
+        cwd=REPO,
+    )
 
 
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -73,23 +79,45 @@ print("torch imported" if "torch" in sys.modules else "torch not imported", code
 def _train_without_torch(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
     args = ["train", f"--train_data_dir={tmp_path}", "--placeholder_token=<x>", "--initializer_token=toy", *flags]
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", CHECK_IN_PROCESS, *args], capture_output=True, text=True, timeout=120,
-                            env=_env(), cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK_IN_PROCESS, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        cwd=tmp_path,
+    )
     return result, time.perf_counter() - started
 
 
 @pytest.mark.parametrize(
     "case, flags, first_line",
     [
-        ("a mistyped folder, no ./", ["--pretrained_model_name_or_path=tiny-modle"],
-         "textinv: error: model folder 'tiny-modle' does not exist"),
-        ("a path under a local folder", ["--pretrained_model_name_or_path=models/tiny-modle"],
-         "textinv: error: model folder 'models/tiny-modle' does not exist"),
-        ("a used output_dir", ["--output_dir=used"], "textinv: error: --output_dir 'used' already holds another run's results"),
-        ("a token with a space", ["--placeholder_token=<a b>"], "textinv: error: --placeholder_token '<a b>' contains white space"),
+        (
+            "a mistyped folder, no ./",
+            ["--pretrained_model_name_or_path=tiny-modle"],
+            "textinv: error: model folder 'tiny-modle' does not exist",
+        ),
+        (
+            "a path under a local folder",
+            ["--pretrained_model_name_or_path=models/tiny-modle"],
+            "textinv: error: model folder 'models/tiny-modle' does not exist",
+        ),
+        (
+            "a used output_dir",
+            ["--output_dir=used"],
+            "textinv: error: --output_dir 'used' already holds another run's results",
+        ),
+        (
+            "a token with a space",
+            ["--placeholder_token=<a b>"],
+            "textinv: error: --placeholder_token '<a b>' contains white space",
+        ),
     ],
 )
-def test_errors_the_arguments_show_come_before_torch(tiny_model: Path, tmp_path: Path, case: str, flags: list[str], first_line: str) -> None:
+def test_errors_the_arguments_show_come_before_torch(
+    tiny_model: Path, tmp_path: Path, case: str, flags: list[str], first_line: str
+) -> None:
     (tmp_path / "models").mkdir()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "learned_embeds.safetensors").write_bytes(b"another run")
@@ -133,7 +161,9 @@ def test_debug_adds_the_traceback_and_keeps_exit_code_2(tmp_path: Path) -> None:
     assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip()  # the one line still ends it
 
 
-def test_debug_keeps_exit_code_1_for_an_internal_fault(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_debug_keeps_exit_code_1_for_an_internal_fault(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     def broken(args):
         raise RuntimeError("a bug")
 
@@ -146,11 +176,34 @@ def test_debug_keeps_exit_code_1_for_an_internal_fault(monkeypatch: pytest.Monke
 
 @pytest.mark.slow
 def test_generate_names_a_flag_it_has(tiny_model: Path, embedding_file: Path, tmp_path: Path) -> None:
-    common = ["generate", "--model", str(tiny_model), "--num_inference_steps", "2", "--height", "64", "--width", "64", "--seed", "1"]
-    twice = _cli(*common, "--prompt", "a <thing>", "--embeddings", str(embedding_file), "--embeddings", str(embedding_file))
+    common = [
+        "generate",
+        "--model",
+        str(tiny_model),
+        "--num_inference_steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--seed",
+        "1",
+    ]
+    twice = _cli(
+        *common, "--prompt", "a <thing>", "--embeddings", str(embedding_file), "--embeddings", str(embedding_file)
+    )
     assert twice.returncode == 2 and "is already in the pipeline" in twice.stderr and "--token NAME" in twice.stderr
-    renamed = _cli(*common, "--prompt", "a <other>", "--embeddings", str(embedding_file), "--token", "<other>",
-                   "--output_dir", str(tmp_path / "images"))
+    renamed = _cli(
+        *common,
+        "--prompt",
+        "a <other>",
+        "--embeddings",
+        str(embedding_file),
+        "--token",
+        "<other>",
+        "--output_dir",
+        str(tmp_path / "images"),
+    )
     assert renamed.returncode == 0, renamed.stderr[-2000:]
     assert [p.name for p in (tmp_path / "images").iterdir()] == ["a-other-seed1.png"]
     assert renamed.stdout.split() == [str(tmp_path / "images" / "a-other-seed1.png")]  # no second "wrote" line
@@ -166,8 +219,16 @@ def test_every_result_gets_the_umask_modes(tiny_model: Path, train_images: Path,
         stale = output_dir / "learned_embeds.safetensors"
         stale.write_bytes(b"x")
         stale.chmod(0o644)  # safetensors' writer made even an existing 0644 file 0600
-        config = train_config(tiny_model, train_images, output_dir, max_train_steps=4, save_steps=2, checkpointing_steps=2,
-                              overwrite_output_dir=True, eval_steps=0)
+        config = train_config(
+            tiny_model,
+            train_images,
+            output_dir,
+            max_train_steps=4,
+            save_steps=2,
+            checkpointing_steps=2,
+            overwrite_output_dir=True,
+            eval_steps=0,
+        )
         textinv.train(config, show_progress=False)
         tiny = textinv.build_tiny_pipeline(tmp_path / "tiny")
     finally:
@@ -177,8 +238,12 @@ def test_every_result_gets_the_umask_modes(tiny_model: Path, train_images: Path,
             expected = 0o755 if path.is_dir() else 0o644
             assert _mode(path) == expected, f"{path.relative_to(tmp_path)}: {oct(_mode(path))}"
     names = {p.name for p in output_dir.rglob("*.safetensors")}
-    assert {"learned_embeds.safetensors", "learned_embeds-steps-2.safetensors", "model.safetensors",
-            "diffusion_pytorch_model.safetensors"} <= names
+    assert {
+        "learned_embeds.safetensors",
+        "learned_embeds-steps-2.safetensors",
+        "model.safetensors",
+        "diffusion_pytorch_model.safetensors",
+    } <= names
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -221,7 +286,11 @@ def test_the_rate_after_a_slow_validation_round_is_the_steps_own(
     validation = _SlowValidation()
     with caplog.at_level("INFO", logger="textinv.observers.progress"):
         textinv.train(config, show_progress=True, observers=[validation])
-    lines = {int(m.group(1)): m for m in (re.match(r"step (\d+)/20 .* ([\d.]+) s/step ETA (\S+)(.*)", r.getMessage()) for r in caplog.records) if m}
+    lines = {
+        int(m.group(1)): m
+        for m in (re.match(r"step (\d+)/20 .* ([\d.]+) s/step ETA (\S+)(.*)", r.getMessage()) for r in caplog.records)
+        if m
+    }
     assert set(lines) == set(range(1, 21))
     after = lines[4]
     # The median of the steps' own time (a running mean of wall time said >= 1.5 s / 4 here).
@@ -278,19 +347,35 @@ def _read_terminal(command: list[str], env: dict[str, str], timeout: float = 300
 
 
 @pytest.mark.slow
-def test_a_terminal_run_shows_one_bar_then_one_summary_line(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "textinv.cli", "train", f"--pretrained_model_name_or_path={tiny_model}",
-               f"--train_data_dir={train_images}", "--placeholder_token=<cat-toy>", "--initializer_token=toy",
-               "--resolution=64", "--train_batch_size=1", "--max_train_steps=12", "--seed=1", "--eval_steps=0",
-               f"--output_dir={tmp_path / 'out'}"]
+def test_a_terminal_run_shows_one_bar_then_one_summary_line(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "textinv.cli",
+        "train",
+        f"--pretrained_model_name_or_path={tiny_model}",
+        f"--train_data_dir={train_images}",
+        "--placeholder_token=<cat-toy>",
+        "--initializer_token=toy",
+        "--resolution=64",
+        "--train_batch_size=1",
+        "--max_train_steps=12",
+        "--seed=1",
+        "--eval_steps=0",
+        f"--output_dir={tmp_path / 'out'}",
+    ]
     shown = _read_terminal(command, _env())
     lines = [line.strip() for line in re.split(r"[\r\n]+", shown) if line.strip()]
     bar = [index for index, line in enumerate(lines) if line.startswith("train ")]
     assert bar, shown
-    before, after = lines[: bar[0]], lines[bar[-1] + 1:]
+    before, after = lines[: bar[0]], lines[bar[-1] + 1 :]
     assert any(line.startswith("logging to ") for line in before)  # said before the bar, not through it
-    assert not any(line.startswith(("logging to", "step ")) for line in lines[bar[0]:])
-    assert len(after) == 1 and re.fullmatch(r"learned <cat-toy> in 12 steps \([\d.]+ s\); wrote .*learned_embeds\.safetensors", after[0]), after
+    assert not any(line.startswith(("logging to", "step ")) for line in lines[bar[0] :])
+    assert len(after) == 1 and re.fullmatch(
+        r"learned <cat-toy> in 12 steps \([\d.]+ s\); wrote .*learned_embeds\.safetensors", after[0]
+    ), after
 
 
 @pytest.mark.slow
@@ -302,9 +387,15 @@ def test_after_a_resume_the_summary_says_both_counts(tiny_model: Path, train_ima
 
     settings = dict(max_train_steps=8, only_save_embeds=True, **FAST)
     with pytest.raises(TrainingInterrupted):
-        textinv.train(train_config(tiny_model, train_images, tmp_path / "out", **settings), show_progress=False, observers=[StopAtStep()])
-    resumed = textinv.train(train_config(tiny_model, train_images, tmp_path / "out", resume_from_checkpoint="latest", **settings),
-                            show_progress=False)
+        textinv.train(
+            train_config(tiny_model, train_images, tmp_path / "out", **settings),
+            show_progress=False,
+            observers=[StopAtStep()],
+        )
+    resumed = textinv.train(
+        train_config(tiny_model, train_images, tmp_path / "out", resume_from_checkpoint="latest", **settings),
+        show_progress=False,
+    )
     assert re.match(r"learned <cat-toy> in 8 steps \(5 this run, [\d.]+ s\); wrote ", resumed.summary), resumed.summary
     fresh = textinv.train(train_config(tiny_model, train_images, tmp_path / "fresh", **settings), show_progress=False)
     assert re.match(r"learned <cat-toy> in 8 steps \([\d.]+ s\); wrote ", fresh.summary), fresh.summary
@@ -322,7 +413,9 @@ logging.getLogger("textinv.serve.server").info("textinv's own line")
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_library_info_lines_only_with_verbose(verbose: bool) -> None:
-    result = subprocess.run([sys.executable, "-c", CHATTER, "1" if verbose else "0"], capture_output=True, text=True, env=_env())
+    result = subprocess.run(
+        [sys.executable, "-c", CHATTER, "1" if verbose else "0"], capture_output=True, text=True, env=_env()
+    )
     assert "textinv's own line" in result.stderr
     assert ("HTTP Request" in result.stderr) is verbose
 
@@ -366,12 +459,18 @@ def test_quiet_loading_restores_the_libraries_settings() -> None:
 
 
 # --- eval without a download ----------------------------------------------------------------------------
-def test_eval_offline_fails_fast_and_points_to_a_tiny_clip(tiny_model: Path, embedding_file: Path, train_images: Path) -> None:
+def test_eval_offline_fails_fast_and_points_to_a_tiny_clip(
+    tiny_model: Path, embedding_file: Path, train_images: Path
+) -> None:
     started = time.perf_counter()
-    result = _cli("eval", "--model", str(tiny_model), "--embeddings", str(embedding_file), "--train_data_dir", str(train_images))
+    result = _cli(
+        "eval", "--model", str(tiny_model), "--embeddings", str(embedding_file), "--train_data_dir", str(train_images)
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("textinv: error: --clip_model 'openai/clip-vit-base-patch32' is not a folder, "
-                                            "HF_HUB_OFFLINE is set and it is not in the local cache"), result.stderr
+    assert result.stderr.strip().startswith(
+        "textinv: error: --clip_model 'openai/clip-vit-base-patch32' is not a folder, "
+        "HF_HUB_OFFLINE is set and it is not in the local cache"
+    ), result.stderr
     assert "textinv tiny --clip DIR" in result.stderr and "Retrying" not in result.stderr
     assert time.perf_counter() - started < 60  # no retries: ~5 s of imports
 
@@ -396,15 +495,33 @@ def test_an_unreachable_hub_fails_at_the_first_error(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.slow
-def test_tiny_clip_from_the_cli_works_for_eval(tiny_model: Path, embedding_file: Path, train_images: Path, tmp_path: Path) -> None:
+def test_tiny_clip_from_the_cli_works_for_eval(
+    tiny_model: Path, embedding_file: Path, train_images: Path, tmp_path: Path
+) -> None:
     made = _cli("tiny", "--clip", str(tmp_path / "clip"))
     assert made.returncode == 0, made.stderr[-2000:]
-    assert (tmp_path / "clip" / "vocab.json").read_bytes() == (REPO / "src/textinv/assets/clip-tokenizer/vocab.json").read_bytes()
+    assert (tmp_path / "clip" / "vocab.json").read_bytes() == (
+        REPO / "src/textinv/assets/clip-tokenizer/vocab.json"
+    ).read_bytes()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {} on the beach\n")
-    scored = _cli("eval", "--model", str(tiny_model), "--embeddings", str(embedding_file), "--train_data_dir", str(train_images),
-                  "--clip_model", str(tmp_path / "clip"), "--prompts", str(prompts), "--num_images", "1",
-                  "--num_inference_steps", "2")
+    scored = _cli(
+        "eval",
+        "--model",
+        str(tiny_model),
+        "--embeddings",
+        str(embedding_file),
+        "--train_data_dir",
+        str(train_images),
+        "--clip_model",
+        str(tmp_path / "clip"),
+        "--prompts",
+        str(prompts),
+        "--num_images",
+        "1",
+        "--num_inference_steps",
+        "2",
+    )
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert scored.stdout.startswith("image similarity ")
 
@@ -423,7 +540,7 @@ def test_a_second_demo_replaces_its_own_outputs(tmp_path: Path) -> None:
 
 def test_the_readme_api_example_keeps_generated_images_out_of_the_training_images() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    snippet = readme[readme.index("result = textinv.train(textinv.TrainConfig("):]
+    snippet = readme[readme.index("result = textinv.train(textinv.TrainConfig(") :]
     snippet = snippet[: snippet.index("```")]
     train_dir = re.search(r'train_data_dir="([^"]+)"', snippet).group(1)
     generate_dir = re.search(r'textinv\.generate\(.*output_dir="([^"]+)"', snippet).group(1)
@@ -432,7 +549,7 @@ def test_the_readme_api_example_keeps_generated_images_out_of_the_training_image
 
 def test_the_quick_start_says_what_make_test_needs() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    quick = readme[readme.index("## Quick start"): readme.index("## Train on a real model")]
+    quick = readme[readme.index("## Quick start") : readme.index("## Train on a real model")]
     assert "make test-fast" in quick and "chromium" in quick and "sudo" in quick and "minutes" in quick
 
 
@@ -465,11 +582,15 @@ def test_training_with_the_lazy_cache_learns_the_eager_caches_vectors(
 
     settings = dict(max_train_steps=6, repeats=2, only_save_embeds=True, **FAST)
     first = FirstStep()
-    lazy = textinv.train(train_config(tiny_model, train_images, tmp_path / "lazy", **settings), show_progress=False, observers=[first])
+    lazy = textinv.train(
+        train_config(tiny_model, train_images, tmp_path / "lazy", **settings), show_progress=False, observers=[first]
+    )
     assert first.seen is not None and first.seen[0] < first.seen[1] == 6  # step 1 came before every view was encoded
 
     real = builders.load_latents
-    monkeypatch.setattr(builders, "load_latents", lambda config, parts, paths, device: _eager(real(config, parts, paths, device)))
+    monkeypatch.setattr(
+        builders, "load_latents", lambda config, parts, paths, device: _eager(real(config, parts, paths, device))
+    )
     eager = textinv.train(train_config(tiny_model, train_images, tmp_path / "eager", **settings), show_progress=False)
     assert torch.equal(lazy.embedding.vectors["text_encoder"], eager.embedding.vectors["text_encoder"])
     assert lazy.losses == eager.losses
@@ -485,13 +606,28 @@ def test_a_cpu_run_says_what_a_step_will_cost(monkeypatch: pytest.MonkeyPatch) -
     from textinv.config import TrainConfig
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    sd15 = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: [torch.empty(860_000_000, device="meta")]), vae_scale_factor=8)
-    config = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", placeholder_token="<t>", initializer_token="toy")
+    sd15 = SimpleNamespace(
+        unet=SimpleNamespace(parameters=lambda: [torch.empty(860_000_000, device="meta")]), vae_scale_factor=8
+    )
+    config = TrainConfig(
+        pretrained_model_name_or_path="m", train_data_dir="d", placeholder_token="<t>", initializer_token="toy"
+    )
     line = builders.cpu_step_estimate(config, sd15, torch.device("cpu"))  # ppdiffusers' defaults: batch 16 at 512 px
-    assert line == ("on this CPU a step of 16 example(s) at 512x512 px will take about 5 min (estimated from the UNet's size); "
-                    "--train_batch_size 1 makes a step about 16x cheaper")
-    one = builders.cpu_step_estimate(TrainConfig(**{**config.to_dict(), "train_batch_size": 1}), sd15, torch.device("cpu"))
-    assert one == "on this CPU a step of 1 example(s) at 512x512 px will take about 19 s (estimated from the UNet's size)"
+    assert line == (
+        "on this CPU a step of 16 example(s) at 512x512 px will take about 5 min (estimated from the UNet's size); "
+        "--train_batch_size 1 makes a step about 16x cheaper"
+    )
+    one = builders.cpu_step_estimate(
+        TrainConfig(**{**config.to_dict(), "train_batch_size": 1}), sd15, torch.device("cpu")
+    )
+    assert (
+        one == "on this CPU a step of 1 example(s) at 512x512 px will take about 19 s (estimated from the UNet's size)"
+    )
     assert builders.cpu_step_estimate(config, sd15, torch.device("cuda")) is None
-    tiny = SimpleNamespace(unet=SimpleNamespace(parameters=lambda: [torch.empty(1_000_000, device="meta")]), vae_scale_factor=8)
-    assert builders.cpu_step_estimate(TrainConfig(**{**config.to_dict(), "resolution": 64}), tiny, torch.device("cpu")) is None
+    tiny = SimpleNamespace(
+        unet=SimpleNamespace(parameters=lambda: [torch.empty(1_000_000, device="meta")]), vae_scale_factor=8
+    )
+    assert (
+        builders.cpu_step_estimate(TrainConfig(**{**config.to_dict(), "resolution": 64}), tiny, torch.device("cpu"))
+        is None
+    )

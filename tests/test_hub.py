@@ -10,16 +10,16 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from conftest import REPO, train_config
+from textinv import train
 from textinv.config import UserError
 from textinv.observers.hub import push_folder
-from textinv import train
 
 TOKEN = "hf_stand_in_token_123"
 USER = "me"
@@ -72,7 +72,9 @@ def _handler(hub: StandInHub) -> type[http.server.BaseHTTPRequestHandler]:
                 self._reply(200, {"warnings": []})
             elif "/preupload/" in self.path:
                 files = json.loads(body)["files"]
-                self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                self._reply(
+                    200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                )
             elif "/commit/" in self.path:
                 for line in body.decode().splitlines():
                     entry = json.loads(line)
@@ -115,11 +117,21 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_push_uploads_the_output_dir_after_training(stand_in_hub: StandInHub, tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_push_uploads_the_output_dir_after_training(
+    stand_in_hub: StandInHub, tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
     output_dir = tmp_path / "cat-toy"
     config = train_config(
-        tiny_model, train_images, output_dir, max_train_steps=4, checkpointing_steps=2, only_save_embeds=True,
-        report_to="none", push_to_hub=True, hub_token=TOKEN, hub_model_id="cat-toy",
+        tiny_model,
+        train_images,
+        output_dir,
+        max_train_steps=4,
+        checkpointing_steps=2,
+        only_save_embeds=True,
+        report_to="none",
+        push_to_hub=True,
+        hub_token=TOKEN,
+        hub_model_id="cat-toy",
     )
     train(config, show_progress=False)
 
@@ -168,8 +180,15 @@ def test_unreachable_endpoint_after_training_is_one_line_and_keeps_the_results(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     output_dir = tmp_path / "out"
     config = train_config(
-        tiny_model, train_images, output_dir, max_train_steps=2, checkpointing_steps=None, only_save_embeds=True,
-        report_to="none", push_to_hub=True, hub_token=TOKEN,
+        tiny_model,
+        train_images,
+        output_dir,
+        max_train_steps=2,
+        checkpointing_steps=None,
+        only_save_embeds=True,
+        report_to="none",
+        push_to_hub=True,
+        hub_token=TOKEN,
     )
     with pytest.raises(UserError) as error:
         train(config, show_progress=False)
@@ -188,13 +207,22 @@ def test_missing_token_is_one_line_before_training(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
     env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="0")  # no saved token either
     command = [
-        sys.executable, "-m", "textinv.cli", "train",
+        sys.executable,
+        "-m",
+        "textinv.cli",
+        "train",
         # A model that does not exist: the token is checked before any model is loaded.
-        f"--pretrained_model_name_or_path={tmp_path / 'no-such-model'}", f"--train_data_dir={tmp_path}",
-        "--placeholder_token=<t>", "--initializer_token=toy", f"--output_dir={output_dir}", "--push_to_hub",
+        f"--pretrained_model_name_or_path={tmp_path / 'no-such-model'}",
+        f"--train_data_dir={tmp_path}",
+        "--placeholder_token=<t>",
+        "--initializer_token=toy",
+        f"--output_dir={output_dir}",
+        "--push_to_hub",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert completed.returncode == 2, completed.stderr
     lines = [line for line in completed.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "--push_to_hub needs a Hugging Face token" in lines[0] and "--hub_token" in lines[0], lines
+    assert len(lines) == 1 and "--push_to_hub needs a Hugging Face token" in lines[0] and "--hub_token" in lines[0], (
+        lines
+    )
     assert _snapshot(output_dir) == {"notes.txt": b"mine"}

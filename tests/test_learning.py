@@ -12,7 +12,18 @@ from diffusers import DDPMScheduler
 from textinv.config import TrainConfig, UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the planted teacher lives with its benchmark
-from planted import CONCEPT_WORDS, INITIAL_WORD, PLACEHOLDER, TARGET_WORD, PlantedScorer, RecoveryCurve, TeacherRecipe, plant, teacher, word_losses
+from planted import (
+    CONCEPT_WORDS,
+    INITIAL_WORD,
+    PLACEHOLDER,
+    TARGET_WORD,
+    PlantedScorer,
+    RecoveryCurve,
+    TeacherRecipe,
+    plant,
+    teacher,
+    word_losses,
+)
 from textinv import train
 from textinv.training.loss import LossSettings, draw_timestep, min_snr_weights
 
@@ -57,7 +68,10 @@ def test_the_teacher_prefers_the_planted_word(planted) -> None:
     losses = word_losses(scorer, CONCEPT_WORDS)
     assert min(losses, key=losses.get) == TARGET_WORD, losses
     gap, error = scorer.gap(concept.initial, concept.target)
-    assert gap > 5 * error and gap > 0.03, (gap, error)  # a real minimum, far above the held-out noise (measured: 0.061 +- 0.007)
+    assert gap > 5 * error and gap > 0.03, (
+        gap,
+        error,
+    )  # a real minimum, far above the held-out noise (measured: 0.061 +- 0.007)
 
 
 @pytest.mark.slow
@@ -93,8 +107,12 @@ def test_min_snr_weights_follow_the_formula() -> None:
     weights = min_snr_weights(scheduler, timesteps, gamma=5.0)
     assert torch.allclose(weights.double(), snr.clamp(max=5.0) / snr, rtol=1e-6)
     assert weights[0] < 0.01 and weights[-1] == 1.0  # near-clean steps damped, noisy ones (SNR < 5) kept
-    v_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
-    assert torch.allclose(min_snr_weights(v_scheduler, timesteps, 5.0).double(), snr.clamp(max=5.0) / (snr + 1), rtol=1e-6)
+    v_scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    )
+    assert torch.allclose(
+        min_snr_weights(v_scheduler, timesteps, 5.0).double(), snr.clamp(max=5.0) / (snr + 1), rtol=1e-6
+    )
 
 
 def test_logit_normal_draws_the_middle_more_often_from_the_example_generator() -> None:
@@ -114,7 +132,14 @@ def test_logit_normal_draws_the_middle_more_often_from_the_example_generator() -
     [("timestep_sampling", "cosine"), ("timestep_logit_std", 0.0), ("snr_gamma", 0.0), ("snr_gamma", -5.0)],
 )
 def test_bad_loss_options_are_refused(field: str, value, tmp_path: Path) -> None:
-    config = TrainConfig(pretrained_model_name_or_path="m", train_data_dir="d", placeholder_token="<t>", initializer_token="toy",
-                         output_dir=str(tmp_path / "out"), report_to="none", **{field: value})
+    config = TrainConfig(
+        pretrained_model_name_or_path="m",
+        train_data_dir="d",
+        placeholder_token="<t>",
+        initializer_token="toy",
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        **{field: value},
+    )
     with pytest.raises(UserError, match=field):
         config.validate()

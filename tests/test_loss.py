@@ -31,7 +31,9 @@ class _Tokenizer:
 
 
 def _loss(prediction_type: str):
-    scheduler = DDPMScheduler(prediction_type=prediction_type, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = DDPMScheduler(
+        prediction_type=prediction_type, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     unet = _ZeroUNet()
     parts = SimpleNamespace(noise_scheduler=scheduler, unet=unet)
     cache = LatentCache(mean=torch.randn(1, 1, 4, 2, 2), std=torch.rand(1, 1, 4, 2, 2), scaling_factor=0.5)
@@ -66,9 +68,16 @@ def _tiny_vae(scaling_factor: float, shift_factor: float | None):
 
     torch.manual_seed(0)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-        scaling_factor=scaling_factor, shift_factor=shift_factor,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     ).eval()
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, train_config
 import textinv
+from conftest import REPO, train_config
 from textinv.training.checkpoints import list_checkpoints
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # 2-process training under accelerate and torchrun
@@ -22,8 +22,15 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # 2-process training 
 BIN = Path(sys.executable).parent
 # 3 images x 2 repeats; 2 processes x batch 1 x accumulation 2 = 4 examples a step, with --scale_lr.
 SHARED_FLAGS = dict(
-    max_train_steps=4, learning_rate=1e-3, scale_lr=True, lr_warmup_steps=0, repeats=2, seed=5,
-    gradient_accumulation_steps=2, checkpointing_steps=2, only_save_embeds=True,
+    max_train_steps=4,
+    learning_rate=1e-3,
+    scale_lr=True,
+    lr_warmup_steps=0,
+    repeats=2,
+    seed=5,
+    gradient_accumulation_steps=2,
+    checkpointing_steps=2,
+    only_save_embeds=True,
 )
 
 
@@ -68,9 +75,16 @@ def _initializer_row(tiny_model: Path) -> torch.Tensor:
 
 LAUNCHERS = {
     # On a machine without CUDA, accelerate's multi-process launcher is still the one named --multi_gpu.
-    "accelerate": lambda port: [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes=2",
-                                "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
-                                f"--main_process_port={port}"],
+    "accelerate": lambda port: [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        f"--main_process_port={port}",
+    ],
     "torchrun": lambda port: [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={port}"],
 }
 
@@ -91,7 +105,9 @@ def test_two_processes_agree_and_match_one_process_with_twice_the_batch(
     digests = record["vectors_sha256_by_rank"]
     assert len(digests) == 2 and digests[0] == digests[1], "the ranks hold different vectors"
     # --scale_lr counts processes: the same effective LR as one process with twice the batch.
-    assert record["effective_learning_rate"] == pytest.approx(one_process_twice_the_batch["record"]["effective_learning_rate"])
+    assert record["effective_learning_rate"] == pytest.approx(
+        one_process_twice_the_batch["record"]["effective_learning_rate"]
+    )
     assert record["effective_learning_rate"] == pytest.approx(1e-3 * 4)
 
     vectors = load_file(output_dir / "learned_embeds.safetensors")["<cat-toy>"]

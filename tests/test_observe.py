@@ -18,9 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, train_config
+from textinv import train
 from textinv.config import UserError
 from textinv.events import StepState
-from textinv import train
 from textinv.observers.progress import Progress
 from textinv.observers.validation import (
     GRID_FILE,
@@ -99,7 +99,9 @@ def test_last_round_is_what_generate_makes_from_the_saved_pipeline(watched) -> N
     """Same seeds, same sampler: a validation image can be made again with `textinv generate`."""
     from textinv.inference.generation import generate
 
-    again = generate(str(watched.output_dir), PROMPT, num_images=2, num_inference_steps=2, seed=SEED, height=64, width=64)
+    again = generate(
+        str(watched.output_dir), PROMPT, num_images=2, num_inference_steps=2, seed=SEED, height=64, width=64
+    )
     for image, seed in zip(again.images, again.seeds):
         saved = _pixels(watched.output_dir / VALIDATION_DIR / "step-000050" / f"prompt0-seed{seed}.png")
         assert np.abs(saved - np.asarray(image, dtype=np.int16)).max() <= 1
@@ -158,7 +160,9 @@ def test_run_json_lists_every_output_with_timings_and_losses(watched) -> None:
     assert record["config"]["validation_prompt"] == [PROMPT]
     outputs = set(record["outputs"])
     expected = {"README.md", "learned_embeds.safetensors", "logs", f"{VALIDATION_DIR}/{GRID_FILE}"}
-    expected |= {f"{VALIDATION_DIR}/step-{s:06d}/prompt0-seed{seed}.png" for s in range(10, 51, 10) for seed in (42, 43)}
+    expected |= {
+        f"{VALIDATION_DIR}/step-{s:06d}/prompt0-seed{seed}.png" for s in range(10, 51, 10) for seed in (42, 43)
+    }
     assert expected <= outputs
     for name in outputs:
         assert (watched.output_dir / name).exists(), name
@@ -195,8 +199,14 @@ def test_model_card_names_a_hub_base_model_and_its_license(tmp_path: Path) -> No
 def test_validation_leaves_training_unchanged(watched, tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     """Sampling draws no training randomness: 20 steps without it give the watched run's step-20 vectors."""
     config = train_config(
-        tiny_model, train_images, tmp_path / "plain", max_train_steps=20, seed=SEED,
-        checkpointing_steps=None, only_save_embeds=True, report_to="none",
+        tiny_model,
+        train_images,
+        tmp_path / "plain",
+        max_train_steps=20,
+        seed=SEED,
+        checkpointing_steps=None,
+        only_save_embeds=True,
+        report_to="none",
     )
     plain = train(config, show_progress=False)
     watched_step_20 = load_file(str(watched.output_dir / "learned_embeds-steps-20.safetensors"))["<cat-toy>"]
@@ -287,9 +297,15 @@ def test_missing_tracker_is_one_line_before_the_model_loads(tracker: str, tmp_pa
     if importlib.util.find_spec(tracker) is not None:
         pytest.skip(f"{tracker} is installed here")
     command = [
-        sys.executable, "-m", "textinv.cli", "train",
-        f"--pretrained_model_name_or_path={tmp_path / 'no-such-model'}", f"--train_data_dir={tmp_path}",
-        "--placeholder_token=<t>", "--initializer_token=toy", f"--output_dir={tmp_path / 'out'}",
+        sys.executable,
+        "-m",
+        "textinv.cli",
+        "train",
+        f"--pretrained_model_name_or_path={tmp_path / 'no-such-model'}",
+        f"--train_data_dir={tmp_path}",
+        "--placeholder_token=<t>",
+        "--initializer_token=toy",
+        f"--output_dir={tmp_path / 'out'}",
         f"--report_to={tracker}",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, env=dict(os.environ))
@@ -318,6 +334,7 @@ def _fake_tracker_module(name: str, calls: list) -> object:
     module = types.ModuleType(name)
     module.__spec__ = importlib.machinery.ModuleSpec(name, None)
     if name == "visualdl":
+
         class LogWriter:
             def __init__(self, logdir: str) -> None:
                 calls.append(("open", logdir))
@@ -333,6 +350,7 @@ def _fake_tracker_module(name: str, calls: list) -> object:
 
         module.LogWriter = LogWriter
     else:
+
         class Run:
             def log(self, values: dict, step: int) -> None:
                 for tag, value in values.items():
@@ -354,7 +372,9 @@ def _fake_tracker_module(name: str, calls: list) -> object:
 
 
 @pytest.mark.parametrize("tracker", ["visualdl", "wandb"])
-def test_other_trackers_get_the_same_numbers_and_images(tracker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_trackers_get_the_same_numbers_and_images(
+    tracker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     from textinv.config import TrainConfig
@@ -366,15 +386,20 @@ def test_other_trackers_get_the_same_numbers_and_images(tracker: str, tmp_path: 
     config.validate()  # the package "is installed" now
     logs = TrainingLogs(config)
     vectors = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
-    run = SimpleNamespace(is_main_process=True, output_dir=tmp_path, record={"config": {}}, trainable=SimpleNamespace(vectors=vectors))
+    run = SimpleNamespace(
+        is_main_process=True, output_dir=tmp_path, record={"config": {}}, trainable=SimpleNamespace(vectors=vectors)
+    )
     logs.on_start(run)
     logs.on_step(run, StepState(1, 2, loss=0.5, lr=1e-3, step_seconds=0.2))
     logs.log_images(1, 0, "a photo of <t>", [Image.new("RGB", (8, 8))] * 2, [1, 2])
     logs.on_end(run, None)
     scalars = {call[1]: call[3] for call in calls if call[0] == "scalar"}
     assert scalars == {
-        "train/loss": 0.5, "train/learning_rate": 1e-3, "train/step_seconds": 0.2,
-        "train/vector_norm/0": pytest.approx(5.0), "train/vector_norm/1": pytest.approx(2.0),
+        "train/loss": 0.5,
+        "train/learning_rate": 1e-3,
+        "train/step_seconds": 0.2,
+        "train/vector_norm/0": pytest.approx(5.0),
+        "train/vector_norm/1": pytest.approx(2.0),
     }
     assert [call for call in calls if call[0] == "image"]
     assert calls[-1] == ("close",) and str(tmp_path / "logs") in calls[0][1]
@@ -394,7 +419,10 @@ def test_sdxl_model_card_code_loads_both_encoders(tmp_path: Path) -> None:
     spec = TinySpec()
     base = build_tiny_pipeline(tmp_path / "tiny-sdxl", family="sdxl")
     out = tmp_path / "out"
-    vectors = {TEXT_ENCODER: torch.ones(2, spec.text_hidden_size), TEXT_ENCODER_2: torch.full((2, spec.text_hidden_size_2), 2.0)}
+    vectors = {
+        TEXT_ENCODER: torch.ones(2, spec.text_hidden_size),
+        TEXT_ENCODER_2: torch.full((2, spec.text_hidden_size_2), 2.0),
+    }
     save_diffusers(Embedding("<cat-toy>", vectors), out / "learned_embeds.safetensors")
     config = TrainConfig(str(base), "images", "<cat-toy>", "toy", num_vectors=2)
     record = {"model": {"family": "sdxl", "source": str(base)}, "steps_done": 5, "identity": {"images": []}}
@@ -404,7 +432,10 @@ def test_sdxl_model_card_code_loads_both_encoders(tmp_path: Path) -> None:
     scope: dict = {}
     exec(code, scope)  # the card's own lines, minus generating an image
     pipe = scope["pipe"]
-    for tokenizer, encoder, expected in ((pipe.tokenizer, pipe.text_encoder, 1.0), (pipe.tokenizer_2, pipe.text_encoder_2, 2.0)):
+    for tokenizer, encoder, expected in (
+        (pipe.tokenizer, pipe.text_encoder, 1.0),
+        (pipe.tokenizer_2, pipe.text_encoder_2, 2.0),
+    ):
         ids = tokenizer.convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1"])
         rows = encoder.get_input_embeddings().weight[ids]
         assert torch.all(rows == expected)

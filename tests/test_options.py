@@ -65,7 +65,11 @@ def test_each_flag_takes_underscores_or_dashes(spelling: str, field: str, value:
 
 
 def test_a_value_that_looks_like_a_flag_is_left_alone() -> None:
-    assert cli.normalise_flags(["--validation_prompt", "a-b c", "--x-y=a-b"]) == ["--validation_prompt", "a-b c", "--x_y=a-b"]
+    assert cli.normalise_flags(["--validation_prompt", "a-b c", "--x-y=a-b"]) == [
+        "--validation_prompt",
+        "a-b c",
+        "--x_y=a-b",
+    ]
 
 
 def test_an_unknown_flag_points_to_the_subcommand_help(capsys: pytest.CaptureFixture[str]) -> None:

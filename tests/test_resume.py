@@ -14,18 +14,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, same_vectors, train_config
 import textinv
+from conftest import REPO, same_vectors, train_config
+from textinv.config import TrainingInterrupted, UserError
 from textinv.training import loss as loss_module
 from textinv.training import recipe, stopping
 from textinv.training.checkpoints import list_checkpoints, read_checkpoint
-from textinv.config import TrainingInterrupted, UserError
 
 # 3 images x 2 repeats = 6 examples an epoch; batch 1 x accumulation 2 = 2 examples a step,
 # so epochs end after steps 3, 6, ...; a cosine schedule with warm-up makes the LR state matter.
 RESUME_SETTINGS = dict(
-    max_train_steps=8, gradient_accumulation_steps=2, repeats=2, lr_scheduler="cosine", lr_warmup_steps=2,
-    only_save_embeds=True, checkpointing_steps=100, seed=11,
+    max_train_steps=8,
+    gradient_accumulation_steps=2,
+    repeats=2,
+    lr_scheduler="cosine",
+    lr_warmup_steps=2,
+    only_save_embeds=True,
+    checkpointing_steps=100,
+    seed=11,
 )
 
 
@@ -59,8 +65,13 @@ def uninterrupted(tiny_model: Path, train_images: Path, tmp_path_factory: pytest
 )
 @pytest.mark.slow
 def test_exact_resume(
-    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, train_images: Path, tmp_path: Path,
-    uninterrupted: torch.Tensor, loss_call: int, stopped_after: int,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_model: Path,
+    train_images: Path,
+    tmp_path: Path,
+    uninterrupted: torch.Tensor,
+    loss_call: int,
+    stopped_after: int,
 ) -> None:
     config = train_config(tiny_model, train_images, tmp_path / "out", **RESUME_SETTINGS)
     _sigint_on_loss_call(monkeypatch, loss_call)
@@ -85,7 +96,12 @@ def test_exact_resume(
 @pytest.mark.slow
 def test_checkpoints_are_complete_and_limited(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     config = train_config(
-        tiny_model, train_images, tmp_path / "out", max_train_steps=7, checkpointing_steps=2, checkpoints_total_limit=2,
+        tiny_model,
+        train_images,
+        tmp_path / "out",
+        max_train_steps=7,
+        checkpointing_steps=2,
+        checkpoints_total_limit=2,
         only_save_embeds=True,
     )
     result = textinv.train(config, show_progress=False)
@@ -106,7 +122,9 @@ def test_resume_refuses_another_run(tiny_model: Path, train_images: Path, tmp_pa
     textinv.train(train_config(tiny_model, train_images, out, **base), show_progress=False)
     with pytest.raises(UserError, match="placeholder_token"):
         textinv.train(
-            train_config(tiny_model, train_images, out, **base, placeholder_token="<other>", resume_from_checkpoint="latest"),
+            train_config(
+                tiny_model, train_images, out, **base, placeholder_token="<other>", resume_from_checkpoint="latest"
+            ),
             show_progress=False,
         )
     other_images = tmp_path / "other-images"
@@ -114,16 +132,26 @@ def test_resume_refuses_another_run(tiny_model: Path, train_images: Path, tmp_pa
     for image in sorted(train_images.iterdir())[:2]:
         (other_images / image.name).write_bytes(image.read_bytes())
     with pytest.raises(UserError, match="training images differ"):
-        textinv.train(train_config(tiny_model, other_images, out, **base, resume_from_checkpoint="latest"), show_progress=False)
+        textinv.train(
+            train_config(tiny_model, other_images, out, **base, resume_from_checkpoint="latest"), show_progress=False
+        )
     with pytest.raises(UserError, match="--seed 5 differs"):
-        textinv.train(train_config(tiny_model, train_images, out, **{**base, "seed": 5}, resume_from_checkpoint="latest"), show_progress=False)
+        textinv.train(
+            train_config(tiny_model, train_images, out, **{**base, "seed": 5}, resume_from_checkpoint="latest"),
+            show_progress=False,
+        )
     with pytest.raises(UserError, match="no checkpoint-N"):
-        textinv.train(train_config(tiny_model, train_images, tmp_path / "fresh", **base, resume_from_checkpoint="latest"), show_progress=False)
+        textinv.train(
+            train_config(tiny_model, train_images, tmp_path / "fresh", **base, resume_from_checkpoint="latest"),
+            show_progress=False,
+        )
 
 
 @pytest.mark.slow
 def test_divergence_stops_and_keeps_last_good_vectors(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
-    config = train_config(tiny_model, train_images, tmp_path / "out", learning_rate=1e36, max_train_steps=20, only_save_embeds=True)
+    config = train_config(
+        tiny_model, train_images, tmp_path / "out", learning_rate=1e36, max_train_steps=20, only_save_embeds=True
+    )
     with pytest.raises(stopping.TrainingDiverged) as diverged:
         textinv.train(config, show_progress=False)
     message = str(diverged.value)
@@ -135,10 +163,19 @@ def test_divergence_stops_and_keeps_last_good_vectors(tiny_model: Path, train_im
 
 def _train_command(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, str(REPO / "train_textual_inversion.py"),
-        f"--pretrained_model_name_or_path={model}", f"--train_data_dir={images}",
-        "--placeholder_token=<cat-toy>", "--initializer_token=toy", "--resolution=64", "--train_batch_size=1",
-        "--learning_rate=5e-3", "--lr_warmup_steps=0", "--seed=3", f"--output_dir={out}", *extra,
+        sys.executable,
+        str(REPO / "train_textual_inversion.py"),
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={images}",
+        "--placeholder_token=<cat-toy>",
+        "--initializer_token=toy",
+        "--resolution=64",
+        "--train_batch_size=1",
+        "--learning_rate=5e-3",
+        "--lr_warmup_steps=0",
+        "--seed=3",
+        f"--output_dir={out}",
+        *extra,
     ]
 
 
@@ -160,9 +197,17 @@ def test_sigterm_checkpoints_and_resume_finishes(tiny_model: Path, train_images:
     stopped_step = read_checkpoint(checkpoint)[0].step
     assert stopped_step >= 1
     finish = subprocess.run(
-        _train_command(tiny_model, train_images, out, f"--max_train_steps={stopped_step + 3}", "--only_save_embeds",
-                       "--resume_from_checkpoint=latest"),
-        capture_output=True, text=True, timeout=300,
+        _train_command(
+            tiny_model,
+            train_images,
+            out,
+            f"--max_train_steps={stopped_step + 3}",
+            "--only_save_embeds",
+            "--resume_from_checkpoint=latest",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert finish.returncode == 0, finish.stderr[-2000:]
     assert json.loads((out / "run.json").read_text())["steps_done"] == stopped_step + 3
@@ -181,21 +226,33 @@ def _load_everything(out: Path) -> int:
         elif path.suffix == ".pt":
             torch.load(path, weights_only=True)
         elif path.suffix == ".pdparams":  # the root script also writes ppdiffusers' files (issue 15)
-            assert all(torch.isfinite(e.vectors["text_encoder"]).all() for e in textinv.embeddings.read_embeddings(path)), path
+            assert all(
+                torch.isfinite(e.vectors["text_encoder"]).all() for e in textinv.embeddings.read_embeddings(path)
+            ), path
         checked += 1
     return checked
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_leaves_every_file_loadable(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_kill_9_at_random_moments_leaves_every_file_loadable(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     rng = random.Random(1234)
-    common = ["--max_train_steps=400", "--checkpointing_steps=1", "--save_steps=1", "--checkpoints_total_limit=3", "--only_save_embeds"]
+    common = [
+        "--max_train_steps=400",
+        "--checkpointing_steps=1",
+        "--save_steps=1",
+        "--checkpoints_total_limit=3",
+        "--only_save_embeds",
+    ]
     checked = 0
-    for attempt in range(10):
+    for _attempt in range(10):
         resume = ["--resume_from_checkpoint=latest"] if list_checkpoints(out) else ["--overwrite_output_dir"]
         before = {path.name for path in list_checkpoints(out)}
-        process = subprocess.Popen(_train_command(tiny_model, train_images, out, *common, *resume), stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            _train_command(tiny_model, train_images, out, *common, *resume), stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 180
         while time.time() < deadline and process.poll() is None:
             # A new checkpoint means steps are running (a checkpoint every step): kill some time after
@@ -210,8 +267,12 @@ def test_kill_9_at_random_moments_leaves_every_file_loadable(tiny_model: Path, t
     assert checked > 20, "the kills came too early to test anything"
     assert list_checkpoints(out), "no checkpoint survived"
     finish = subprocess.run(
-        _train_command(tiny_model, train_images, out, *common[1:], "--max_train_steps=401", "--resume_from_checkpoint=latest"),
-        capture_output=True, text=True, timeout=300,
+        _train_command(
+            tiny_model, train_images, out, *common[1:], "--max_train_steps=401", "--resume_from_checkpoint=latest"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert finish.returncode == 0, finish.stderr[-2000:]
     _load_everything(out)

@@ -10,8 +10,8 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -186,14 +186,19 @@ def test_model_folder_must_be_a_pipeline(tmp_path: Path, tiny_model: Path) -> No
         check_model_folder(str(tmp_path))
     assert check_model_folder(str(tiny_model)) == tiny_model.resolve()
     state = ServerState(tmp_path / "work", default_model=tiny_model)
-    request = TrainRequest(images=demo_uploads(), placeholder_token="<t>", initializer_token="toy", model=str(tmp_path / "x"))
+    request = TrainRequest(
+        images=demo_uploads(), placeholder_token="<t>", initializer_token="toy", model=str(tmp_path / "x")
+    )
     with pytest.raises(UserError, match="does not exist"):
         state.start(request)
     assert state.snapshot() is None and not (state.work_dir / "jobs").exists()
 
 
 def test_errors_are_rendered_as_one_line(caplog: pytest.LogCaptureFixture) -> None:
-    assert render_error(UserError("model folder 'x' is missing\n  unet, vae")) == "error: model folder 'x' is missing unet, vae"
+    assert (
+        render_error(UserError("model folder 'x' is missing\n  unet, vae"))
+        == "error: model folder 'x' is missing unet, vae"
+    )
     try:
         raise RuntimeError("boom\nsecond line\nthird")
     except RuntimeError as error:
@@ -224,7 +229,11 @@ def test_a_failing_job_shows_one_line(tmp_path: Path, tiny_model: Path) -> None:
 def test_a_second_job_is_refused_while_one_runs(tmp_path: Path, tiny_model: Path) -> None:
     state = ServerState(tmp_path / "work", default_model=tiny_model)
     request = TrainRequest(
-        images=demo_uploads(), placeholder_token="<cat-toy>", initializer_token="toy", max_train_steps=5000, validation_prompt=""
+        images=demo_uploads(),
+        placeholder_token="<cat-toy>",
+        initializer_token="toy",
+        max_train_steps=5000,
+        validation_prompt="",
     )
     first = state.start(request)
     try:
@@ -305,5 +314,7 @@ def test_stop_resume_export_and_generate(tmp_path: Path, tiny_model: Path) -> No
     loaded = state.load_embedding(written["pdparams"], "../../elsewhere/cat.pdparams")
     assert loaded.path.parent == state.work_dir / "embeddings" and loaded.format == "pdparams"
     assert loaded.tokens == ("<cat-toy>",)
-    other = state.generate(GenerateRequest(prompt="a {token}", embedding=loaded, token="<my-toy>", num_inference_steps=2))
+    other = state.generate(
+        GenerateRequest(prompt="a {token}", embedding=loaded, token="<my-toy>", num_inference_steps=2)
+    )
     assert len(other.images) == 1 and "with <my-toy>" in other.message

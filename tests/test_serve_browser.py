@@ -20,9 +20,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 
@@ -154,7 +155,9 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
             page.locator("#train-images input[type=file]").set_input_files(images)
             # One row per uploaded file once Gradio has them (its cells split the name, so match rows).
             for image in images:
-                expect(page.locator("#train-images").get_by_role("row", name=re.compile(re.escape(Path(image).name)))).to_be_visible()
+                expect(
+                    page.locator("#train-images").get_by_role("row", name=re.compile(re.escape(Path(image).name)))
+                ).to_be_visible()
             text_field(page, "placeholder-token").fill("<red-cartoon>")
             text_field(page, "initializer-token").fill("cartoon")
             text_field(page, "steps").fill("20")
@@ -165,7 +168,9 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
 
             # --- training: step, loss, ETA, the grid growing ------------------------------------------
             page.locator("#start").click()
-            expect(text_field(page, "train-message")).to_have_value(re.compile(r"started job-001: 4 image\(s\), 20 steps"))
+            expect(text_field(page, "train-message")).to_have_value(
+                re.compile(r"started job-001: 4 image\(s\), 20 steps")
+            )
             progress = text_field(page, "train-progress")
             heights: list[int] = []
             running_shot = False

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import same_vectors, train_config
 import textinv
+from conftest import same_vectors, train_config
 from textinv import events
+from textinv.config import UserError
 from textinv.data import latents
 from textinv.training.checkpoints import list_checkpoints
-from textinv.config import UserError
 
 # eval_steps=0: no held-out evaluation passes, so every UNet and VAE call below is a training step's.
 SETTINGS = dict(max_train_steps=6, repeats=2, only_save_embeds=True, seed=9, checkpointing_steps=3, eval_steps=0)
@@ -65,8 +65,9 @@ def baseline(baseline_run: tuple[torch.Tensor, _Capture]) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_latent_cache_changes_nothing_but_the_time(tiny_model: Path, train_images: Path, tmp_path: Path,
-                                                  baseline: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_latent_cache_changes_nothing_but_the_time(
+    tiny_model: Path, train_images: Path, tmp_path: Path, baseline: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Cached latents train bit-identically to encoding every step the way diffusers' reference script
     does, ``vae.encode(pixels).latent_dist.sample(generator) * scaling_factor``, from the same generator."""
     encoded = []
@@ -103,7 +104,9 @@ def test_gradient_checkpointing_recomputes_unet_blocks_and_gives_the_same_vector
     assert (vectors - baseline).abs().max().item() < 1e-6
 
 
-def test_only_the_vectors_train_and_the_optimizer_state_is_their_size(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_only_the_vectors_train_and_the_optimizer_state_is_their_size(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
     _, capture = _train(tiny_model, train_images, tmp_path / "out", num_vectors=2)
     parts = capture.run.parts
     for module in (parts.unet, parts.text_encoder):
@@ -114,7 +117,9 @@ def test_only_the_vectors_train_and_the_optimizer_state_is_their_size(tiny_model
     assert moments and all(tuple(t.shape) == (2, 32) for t in moments)
 
 
-def test_bf16_keeps_the_vectors_and_optimizer_in_fp32(tiny_model: Path, train_images: Path, tmp_path: Path, baseline: torch.Tensor) -> None:
+def test_bf16_keeps_the_vectors_and_optimizer_in_fp32(
+    tiny_model: Path, train_images: Path, tmp_path: Path, baseline: torch.Tensor
+) -> None:
     vectors, capture = _train(tiny_model, train_images, tmp_path / "out", mixed_precision="bf16")
     assert capture.run.parts.unet.dtype == torch.bfloat16
     assert capture.run.parts.text_encoder.dtype == torch.bfloat16
@@ -135,8 +140,9 @@ def test_fp16_on_cpu_is_refused_before_loading(tiny_model: Path, train_images: P
     assert not (tmp_path / "out" / "run.json").exists()
 
 
-def test_xformers_without_cuda_says_so_and_uses_sdpa(tiny_model: Path, train_images: Path, tmp_path: Path,
-                                                    baseline: torch.Tensor, caplog: pytest.LogCaptureFixture) -> None:
+def test_xformers_without_cuda_says_so_and_uses_sdpa(
+    tiny_model: Path, train_images: Path, tmp_path: Path, baseline: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="textinv.models.precision"):
         vectors, _ = _train(tiny_model, train_images, tmp_path / "out", enable_xformers_memory_efficient_attention=True)
     messages = [record.getMessage() for record in caplog.records if record.name == "textinv.models.precision"]

@@ -19,7 +19,9 @@ PROMPT = "a photo of <cat-toy>"
 
 def _hidden_states(pipe, prompt: str) -> torch.Tensor:
     prompt = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
-    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         return pipe.text_encoder(ids)[0]
 
@@ -29,10 +31,12 @@ def trained_run(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.T
     """The seed's cat-toy command line, unchanged but for size, through the root script."""
     output_dir = tmp_path_factory.mktemp("run") / "textual_inversion_cat"
     command = [
-        sys.executable, "-u", str(REPO / "train_textual_inversion.py"),
+        sys.executable,
+        "-u",
+        str(REPO / "train_textual_inversion.py"),
         f"--pretrained_model_name_or_path={tiny_model}",
         f"--train_data_dir={train_images}",
-        '--learnable_property=object',
+        "--learnable_property=object",
         "--placeholder_token=<cat-toy>",
         "--initializer_token=toy",
         "--resolution=64",
@@ -44,7 +48,8 @@ def trained_run(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.T
         "--lr_scheduler=constant",
         "--lr_warmup_steps=0",
         "--save_steps=10",
-        "--seed", "42",
+        "--seed",
+        "42",
         f"--output_dir={output_dir}",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -126,7 +131,9 @@ def test_only_placeholder_rows_change(trained_run: Path, tiny_model: Path) -> No
 def test_same_seed_same_vectors_other_seed_other_vectors(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        config = train_config(tiny_model, train_images, tmp_path / name, seed=seed, max_train_steps=8, only_save_embeds=True)
+        config = train_config(
+            tiny_model, train_images, tmp_path / name, seed=seed, max_train_steps=8, only_save_embeds=True
+        )
         runs[name] = train(config, show_progress=False).embedding.vectors["text_encoder"]
     assert same_vectors(runs["a"], runs["b"])  # bit-identical on the CPU
     assert not torch.equal(runs["a"], runs["c"])
@@ -150,7 +157,9 @@ def test_multi_vector_token(tiny_model: Path, train_images: Path, tmp_path: Path
 def test_only_save_embeds_skips_pipeline_and_snapshots_follow_save_steps(
     tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:
-    config = train_config(tiny_model, train_images, tmp_path / "out", max_train_steps=9, save_steps=4, only_save_embeds=True)
+    config = train_config(
+        tiny_model, train_images, tmp_path / "out", max_train_steps=9, save_steps=4, only_save_embeds=True
+    )
     result = train(config, show_progress=False)
     names = sorted(p.name for p in result.output_dir.iterdir())
     assert names == [
@@ -170,8 +179,14 @@ def test_only_save_embeds_skips_pipeline_and_snapshots_follow_save_steps(
 def test_epochs_decide_length_when_steps_not_given(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     # 3 images x 2 repeats = 6 examples an epoch; batch 2 -> 3 steps an epoch; 2 epochs -> 6 steps.
     config = train_config(
-        tiny_model, train_images, tmp_path / "out", max_train_steps=None, num_train_epochs=2, repeats=2,
-        train_batch_size=2, only_save_embeds=True,
+        tiny_model,
+        train_images,
+        tmp_path / "out",
+        max_train_steps=None,
+        num_train_epochs=2,
+        repeats=2,
+        train_batch_size=2,
+        only_save_embeds=True,
     )
     assert train(config, show_progress=False).steps == 6
 
@@ -180,13 +195,24 @@ def test_epochs_decide_length_when_steps_not_given(tiny_model: Path, train_image
 def test_previous_run_is_not_overwritten(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     from textinv.config import UserError
 
-    first = train(train_config(tiny_model, train_images, tmp_path / "out", max_train_steps=2, only_save_embeds=True), show_progress=False)
+    first = train(
+        train_config(tiny_model, train_images, tmp_path / "out", max_train_steps=2, only_save_embeds=True),
+        show_progress=False,
+    )
     kept = first.embedding_path.read_bytes()
     with pytest.raises(UserError, match="already holds another run"):
         train(train_config(tiny_model, train_images, tmp_path / "out", max_train_steps=2, seed=1), show_progress=False)
     assert first.embedding_path.read_bytes() == kept
     again = train(
-        train_config(tiny_model, train_images, tmp_path / "out", max_train_steps=2, seed=1, overwrite_output_dir=True, only_save_embeds=True),
+        train_config(
+            tiny_model,
+            train_images,
+            tmp_path / "out",
+            max_train_steps=2,
+            seed=1,
+            overwrite_output_dir=True,
+            only_save_embeds=True,
+        ),
         show_progress=False,
     )
     assert again.embedding_path.read_bytes() != kept

@@ -14,12 +14,14 @@ import os
 import sys
 import traceback
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from textinv.config import TrainConfig, TrainingInterrupted, UserError, first_line
 
 logger = logging.getLogger("textinv")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line and exit 2 (not a usage dump)."""
@@ -29,7 +31,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
-PPDIFFUSERS_DEFAULTS: dict[str, Any] = {"train_batch_size": 16, "learning_rate": 1e-4, "lr_scheduler": "constant", "lr_warmup_steps": 500, "eval_steps": 0}
+PPDIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "train_batch_size": 16,
+    "learning_rate": 1e-4,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 500,
+    "eval_steps": 0,
+}
 # The root train_textual_inversion.py's own defaults (else TrainConfig's): ppdiffusers', and it also writes .pdparams.
 SCRIPT_DEFAULTS: dict[str, Any] = {"embedding_formats": ["diffusers", "pdparams"], **PPDIFFUSERS_DEFAULTS}
 
@@ -47,11 +55,15 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
         has_factory = spec.default_factory is not dataclasses.MISSING
         required = spec.default is dataclasses.MISSING and not has_factory and spec.name not in defaults
         shown: Any = override if spec.name in defaults else spec.default_factory() if has_factory else spec.default  # type: ignore[misc]
-        help_text = spec.metadata["help"] + ("" if required or shown == [] else f" (default: {' '.join(shown) if is_list else shown})")
+        help_text = spec.metadata["help"] + (
+            "" if required or shown == [] else f" (default: {' '.join(shown) if is_list else shown})"
+        )
         choices = spec.metadata.get("choices")
         if kind is bool and spec.default is True:
             parser.add_argument(flag, dest=spec.name, action="store_true", default=override, help=help_text)
-            parser.add_argument(f"--no_{spec.name}", dest=spec.name, action="store_false", default=override, help=f"turn {flag} off")
+            parser.add_argument(
+                f"--no_{spec.name}", dest=spec.name, action="store_false", default=override, help=f"turn {flag} off"
+            )
         elif kind is bool:
             parser.add_argument(flag, action="store_true", default=override, help=help_text)
         else:
@@ -195,8 +207,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The local web page; Gradio is imported here only, so the other commands never load it."""
-    from textinv.training.memory import return_freed_memory_promptly
     from textinv.serve import ServeOptions, serve
+    from textinv.training.memory import return_freed_memory_promptly
 
     return_freed_memory_promptly()  # it trains like `textinv train`
     options = ServeOptions(
@@ -249,7 +261,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
     )
-    print(f"image similarity {result.image_similarity:.4f}  ('{result.details['image_prompt']}' vs the training images)")
+    print(
+        f"image similarity {result.image_similarity:.4f}  ('{result.details['image_prompt']}' vs the training images)"
+    )
     print(f"text similarity  {result.text_similarity:.4f}  (mean over {len(result.prompts)} edit prompts)")
     if args.json:
         from textinv.files import atomic_write_json
@@ -284,7 +298,9 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     gen.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     gen.add_argument("--output_dir", default="textinv-images")
     gen.add_argument("--replace", action="store_true", help="let an embedding replace a token the model already has")
-    gen.add_argument("--token", help="load the (one) --embeddings file's token under this name, e.g. when the model has it already")
+    gen.add_argument(
+        "--token", help="load the (one) --embeddings file's token under this name, e.g. when the model has it already"
+    )
     gen.set_defaults(handler=cmd_generate)
 
     tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline folder for trying things out")
@@ -299,7 +315,11 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
         "zh-bert (Taiyi: BERT), zh-xlmr (AltDiffusion: XLM-R) (default: sd1)",
     )
     tiny.add_argument("--seed", type=_typed(int, "--seed"), default=0)
-    tiny.add_argument("--clip", action="store_true", help="write a tiny random-weight CLIP model instead, for `textinv eval --clip_model DIR`")
+    tiny.add_argument(
+        "--clip",
+        action="store_true",
+        help="write a tiny random-weight CLIP model instead, for `textinv eval --clip_model DIR`",
+    )
     tiny.set_defaults(handler=cmd_tiny)
 
     show = commands.add_parser("inspect", help="show the format, tokens, shapes and model family of an embedding")
@@ -317,13 +337,25 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
 
     from textinv.inference.evaluation import DEFAULT_CLIP_MODEL
 
-    ev = commands.add_parser("eval", help="score a learned word: CLIP image and text similarity (Textual Inversion paper)")
+    ev = commands.add_parser(
+        "eval", help="score a learned word: CLIP image and text similarity (Textual Inversion paper)"
+    )
     ev.add_argument("--model", required=True, help="base pipeline folder or hub id")
-    ev.add_argument("--embeddings", required=True, metavar="FILE", help="embedding file of the learned word (any format)")
-    ev.add_argument("--train_data_dir", required=True, help="the word's training images (image similarity compares with them)")
-    ev.add_argument("--prompts", metavar="FILE", help="edit prompts, one a line with {} for the word (default: a built-in list)")
-    ev.add_argument("--clip_model", default=DEFAULT_CLIP_MODEL, help=f"CLIP model folder or hub id (default: {DEFAULT_CLIP_MODEL})")
-    ev.add_argument("--num_images", type=_typed(int, "--num_images"), default=8, help="images per prompt (the paper: 64)")
+    ev.add_argument(
+        "--embeddings", required=True, metavar="FILE", help="embedding file of the learned word (any format)"
+    )
+    ev.add_argument(
+        "--train_data_dir", required=True, help="the word's training images (image similarity compares with them)"
+    )
+    ev.add_argument(
+        "--prompts", metavar="FILE", help="edit prompts, one a line with {} for the word (default: a built-in list)"
+    )
+    ev.add_argument(
+        "--clip_model", default=DEFAULT_CLIP_MODEL, help=f"CLIP model folder or hub id (default: {DEFAULT_CLIP_MODEL})"
+    )
+    ev.add_argument(
+        "--num_images", type=_typed(int, "--num_images"), default=8, help="images per prompt (the paper: 64)"
+    )
     ev.add_argument("--num_inference_steps", type=_typed(int, "--num_inference_steps"), default=50)
     ev.add_argument("--guidance_scale", type=_typed(float, "--guidance_scale"), default=7.5)
     ev.add_argument("--seed", type=_typed(int, "--seed"), default=0, help="image i of every prompt uses seed+i")
@@ -340,15 +372,15 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     web = commands.add_parser("serve", help="a local web page to train, watch, download and generate")
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     web.add_argument("--port", type=_typed(int, "--port"), default=7860, help="port to listen on (default: 7860)")
-    web.add_argument("--model", help="default model: a local diffusers pipeline folder (default: the tiny demo pipeline)")
+    web.add_argument(
+        "--model", help="default model: a local diffusers pipeline folder (default: the tiny demo pipeline)"
+    )
     web.add_argument(
         "--allow_remote",
         action="store_true",
         help="allow a --host other machines can reach (there is no login: anyone reaching it can train)",
     )
-    web.add_argument(
-        "--work_dir", help="folder for uploads, runs and downloads (default: a new temporary folder)"
-    )
+    web.add_argument("--work_dir", help="folder for uploads, runs and downloads (default: a new temporary folder)")
     web.set_defaults(handler=cmd_serve)
     for command in commands.choices.values():  # `textinv --verbose train` and `textinv train --verbose`
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
@@ -362,7 +394,9 @@ def _configure_logging(verbose: bool) -> None:
     """textinv's own lines at info, other libraries' at warning (transformers/diffusers at error) unless --verbose.
     Under a multi-process launch only rank 0 reports progress; the others speak up for problems."""
     main_rank = _launch_rank() == 0
-    logging.basicConfig(level=logging.INFO if verbose and main_rank else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose and main_rank else logging.WARNING, format="%(message)s", stream=sys.stderr
+    )
     logging.getLogger("textinv").setLevel(logging.INFO if main_rank else logging.WARNING)
     if verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")  # textinv.models.quiet leaves them alone then
@@ -375,7 +409,9 @@ def _configure_logging(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "textinv", train_defaults: Optional[dict[str, Any]] = None) -> int:
+def main(
+    argv: Optional[Sequence[str]] = None, prog: str = "textinv", train_defaults: Optional[dict[str, Any]] = None
+) -> int:
     debug = os.environ.get("TEXTINV_DEBUG") == "1"
     try:
         parser = build_parser(train_defaults)
@@ -406,7 +442,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "textinv", train_defa
             where = f" ({error.filename})" if error.filename else ""
             print(f"{prog}: error: {error.strerror}{where}; free space or choose another folder", file=sys.stderr)
             return 2
-        print(f"{prog}: internal error: {error}{'' if debug else ' (TEXTINV_DEBUG=1 shows the traceback)'}", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {error}{'' if debug else ' (TEXTINV_DEBUG=1 shows the traceback)'}",
+            file=sys.stderr,
+        )
         return 1
     except Exception as error:  # an internal fault: still one line, with a way to see more
         _traceback_if(debug)

@@ -84,8 +84,8 @@ def option(
 @dataclass
 class TrainConfig:
     # --- what to train on ------------------------------------------------------------------
-    pretrained_model_name_or_path: str = option(help='diffusers pipeline folder or hub id of the base model')
-    train_data_dir: str = option(help='folder with the 3-5 training images')
+    pretrained_model_name_or_path: str = option(help="diffusers pipeline folder or hub id of the base model")
+    train_data_dir: str = option(help="folder with the 3-5 training images")
     placeholder_token: str = option(help="the new word, e.g. '<cat-toy>'")
     # A word whose embedding starts the vectors; not needed with init_embeddings.
     initializer_token: Optional[str] = option(
@@ -93,89 +93,88 @@ class TrainConfig:
     )
     # Start from an existing embedding file of any format (e.g. to refine another tool's embedding).
     init_embeddings: Optional[str] = option(
-        None, help='start the vectors from an embedding file of any format (diffusers, A1111, pdparams...)'
+        None, help="start the vectors from an embedding file of any format (diffusers, A1111, pdparams...)"
     )
-    revision: Optional[str] = option(None, help='hub revision (branch, tag or commit) of the base model')
+    revision: Optional[str] = option(None, help="hub revision (branch, tag or commit) of the base model")
     tokenizer_name: Optional[str] = option(None, help="tokenizer folder or hub id, if not the model's own")
     learnable_property: str = option(
-        "object", help='what the token learns: an object or a style', choices=LEARNABLE_PROPERTIES
+        "object", help="what the token learns: an object or a style", choices=LEARNABLE_PROPERTIES
     )
     # A token of N vectors (new in ppdiffusers' later versions; default 1).
-    num_vectors: int = option(1, help='vectors in the new token (more = more capacity)')
+    num_vectors: int = option(1, help="vectors in the new token (more = more capacity)")
 
     # --- images ------------------------------------------------------------------------------
-    resolution: int = option(512, help='training image size in pixels (multiple of 8)')
-    height: Optional[int] = option(None, help='training image height; overrides --resolution')
-    width: Optional[int] = option(None, help='training image width; overrides --resolution')
-    center_crop: bool = option(False, help='crop the image centre to the target aspect ratio before resizing')
+    resolution: int = option(512, help="training image size in pixels (multiple of 8)")
+    height: Optional[int] = option(None, help="training image height; overrides --resolution")
+    width: Optional[int] = option(None, help="training image width; overrides --resolution")
+    center_crop: bool = option(False, help="crop the image centre to the target aspect ratio before resizing")
     # ppdiffusers always flips with p=0.5; diffusers and kohya make it a switch. On by default.
-    random_flip: bool = option(True, help='mirror images at random (p=0.5); --no_random_flip turns it off')
+    random_flip: bool = option(True, help="mirror images at random (p=0.5); --no_random_flip turns it off")
     # ppdiffusers' training dataset is built with interpolation="bilinear".
-    interpolation: str = option("bilinear", help='resampling filter for resizing', choices=INTERPOLATIONS)
-    repeats: int = option(100, help='times each image appears per epoch')
+    interpolation: str = option("bilinear", help="resampling filter for resizing", choices=INTERPOLATIONS)
+    repeats: int = option(100, help="times each image appears per epoch")
 
     # --- optimisation ------------------------------------------------------------------------
     # textinv's recipe (issue 20, README "How many steps"); ppdiffusers': batch 16, lr 1e-4, constant, 500 warm-up.
-    train_batch_size: int = option(4, help='examples per process per micro-batch')
-    gradient_accumulation_steps: int = option(1, help='micro-batches per optimizer step')
-    num_train_epochs: int = option(100, help='epochs to train when --max_train_steps is not given')
+    train_batch_size: int = option(4, help="examples per process per micro-batch")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    num_train_epochs: int = option(100, help="epochs to train when --max_train_steps is not given")
     # Overrides num_train_epochs when set; None means "derive from num_train_epochs".
-    max_train_steps: Optional[int] = option(5000, help='optimizer steps to train (overrides --num_train_epochs)')
-    learning_rate: float = option(1e-3, help='peak learning rate (before --scale_lr)')
-    scale_lr: bool = option(False, help='multiply the learning rate by batch size x accumulation x processes')
-    lr_scheduler: str = option("cosine", help='learning-rate schedule', choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = option(0, help='warm-up steps of the schedule')
-    lr_num_cycles: int = option(1, help='restarts of cosine_with_restarts')
-    lr_power: float = option(1.0, help='power of the polynomial schedule')
-    adam_beta1: float = option(0.9, help='AdamW beta1')
-    adam_beta2: float = option(0.999, help='AdamW beta2')
-    adam_weight_decay: float = option(1e-2, help='AdamW decoupled weight decay on the token vectors')
-    adam_epsilon: float = option(1e-8, help='AdamW epsilon')
+    max_train_steps: Optional[int] = option(5000, help="optimizer steps to train (overrides --num_train_epochs)")
+    learning_rate: float = option(1e-3, help="peak learning rate (before --scale_lr)")
+    scale_lr: bool = option(False, help="multiply the learning rate by batch size x accumulation x processes")
+    lr_scheduler: str = option("cosine", help="learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, help="warm-up steps of the schedule")
+    lr_num_cycles: int = option(1, help="restarts of cosine_with_restarts")
+    lr_power: float = option(1.0, help="power of the polynomial schedule")
+    adam_beta1: float = option(0.9, help="AdamW beta1")
+    adam_beta2: float = option(0.999, help="AdamW beta2")
+    adam_weight_decay: float = option(1e-2, help="AdamW decoupled weight decay on the token vectors")
+    adam_epsilon: float = option(1e-8, help="AdamW epsilon")
     # <= 0 turns clipping off
-    max_grad_norm: float = option(-1.0, help='clip the gradient norm to this; <= 0 turns clipping off')
+    max_grad_norm: float = option(-1.0, help="clip the gradient norm to this; <= 0 turns clipping off")
     seed: Optional[int] = option(
-        None, help='seed for a reproducible run (random when not given, and recorded in run.json)'
+        None, help="seed for a reproducible run (random when not given, and recorded in run.json)"
     )
     dataloader_num_workers: int = option(
-        0, help='worker processes decoding and resizing images (once, before training)'
+        0, help="worker processes decoding and resizing images (once, before training)"
     )
 
     # --- outputs -----------------------------------------------------------------------------
-    output_dir: str = option("text-inversion-model", help='where the embedding (and the full pipeline) are written')
-    save_steps: int = option(500, help='also write learned_embeds-steps-N.safetensors (and .pdparams...) every N steps')
+    output_dir: str = option("text-inversion-model", help="where the embedding (and the full pipeline) are written")
+    save_steps: int = option(500, help="also write learned_embeds-steps-N.safetensors (and .pdparams...) every N steps")
     # The root train_textual_inversion.py defaults to diffusers + pdparams (textinv.cli.SCRIPT_DEFAULTS).
     embedding_formats: list[str] = option(
         default_factory=lambda: ["diffusers"],
-        help='embedding files to write: diffusers (.safetensors; always), and beside it pdparams (ppdiffusers), a1111 (.pt)',
+        help="embedding files to write: diffusers (.safetensors; always), and beside it pdparams (ppdiffusers), a1111 (.pt)",
         choices=EMBEDDING_FORMATS,
     )
     # ppdiffusers needs from_diffusers=True for PyTorch weights; this also writes its own layout
     # (textinv.training.paddle_layout), so a plain from_pretrained(output_dir) works there.
     ppdiffusers_weights: bool = option(
-        False, help="also write ppdiffusers' weight layout in the pipeline, so it loads without from_diffusers=True (text encoder stored twice)"
+        False,
+        help="also write ppdiffusers' weight layout in the pipeline, so it loads without from_diffusers=True (text encoder stored twice)",
     )
     # ppdiffusers declares this store_true with default=True (so it can never be False there);
     # textinv saves the full pipeline unless asked not to, as diffusers' example does.
-    only_save_embeds: bool = option(False, help='write only the embedding files, not the full pipeline')
+    only_save_embeds: bool = option(False, help="write only the embedding files, not the full pipeline")
     overwrite_output_dir: bool = option(False, help="replace another run's results in --output_dir")
     # Resumable checkpoints (diffusers' example's flags and defaults: every 500 steps, no limit).
-    checkpointing_steps: Optional[int] = option(500, help='write a resumable checkpoint-N folder every N steps')
+    checkpointing_steps: Optional[int] = option(500, help="write a resumable checkpoint-N folder every N steps")
     checkpoints_total_limit: Optional[int] = option(
-        None, help='keep at most this many checkpoints (the oldest go first)'
+        None, help="keep at most this many checkpoints (the oldest go first)"
     )
     # "latest" or a checkpoint-N folder
-    resume_from_checkpoint: Optional[str] = option(
-        None, help="resume a stopped run: 'latest' or a checkpoint-N folder"
-    )
+    resume_from_checkpoint: Optional[str] = option(None, help="resume a stopped run: 'latest' or a checkpoint-N folder")
 
     # --- Speed and memory (issue 3) ------------------------------------------------------------
     # Each view goes through the VAE once; off, every step encodes again (the reference's way).
     cache_latents: bool = option(
-        True, help='encode each training view with the VAE once (--no_cache_latents: every step)'
+        True, help="encode each training view with the VAE once (--no_cache_latents: every step)"
     )
     # recompute UNet (and text encoder) activations in backward
     gradient_checkpointing: bool = option(
-        False, help='save memory by recomputing activations in the backward pass (slower steps)'
+        False, help="save memory by recomputing activations in the backward pass (slower steps)"
     )
     # else PyTorch SDPA, the default anyway
     enable_xformers_memory_efficient_attention: bool = option(
@@ -184,47 +183,53 @@ class TrainConfig:
     # frozen weights in fp16/bf16; the vectors and optimizer stay fp32. ppdiffusers defaults to "no";
     # textinv leaves it unset and chooses per device (textinv.models.precision.choose_precision, issue 16).
     mixed_precision: Optional[str] = option(
-        None, help='frozen weights in fp16 (CUDA only, with loss scaling) or bf16; the learned vectors stay fp32; if not given: bf16 on CUDA GPUs that have it, else no', choices=MIXED_PRECISIONS
+        None,
+        help="frozen weights in fp16 (CUDA only, with loss scaling) or bf16; the learned vectors stay fp32; if not given: bf16 on CUDA GPUs that have it, else no",
+        choices=MIXED_PRECISIONS,
     )
     # TF32 matmuls and convolutions on Ampere+ GPUs; on by default (ppdiffusers: off), no effect elsewhere
-    allow_tf32: bool = option(True, help='allow TF32 matmuls and convolutions on Ampere or newer NVIDIA GPUs (--no_allow_tf32: full fp32)')
+    allow_tf32: bool = option(
+        True, help="allow TF32 matmuls and convolutions on Ampere or newer NVIDIA GPUs (--no_allow_tf32: full fp32)"
+    )
     # torch.compile the UNet (slow first steps, then faster on some machines)
-    compile: bool = option(False, help='torch.compile the UNet (minutes of compiling first; pays on long GPU runs)')
+    compile: bool = option(False, help="torch.compile the UNet (minutes of compiling first; pays on long GPU runs)")
 
     # --- Validation, logs, hub (issue 6) --------------------------------------------------------
     # Prompts to sample while training (repeatable flag); none turns validation off.
     validation_prompt: list[str] = option(
-        default_factory=list, help='prompt to sample while training, with the placeholder in it (repeatable); none = no validation'
+        default_factory=list,
+        help="prompt to sample while training, with the placeholder in it (repeatable); none = no validation",
     )
     # per prompt; image i uses seed + i at every round
     num_validation_images: int = option(
-        4, help='images per validation prompt; image i uses seed+i at every round, so rounds compare'
+        4, help="images per validation prompt; image i uses seed+i at every round, so rounds compare"
     )
     # Every N steps; diffusers' example defaults to 100. --validation_epochs (ppdiffusers' flag)
     # counts epochs of the example stream instead; --validation_steps wins when both are given.
     validation_steps: Optional[int] = option(
-        None, help=f"sample the validation prompts every N steps; if neither this nor --validation_epochs is given: {DEFAULT_VALIDATION_STEPS}"
+        None,
+        help=f"sample the validation prompts every N steps; if neither this nor --validation_epochs is given: {DEFAULT_VALIDATION_STEPS}",
     )
     validation_epochs: Optional[int] = option(
-        None, help='sample the validation prompts every N epochs (--validation_steps wins when both are given)'
+        None, help="sample the validation prompts every N epochs (--validation_steps wins when both are given)"
     )
     # diffusers' example samples validation images in 25 steps
-    validation_num_inference_steps: int = option(25, help='denoising steps per validation image')
-    validation_guidance_scale: float = option(7.5, help='classifier-free guidance scale of validation images')
+    validation_num_inference_steps: int = option(25, help="denoising steps per validation image")
+    validation_guidance_scale: float = option(7.5, help="classifier-free guidance scale of validation images")
     # ppdiffusers defaults to visualdl; textinv to tensorboard (a dependency, so it always works).
     report_to: str = option(
         "tensorboard", help="where to log loss, learning rate, vector norms and validation images", choices=REPORT_TO
     )
     # relative to output_dir unless absolute
     logging_dir: str = option(
-        "logs", help='log folder, relative to --output_dir unless absolute (`tensorboard --logdir OUTPUT_DIR/logs`)'
+        "logs", help="log folder, relative to --output_dir unless absolute (`tensorboard --logdir OUTPUT_DIR/logs`)"
     )
-    push_to_hub: bool = option(
-        False, help='upload --output_dir to the Hugging Face Hub after training (needs a token)'
-    )
+    push_to_hub: bool = option(False, help="upload --output_dir to the Hugging Face Hub after training (needs a token)")
     # never printed or written to run.json
     hub_token: Optional[str] = option(
-        None, help='Hub token for --push_to_hub; if not given: HF_TOKEN, or the token saved by `hf auth login`', repr=False
+        None,
+        help="Hub token for --push_to_hub; if not given: HF_TOKEN, or the token saved by `hf auth login`",
+        repr=False,
     )
     # default: the output_dir's folder name
     hub_model_id: Optional[str] = option(
@@ -237,7 +242,9 @@ class TrainConfig:
     # encoder (Taiyi's BERT -> zh, AltDiffusion's XLM-R -> zh_en, CLIP -> en). ppdiffusers defaults to
     # "en" and applies the name rule even to an explicit --language en; textinv keeps an explicit value.
     language: Optional[str] = option(
-        None, help='caption templates: en, zh (Chinese) or zh_en (both); if not given: zh/zh_en for Chinese models (by name, as ppdiffusers, or by text encoder), else en', choices=LANGUAGES
+        None,
+        help="caption templates: en, zh (Chinese) or zh_en (both); if not given: zh/zh_en for Chinese models (by name, as ppdiffusers, or by text encoder), else en",
+        choices=LANGUAGES,
     )
 
     # --- Loss weighting and timestep sampling (issue 8) -------------------------------------------
@@ -246,30 +253,38 @@ class TrainConfig:
     # logit_normal: t = sigmoid(N(mean, std)) * num_train_timesteps (SD3's rectified-flow sampler,
     # Esser et al. 2024, sec. 3.1), which draws the middle timesteps more often than the ends.
     timestep_sampling: str = option(
-        "uniform", help='how training draws timesteps: uniform (ppdiffusers) or logit_normal (middle steps more often)', choices=TIMESTEP_SAMPLINGS
+        "uniform",
+        help="how training draws timesteps: uniform (ppdiffusers) or logit_normal (middle steps more often)",
+        choices=TIMESTEP_SAMPLINGS,
     )
-    timestep_logit_mean: float = option(0.0, help='mean of the logit-normal timestep draw (0 = centred)')
-    timestep_logit_std: float = option(1.0, help='spread of the logit-normal timestep draw')
+    timestep_logit_mean: float = option(0.0, help="mean of the logit-normal timestep draw (0 = centred)")
+    timestep_logit_std: float = option(1.0, help="spread of the logit-normal timestep draw")
     # Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
     # Strategy"): each example's loss x min(SNR(t), gamma) / SNR(t) (epsilon; / (SNR(t) + 1) for
     # v_prediction). None = unweighted MSE; 5.0 is the paper's value.
-    snr_gamma: Optional[float] = option(None, help='min-SNR-gamma loss weighting, e.g. 5.0; leave out for plain MSE')
+    snr_gamma: Optional[float] = option(None, help="min-SNR-gamma loss weighting, e.g. 5.0; leave out for plain MSE")
     # ppdiffusers' flag (issue 15): offset noise (Guttenberg 2023), noise += offset * randn(b, c, 1, 1).
-    noise_offset: float = option(0.0, help='offset noise strength, e.g. 0.1 (0 = plain noise, as ppdiffusers defaults)')
+    noise_offset: float = option(0.0, help="offset noise strength, e.g. 0.1 (0 = plain noise, as ppdiffusers defaults)")
 
     # --- Held-out evaluation, best vectors, stopping (issue 20; textinv.training.held_out) ----------
     # Not in ppdiffusers: its script keeps eval off (train_textual_inversion.py passes --eval_steps 0).
     eval_steps: int = option(
-        10, help='every N steps (and at the end) measure eval_loss, the denoising loss on a fixed held-out set of (view, timestep, noise) triples, and keep the lowest-eval vectors in learned_embeds-best.safetensors; 0 = off'
+        10,
+        help="every N steps (and at the end) measure eval_loss, the denoising loss on a fixed held-out set of (view, timestep, noise) triples, and keep the lowest-eval vectors in learned_embeds-best.safetensors; 0 = off",
     )
-    eval_samples: int = option(32, help='triples in the held-out set (timesteps spread over the range); each evaluation costs this many forward passes')
+    eval_samples: int = option(
+        32,
+        help="triples in the held-out set (timesteps spread over the range); each evaluation costs this many forward passes",
+    )
     stop_when_converged: bool = option(
-        False, help='end the run (writing everything a normal end writes) once eval_loss stops improving: see --convergence_margin and --convergence_patience'
+        False,
+        help="end the run (writing everything a normal end writes) once eval_loss stops improving: see --convergence_margin and --convergence_patience",
     )
     convergence_margin: float = option(
-        0.05, help='--stop_when_converged stops when the last --convergence_patience evaluations gained less than this share of the eval_loss gained before them'
+        0.05,
+        help="--stop_when_converged stops when the last --convergence_patience evaluations gained less than this share of the eval_loss gained before them",
     )
-    convergence_patience: int = option(2, help='evaluations --stop_when_converged looks back over')
+    convergence_patience: int = option(2, help="evaluations --stop_when_converged looks back over")
 
     # Things the CLI learned about how the config was given (not options).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -315,8 +330,7 @@ class TrainConfig:
             _require_text("--init_embeddings", self.init_embeddings)
         if any(ch.isspace() for ch in self.placeholder_token):
             raise UserError(
-                f"--placeholder_token {self.placeholder_token!r} contains white space; "
-                "use one word such as '<cat-toy>'"
+                f"--placeholder_token {self.placeholder_token!r} contains white space; use one word such as '<cat-toy>'"
             )
         for name, value in (
             ("--resolution", self.resolution),
@@ -379,7 +393,10 @@ class TrainConfig:
             ("--validation_num_inference_steps", self.validation_num_inference_steps),
         ):
             _at_least(name, value, 1)
-        for name, optional in (("--validation_steps", self.validation_steps), ("--validation_epochs", self.validation_epochs)):
+        for name, optional in (
+            ("--validation_steps", self.validation_steps),
+            ("--validation_epochs", self.validation_epochs),
+        ):
             if optional is not None:
                 _at_least(name, optional, 1)
         if not self.validation_guidance_scale >= 0:
@@ -407,7 +424,9 @@ class TrainConfig:
         if not -10.0 <= self.timestep_logit_mean <= 10.0:
             raise UserError(f"--timestep_logit_mean {self.timestep_logit_mean} must be in [-10, 10], e.g. 0.0")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise UserError(f"--snr_gamma {self.snr_gamma} must be > 0 (5.0 is the min-SNR paper's value); leave it out for plain MSE")
+            raise UserError(
+                f"--snr_gamma {self.snr_gamma} must be > 0 (5.0 is the min-SNR paper's value); leave it out for plain MSE"
+            )
 
         # Embedding formats and offset noise (issue 15)
         if isinstance(self.embedding_formats, str):  # one format given as text from Python
@@ -425,12 +444,18 @@ class TrainConfig:
             raise UserError(f"--noise_offset {self.noise_offset} must be >= 0, e.g. 0.1 (0 turns it off)")
 
         # Held-out evaluation and stopping (issue 20)
-        for name, value, minimum in (("--eval_steps", self.eval_steps, 0), ("--eval_samples", self.eval_samples, 1), ("--convergence_patience", self.convergence_patience, 1)):
+        for name, value, minimum in (
+            ("--eval_steps", self.eval_steps, 0),
+            ("--eval_samples", self.eval_samples, 1),
+            ("--convergence_patience", self.convergence_patience, 1),
+        ):
             _at_least(name, value, minimum)
         if not 0.0 <= self.convergence_margin < 1.0:
             raise UserError(f"--convergence_margin {self.convergence_margin} must be in [0, 1), e.g. 0.05")
         if self.stop_when_converged and not self.eval_steps:
-            raise UserError("--stop_when_converged watches eval_loss, which --eval_steps 0 turns off; give --eval_steps N, e.g. 10")
+            raise UserError(
+                "--stop_when_converged watches eval_loss, which --eval_steps 0 turns off; give --eval_steps N, e.g. 10"
+            )
 
 
 def _require_text(name: str, value: Optional[str]) -> None:

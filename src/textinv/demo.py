@@ -58,5 +58,7 @@ def run_demo(output_dir: Path, steps: int = 200) -> tuple[TrainResult, list[Path
         overwrite_output_dir=overwrite,
     )
     result = train(config)
-    generated = generate(str(output_dir), PROMPT, num_images=1, num_inference_steps=25, seed=1, output_dir=output_dir / SAMPLES_DIR)
+    generated = generate(
+        str(output_dir), PROMPT, num_images=1, num_inference_steps=25, seed=1, output_dir=output_dir / SAMPLES_DIR
+    )
     return result, list(generated.paths)

@@ -9,9 +9,10 @@ each step and at the end.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 # The files of a run that observers and the web page refer to by name.
 EMBEDDING_FILE = "learned_embeds.safetensors"
@@ -92,7 +93,9 @@ def add_outputs(run: RunContext, paths: Sequence[Path], persist: bool = False) -
     or at once with ``persist``, for files written after it ended, such as the model card)."""
     if not run.is_main_process:
         return
-    names = {str(Path(p).relative_to(run.output_dir)) if Path(p).is_relative_to(run.output_dir) else str(p) for p in paths}
+    names = {
+        str(Path(p).relative_to(run.output_dir)) if Path(p).is_relative_to(run.output_dir) else str(p) for p in paths
+    }
     run.record["outputs"] = sorted({*run.record.get("outputs", []), *names})
     if persist:
         run.save_record()

@@ -14,8 +14,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 from textinv.config import UserError
 
@@ -169,8 +170,7 @@ def check_writable_dir(path: Path, flag: str) -> None:
         probe.close()
     except OSError as error:
         raise UserError(
-            f"{flag} {str(path)!r} is not writable ({error.strerror or error}); "
-            "choose a directory you can write to"
+            f"{flag} {str(path)!r} is not writable ({error.strerror or error}); choose a directory you can write to"
         ) from None
 
 
@@ -180,8 +180,10 @@ def previous_run_markers(output_dir: Path) -> list[str]:
         return []
     found = [name for name in RUN_MARKERS if (output_dir / name).exists()]
     found += sorted(p.name for p in output_dir.glob("learned_embeds-steps-*"))[:3]
-    checkpoints = [p.parent for p in output_dir.glob("checkpoint-*/state.pt") if p.parent.name[len("checkpoint-"):].isdigit()]
-    found += [p.name for p in sorted(checkpoints, key=lambda p: int(p.name[len("checkpoint-"):]))][:2]
+    checkpoints = [
+        p.parent for p in output_dir.glob("checkpoint-*/state.pt") if p.parent.name[len("checkpoint-") :].isdigit()
+    ]
+    found += [p.name for p in sorted(checkpoints, key=lambda p: int(p.name[len("checkpoint-") :]))][:2]
     return found
 
 

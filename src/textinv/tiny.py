@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import shutil
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from textinv.config import UserError
 from textinv.models.loading import FAMILIES  # one tiny pipeline per family textinv trains
@@ -32,8 +33,39 @@ logger = logging.getLogger(__name__)
 
 # Words the tiny Chinese vocabularies know beyond the templates' own: initializers and prompt words
 # users reach for first (cat, dog, toy, style, painting, cartoon, red, beach, on...).
-TINY_CHINESE_WORDS = ("猫", "狗", "玩具", "风格", "绘画", "油画", "水彩", "卡通", "红色", "沙滩", "在", "上", "小", "熊", "杯子", "背包")
-TINY_ENGLISH_WORDS = ("toy", "cat", "dog", "style", "cartoon", "red", "beach", "on", "in", "and", "with", "backpack", "art")
+TINY_CHINESE_WORDS = (
+    "猫",
+    "狗",
+    "玩具",
+    "风格",
+    "绘画",
+    "油画",
+    "水彩",
+    "卡通",
+    "红色",
+    "沙滩",
+    "在",
+    "上",
+    "小",
+    "熊",
+    "杯子",
+    "背包",
+)
+TINY_ENGLISH_WORDS = (
+    "toy",
+    "cat",
+    "dog",
+    "style",
+    "cartoon",
+    "red",
+    "beach",
+    "on",
+    "in",
+    "and",
+    "with",
+    "backpack",
+    "art",
+)
 CHINESE_TOKENIZER_MAX_LENGTH = 77  # the prompt length Stable Diffusion pipelines use
 
 
@@ -164,11 +196,17 @@ def _sd_scheduler(prediction_type: str = "epsilon") -> Any:
     betas = SD_TRAINING_BETAS
     if prediction_type == "v_prediction":
         # SD 2.x 768-v ships a DDIM scheduler predicting velocity.
-        return DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
-    return PNDMScheduler(**betas, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+        return DDIMScheduler(
+            **betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction"
+        )
+    return PNDMScheduler(
+        **betas, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon"
+    )
 
 
-def _sd_pipeline(tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, scheduler: Any, pipeline_class: Any = None) -> Any:
+def _sd_pipeline(
+    tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, scheduler: Any, pipeline_class: Any = None
+) -> Any:
     from diffusers import StableDiffusionPipeline
 
     return (pipeline_class or StableDiffusionPipeline)(

@@ -7,11 +7,12 @@ processes reading every N-th example see what one process would.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
+
 
 @dataclass(frozen=True)
 class Example:

@@ -7,8 +7,9 @@ each goes through the VAE once (textinv.data.latents).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -51,8 +52,7 @@ def discover_images(train_data_dir: str | Path) -> list[Path]:
     if not candidates:
         listed = ", ".join(p.name for p in entries[:5]) or "nothing"
         raise UserError(
-            f"--train_data_dir {str(folder)!r} has no image files (found: {listed}); "
-            "put .jpg/.png/.webp images in it"
+            f"--train_data_dir {str(folder)!r} has no image files (found: {listed}); put .jpg/.png/.webp images in it"
         )
     readable, problems = [], []
     for path in candidates:
@@ -71,7 +71,9 @@ def discover_images(train_data_dir: str | Path) -> list[Path]:
     return readable
 
 
-def check_image(source: Path | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = MIN_IMAGE_SIDE) -> str | None:
+def check_image(
+    source: Path | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = MIN_IMAGE_SIDE
+) -> str | None:
     """None if ``source`` (a path or an open binary file) decodes as a usable image, else why not,
     worded to follow its name ("is not an image ..."). The size is checked from the header, before
     any pixel is decoded; ``verify()`` then checks the structure and a fresh open decodes it all.
@@ -158,4 +160,3 @@ def load_views(
         num_workers=num_workers,
     )
     return torch.cat(list(loader))
-

@@ -36,7 +36,9 @@ class LatentCache:
         return _scaled_sample(mean, std, generator, self.shift_factor, self.scaling_factor)
 
 
-def _scaled_sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, shift: float, scale: float) -> torch.Tensor:
+def _scaled_sample(
+    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, shift: float, scale: float
+) -> torch.Tensor:
     eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
     return (mean + std * eps - shift) * scale
 
@@ -75,7 +77,9 @@ class LatentsEachStep:
         pixels = view.flip(-1) if flipped and self.random_flip else view
         parameter = next(self.vae.parameters())
         dist = self.vae.encode(pixels.unsqueeze(0).to(parameter.device, parameter.dtype)).latent_dist
-        return _scaled_sample(dist.mean[0].float().cpu(), dist.std[0].float().cpu(), generator, self.shift_factor, self.scaling_factor)
+        return _scaled_sample(
+            dist.mean[0].float().cpu(), dist.std[0].float().cpu(), generator, self.shift_factor, self.scaling_factor
+        )
 
 
 class LazyLatentCache:
@@ -137,4 +141,6 @@ def encode_latent_cache(vae: Any, views: torch.Tensor, random_flip: bool) -> Lat
         means.append(torch.stack([mean for mean, _ in encoded]))
         stds.append(torch.stack([std for _, std in encoded]))
     scaling_factor, shift_factor = vae_scaling(vae)
-    return LatentCache(mean=torch.stack(means), std=torch.stack(stds), scaling_factor=scaling_factor, shift_factor=shift_factor)
+    return LatentCache(
+        mean=torch.stack(means), std=torch.stack(stds), scaling_factor=scaling_factor, shift_factor=shift_factor
+    )

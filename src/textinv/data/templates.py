@@ -132,7 +132,9 @@ def templates_for(learnable_property: str, language: str = "en") -> tuple[str, .
     kind = "style" if learnable_property == "style" else "object"
     if language not in LANGUAGES:
         raise ValueError(f"language {language!r} is not one of {LANGUAGES}")
-    return tuple(template for part in ("en", "zh") if part in language.split("_") for template in _TEMPLATES[(kind, part)])
+    return tuple(
+        template for part in ("en", "zh") if part in language.split("_") for template in _TEMPLATES[(kind, part)]
+    )
 
 
 def choose_language(language: Optional[str], model_name: str, family: str) -> str:
@@ -151,7 +153,10 @@ def choose_language(language: Optional[str], model_name: str, family: str) -> st
     if "zh" in chosen.split("_") and family not in CHINESE_ENCODER_FAMILIES:
         # CLIP's BPE vocabulary is English: Chinese captions become byte pieces the model never
         # learned to read, which weakens the conditioning the vectors are trained through.
-        logger.warning("--language %s on a %s model (CLIP text encoder, English vocabulary): Chinese captions "
-                       "tokenize to byte pieces; use --language en unless the model was trained on Chinese",
-                       chosen, family)
+        logger.warning(
+            "--language %s on a %s model (CLIP text encoder, English vocabulary): Chinese captions "
+            "tokenize to byte pieces; use --language en unless the model was trained on Chinese",
+            chosen,
+            family,
+        )
     return chosen

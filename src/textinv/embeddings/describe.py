@@ -67,7 +67,9 @@ def description_table(info: dict[str, Any]) -> str:
             shown = " ".join(f"{n:.3f}" for n in norms[:8]) + (f" ... ({len(norms)})" if len(norms) > 8 else "")
             step = "-" if entry["step"] is None else str(entry["step"])
             dtype = entry["dtype"].get(encoder, "?")
-            rows.append((entry["token"], str(entry["num_vectors"]), encoder, str(dim), dtype, entry["family"], step, shown))
+            rows.append(
+                (entry["token"], str(entry["num_vectors"]), encoder, str(dim), dtype, entry["family"], step, shown)
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])

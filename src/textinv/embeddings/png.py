@@ -44,9 +44,7 @@ def _load_png(path: Path) -> dict[str, Any]:
     try:
         return json.loads(base64.b64decode(text, validate=True))
     except (binascii.Error, ValueError, RecursionError) as error:
-        raise UserError(
-            f"{str(path)!r}: its 'sd-ti-embedding' text is not base64 JSON ({first_line(error)})"
-        ) from None
+        raise UserError(f"{str(path)!r}: its 'sd-ti-embedding' text is not base64 JSON ({first_line(error)})") from None
 
 
 def _png_text(kind: bytes, rest: bytes, path: Path) -> bytes:

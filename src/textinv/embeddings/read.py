@@ -50,9 +50,7 @@ def _resolve_input(path: str | Path) -> Path:
         for name in FOLDER_FILE_NAMES:
             if (path / name).is_file():
                 return path / name
-        raise UserError(
-            f"embedding folder {str(path)!r} has no {' or '.join(FOLDER_FILE_NAMES)}; give the file itself"
-        )
+        raise UserError(f"embedding folder {str(path)!r} has no {' or '.join(FOLDER_FILE_NAMES)}; give the file itself")
     if not path.is_file():
         raise UserError(f"embedding file {str(path)!r} does not exist")
     size = path.stat().st_size

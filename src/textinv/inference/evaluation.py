@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from textinv.config import UserError
 
@@ -88,7 +89,7 @@ class EvalResult:
 class ClipScorer:
     """CLIP embeddings of images and texts, and the paper's two similarities over them."""
 
-    def __init__(self, clip_model: str = DEFAULT_CLIP_MODEL, device: Optional["torch.device"] = None) -> None:
+    def __init__(self, clip_model: str = DEFAULT_CLIP_MODEL, device: Optional[torch.device] = None) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -108,7 +109,7 @@ class ClipScorer:
                 f"with a transformers CLIPModel, its image processor and tokenizer{_TRY_TINY_CLIP}"
             ) from None
 
-    def embed_images(self, images: Sequence[Any]) -> "torch.Tensor":
+    def embed_images(self, images: Sequence[Any]) -> torch.Tensor:
         """Unit-length CLIP image embeddings, one row per image."""
         import torch
 
@@ -117,7 +118,7 @@ class ClipScorer:
             features = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
         return _unit(_pooled(features))
 
-    def embed_texts(self, texts: Sequence[str]) -> "torch.Tensor":
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Unit-length CLIP text embeddings, one row per text."""
         import torch
 
@@ -163,15 +164,17 @@ def _cached_only(clip_model: str) -> bool:
             why = f"the hub did not answer ({type(error).__name__})"
     if cached:
         return True
-    raise UserError(f"--clip_model {clip_model!r} is not a folder, {why} and it is not in the local cache; give a CLIP folder{_TRY_TINY_CLIP}")
+    raise UserError(
+        f"--clip_model {clip_model!r} is not a folder, {why} and it is not in the local cache; give a CLIP folder{_TRY_TINY_CLIP}"
+    )
 
 
-def _pooled(features: Any) -> "torch.Tensor":
+def _pooled(features: Any) -> torch.Tensor:
     # transformers 5 returns a model output whose pooler_output is the projected embedding.
     return features if hasattr(features, "shape") else features.pooler_output
 
 
-def _unit(features: "torch.Tensor") -> "torch.Tensor":
+def _unit(features: torch.Tensor) -> torch.Tensor:
     import torch
 
     return torch.nn.functional.normalize(features.float(), dim=-1)
@@ -252,7 +255,9 @@ def evaluate(
     pipe = load_pipeline(model, device=device)
     tokens = load_embeddings(pipe, embeddings)
     if len(tokens) != 1:
-        raise UserError(f"--embeddings {str(embeddings)!r} holds {len(tokens)} tokens ({', '.join(tokens)}); evaluate a file of one token")
+        raise UserError(
+            f"--embeddings {str(embeddings)!r} holds {len(tokens)} tokens ({', '.join(tokens)}); evaluate a file of one token"
+        )
     token = tokens[0]
 
     def sample(template: str) -> list[Any]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -102,7 +103,9 @@ def generate(
     if not prompt or not prompt.strip():
         raise UserError("--prompt must not be empty")
     pipe = (
-        model if not isinstance(model, (str, Path)) else load_pipeline(str(model), embeddings, device, replace=replace, token=token)
+        model
+        if not isinstance(model, (str, Path))
+        else load_pipeline(str(model), embeddings, device, replace=replace, token=token)
     )
     if not isinstance(model, (str, Path)):
         from textinv.embeddings import load_embeddings

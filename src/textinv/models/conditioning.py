@@ -21,8 +21,9 @@ none, as in diffusers' ``encode_prompt`` and ppdiffusers' training script).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn

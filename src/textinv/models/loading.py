@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from textinv.config import UserError, first_line
 from textinv.models.quiet import quiet_loading
@@ -172,7 +173,11 @@ def _declared(index: dict[str, Any], name: str) -> bool:
 
 def _components_text(index: dict[str, Any]) -> str:
     """``unet: UNet2DConditionModel, transformer: ...``: what a model_index.json declares."""
-    found = [f"{name}: {spec[1]}" for name, spec in index.items() if not name.startswith("_") and isinstance(spec, list) and spec[-1]]
+    found = [
+        f"{name}: {spec[1]}"
+        for name, spec in index.items()
+        if not name.startswith("_") and isinstance(spec, list) and spec[-1]
+    ]
     return ", ".join(found) or "no components"
 
 
@@ -347,7 +352,8 @@ def load_pipeline_folder(path: Path, dtype: Any = None) -> Any:
     hand_loaded = [
         name
         for name, _ in ENCODER_SLOTS
-        if _declared(index, name) and TEXT_ENCODER_CLASSES.get(index[name][1], ("", "transformers"))[1] != "transformers"
+        if _declared(index, name)
+        and TEXT_ENCODER_CLASSES.get(index[name][1], ("", "transformers"))[1] != "transformers"
     ]
     if not hand_loaded:
         with quiet_loading():
@@ -408,7 +414,9 @@ def _component_class(library: str, class_name: str) -> Any:
         # Pipeline-specific parts (e.g. ["stable_diffusion", "StableDiffusionSafetyChecker"]).
         found = getattr(getattr(importlib.import_module("diffusers.pipelines"), library, None), class_name, None)
     if found is None:
-        raise UserError(f"cannot find the class {library}.{class_name} the model folder names; update diffusers/transformers")
+        raise UserError(
+            f"cannot find the class {library}.{class_name} the model folder names; update diffusers/transformers"
+        )
     return found
 
 
@@ -426,4 +434,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise UserError(f"{str(path)!r} is missing; the model folder is incomplete") from None
     except (OSError, ValueError) as error:
         raise UserError(f"{str(path)!r} is not valid JSON ({error}); the model folder is damaged") from None
-

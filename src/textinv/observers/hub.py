@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from textinv.config import TrainConfig, UserError
-from textinv.files import atomic_write_json
 from textinv.events import RUN_FILE, RunContext, TrainObserver, TrainResult
+from textinv.files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ class HubPush(TrainObserver):
 
         logger.info("pushing %s to the hub as %s", run.output_dir, self.repo_id)
         # The card's loading line names the full repository ("name" may become "user/name").
-        pushed = push_folder(run.output_dir, self.repo_id, self.token, before_upload=lambda repo_id: write_model_card(run, repo_id))
+        pushed = push_folder(
+            run.output_dir, self.repo_id, self.token, before_upload=lambda repo_id: write_model_card(run, repo_id)
+        )
         run.record["hub"] = {"repo_id": pushed.repo_id, "url": pushed.url, "commit_url": pushed.commit_url}
         atomic_write_json(run.output_dir / RUN_FILE, run.record)
         logger.info("pushed to %s", pushed.url)

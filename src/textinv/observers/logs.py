@@ -13,8 +13,9 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -114,7 +115,9 @@ class WandbTracker:
         self.run.log(values, step=step)
 
     def log_images(self, tag: str, images: Sequence[Any], captions: Sequence[str], step: int) -> None:
-        self.run.log({tag: [self.wandb.Image(image, caption=caption) for image, caption in zip(images, captions)]}, step=step)
+        self.run.log(
+            {tag: [self.wandb.Image(image, caption=caption) for image, caption in zip(images, captions)]}, step=step
+        )
 
     def close(self) -> None:
         self.run.finish()
@@ -151,7 +154,9 @@ class TrainingLogs(TrainObserver):
         if not self.enabled:
             return
         if not self.trackers:  # at the first step: a resumed run knows where it starts only now
-            self.trackers = self._open_trackers(run, purge_step=state.step if self.config.resume_from_checkpoint else None)
+            self.trackers = self._open_trackers(
+                run, purge_step=state.step if self.config.resume_from_checkpoint else None
+            )
         norms = run.trainable.vectors.detach().float().norm(dim=1).cpu().tolist()
         values = {
             "train/loss": state.loss,
@@ -164,7 +169,9 @@ class TrainingLogs(TrainObserver):
         for tracker in self.trackers:
             tracker.log_scalars(values, state.step)
 
-    def log_images(self, step: int, prompt_index: int, prompt: str, images: Sequence[Any], seeds: Sequence[int]) -> None:
+    def log_images(
+        self, step: int, prompt_index: int, prompt: str, images: Sequence[Any], seeds: Sequence[int]
+    ) -> None:
         """Validation's image sink: one entry per prompt and round."""
         if not self.enabled:
             return

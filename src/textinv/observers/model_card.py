@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from textinv.config import TrainConfig
-from textinv.files import atomic_write_text
 from textinv.events import EMBEDDING_FILE, RunContext, TrainObserver, TrainResult, add_outputs
+from textinv.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,9 @@ def _diffusers_usage(family: str, base_shown: str, where: str, token: str, repo_
 
 def write_model_card(run: RunContext, repo_id: Optional[str] = None) -> Path:
     """Write output_dir/README.md (atomically) and list it in run.json."""
-    path = atomic_write_text(run.output_dir / CARD_FILE, render_model_card(run.config, run.record, run.output_dir, repo_id))
+    path = atomic_write_text(
+        run.output_dir / CARD_FILE, render_model_card(run.config, run.record, run.output_dir, repo_id)
+    )
     add_outputs(run, [path], persist=True)
     logger.debug("wrote the model card %s", path)  # debug: after the bar, the run's summary is the one line
     return path

@@ -7,7 +7,8 @@ import math
 import statistics
 import sys
 from collections import deque
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from textinv.events import RunContext, StepState, TrainObserver, TrainResult
 
@@ -75,7 +76,9 @@ class Progress(TrainObserver):
             self.redirect = None
 
 
-def progress_text(state: StepState, per_step: float, apart: Mapping[str, float], eval_loss: Optional[float] = None) -> str:
+def progress_text(
+    state: StepState, per_step: float, apart: Mapping[str, float], eval_loss: Optional[float] = None
+) -> str:
     """``loss 0.1234 [eval_loss 0.1111 ]lr 1.00e-04 0.052 s/step ETA 0:00:10`` (eval_loss: the latest
     held-out evaluation's), then the time spent apart from the steps (``; validation 3.1 s, evaluation
     0.8 s so far``) and, while it fills, the latent cache."""
@@ -85,7 +88,9 @@ def progress_text(state: StepState, per_step: float, apart: Mapping[str, float],
     if apart:
         text += "; " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in apart.items()) + " so far"
     if state.views_encoded is not None:
-        text += f" (the first epoch also fills the latent cache: {state.views_encoded[0]}/{state.views_encoded[1]} views)"
+        text += (
+            f" (the first epoch also fills the latent cache: {state.views_encoded[0]}/{state.views_encoded[1]} views)"
+        )
     return text
 
 

@@ -23,15 +23,16 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
 from textinv.config import DEFAULT_VALIDATION_STEPS, TrainConfig
-from textinv.files import atomic_write, atomic_write_json
 from textinv.events import RunContext, StepState, TrainObserver, TrainResult, add_outputs, add_timing
+from textinv.files import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,12 @@ class GridLayout:
     def tile_box(self, prompt_index: int, row: int, column: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of the image of ``steps[row]`` and ``seeds[column]``."""
         left = self.label_width + column * (self.tile_width + self.gap)
-        top = self.band_height + prompt_index * self._block_height + self.band_height + row * (self.tile_height + self.gap)
+        top = (
+            self.band_height
+            + prompt_index * self._block_height
+            + self.band_height
+            + row * (self.tile_height + self.gap)
+        )
         return left, top, left + self.tile_width, top + self.tile_height
 
     def row_label_box(self, prompt_index: int, row: int) -> tuple[int, int, int, int]:
@@ -285,7 +291,9 @@ def grid_rows(steps: Sequence[int], limit: int = MAX_GRID_ROWS) -> list[int]:
     return [steps[i] for i in sorted(picks)]
 
 
-def progress_layout(output_dir: Path, num_prompts: int) -> Optional[tuple[GridLayout, dict[tuple[int, int, int], Path]]]:
+def progress_layout(
+    output_dir: Path, num_prompts: int
+) -> Optional[tuple[GridLayout, dict[tuple[int, int, int], Path]]]:
     """The grid's layout and its images ``{(step, prompt, seed): path}``, or None with no rounds yet."""
     from PIL import Image
 
@@ -302,7 +310,9 @@ def progress_layout(output_dir: Path, num_prompts: int) -> Optional[tuple[GridLa
     with Image.open(next(iter(images.values()))) as first:
         width, height = first.size
     scale = min(1.0, MAX_TILE_SIDE / max(width, height))
-    layout = GridLayout(tuple(steps), tuple(seeds), num_prompts, max(1, round(width * scale)), max(1, round(height * scale)))
+    layout = GridLayout(
+        tuple(steps), tuple(seeds), num_prompts, max(1, round(width * scale)), max(1, round(height * scale))
+    )
     return layout, images
 
 
@@ -324,7 +334,12 @@ def write_progress_grid(output_dir: Path, prompts: Sequence[str]) -> Optional[Pa
     for prompt_index, prompt in enumerate(prompts):
         left, top, right, bottom = layout.title_box(prompt_index)
         draw.rectangle((left, top, right - 1, bottom - 1), fill=(230, 230, 230))
-        draw.text((left + 2, top + 3), _fit(draw, font, f"prompt {prompt_index}: {prompt}", right - 4), fill="black", font=font)
+        draw.text(
+            (left + 2, top + 3),
+            _fit(draw, font, f"prompt {prompt_index}: {prompt}", right - 4),
+            fill="black",
+            font=font,
+        )
         for row, step in enumerate(layout.steps):
             left, top, _, _ = layout.row_label_box(prompt_index, row)
             draw.text((left + 2, top + 2), f"step {step}", fill="black", font=font)

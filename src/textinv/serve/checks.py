@@ -61,4 +61,3 @@ def check_model_folder(text: str) -> Path:
         raise UserError(f"model {shown!r} is a file; give a diffusers pipeline folder (with model_index.json)")
     check_pipeline_dir(path)  # one line naming what is missing or unsupported
     return path.resolve()
-

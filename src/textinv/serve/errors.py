@@ -23,4 +23,3 @@ def render_error(error: BaseException) -> str:
         return one_line("error: " + str(error))
     logger.error("internal error in the web page", exc_info=error)
     return one_line(f"internal error: {type(error).__name__}: {first_line(error)} (the server log has the details)")
-

@@ -11,9 +11,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from textinv.config import TrainConfig, TrainingInterrupted
 from textinv.events import EMBEDDING_FILE, RunContext, StepState, TrainObserver
@@ -147,7 +148,7 @@ class TrainingJob:
             except OSError:
                 grid, grid_version = None, 0
             embedding = self.output_dir / EMBEDDING_FILE
-            usable = not (self.status in ACTIVE) and embedding.is_file()
+            usable = self.status not in ACTIVE and embedding.is_file()
             return JobSnapshot(
                 self.job_id,
                 self.status,
@@ -169,20 +170,26 @@ class TrainingJob:
         with self._lock:
             self._run = run
             # The curve so far: the evaluation before the first step (and a resumed run's earlier ones).
-            self.eval_losses = [(int(step), float(value)) for step, value in run.record.get("eval", {}).get("losses", [])]
+            self.eval_losses = [
+                (int(step), float(value)) for step, value in run.record.get("eval", {}).get("losses", [])
+            ]
             self.max_steps = run.max_steps
             self.status = "stopping" if self._stop_requested else "running"
             if self._stop_requested:  # Stop was pressed while the model was loading
                 run.request_stop()
 
-    def _record_step(self, step: int, max_steps: int, loss: float, step_seconds: float, eval_loss: Optional[float] = None) -> None:
+    def _record_step(
+        self, step: int, max_steps: int, loss: float, step_seconds: float, eval_loss: Optional[float] = None
+    ) -> None:
         with self._lock:
             if self._session_started is None:
                 self._session_started = time.perf_counter() - step_seconds
                 self._session_first_step = step
             del self.losses[step - 1 :]  # a resumed run redoes the steps after its checkpoint
             self.losses.append(loss)
-            self.eval_losses = [(s, v) for s, v in self.eval_losses if s < step] + ([(step, eval_loss)] if eval_loss is not None else [])
+            self.eval_losses = [(s, v) for s, v in self.eval_losses if s < step] + (
+                [(step, eval_loss)] if eval_loss is not None else []
+            )
             self.step, self.max_steps = step, max_steps
 
     def _finish(self, status: str, message: str) -> None:
@@ -218,4 +225,3 @@ class _JobObserver(TrainObserver):
 
     def on_step(self, run: RunContext, state: StepState) -> None:
         self.job._record_step(state.step, state.max_steps, state.loss, state.step_seconds, state.eval_loss)
-

@@ -7,8 +7,9 @@ is imported inside the functions, so importing this module does not load it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from textinv.serve.errors import render_error
 from textinv.serve.jobs import TrainRequest
@@ -58,7 +59,9 @@ def build_app(state: ServerState) -> Any:
         return _guard(action, 1)[0]  # one output: Gradio takes the value itself, not a tuple
 
     def stop() -> str:
-        return _guard(lambda: (f"{state.stop().job_id}: stopping after the current step, then saving a checkpoint",), 1)[0]
+        return _guard(
+            lambda: (f"{state.stop().job_id}: stopping after the current step, then saving a checkpoint",), 1
+        )[0]
 
     def resume() -> str:
         return _guard(lambda: (f"{state.resume().job_id}: resuming from its latest checkpoint",), 1)[0]
@@ -135,10 +138,17 @@ def build_app(state: ServerState) -> Any:
                     type="filepath",
                     elem_id="train-images",
                 )
-                prop = gr.Radio(["object", "style"], value="object", label="What it learns", elem_id="learnable-property")
-                placeholder = gr.Textbox(label="Placeholder token", placeholder="<cat-toy>", elem_id="placeholder-token")
+                prop = gr.Radio(
+                    ["object", "style"], value="object", label="What it learns", elem_id="learnable-property"
+                )
+                placeholder = gr.Textbox(
+                    label="Placeholder token", placeholder="<cat-toy>", elem_id="placeholder-token"
+                )
                 initializer = gr.Textbox(
-                    label="Initializer word", placeholder="toy", info="one word close to it", elem_id="initializer-token"
+                    label="Initializer word",
+                    placeholder="toy",
+                    info="one word close to it",
+                    elem_id="initializer-token",
                 )
             with gr.Column():
                 model = gr.Textbox(
@@ -149,7 +159,11 @@ def build_app(state: ServerState) -> Any:
                 )
                 steps = gr.Number(label="Steps", value=200, precision=0, minimum=1, elem_id="steps")
                 lr = gr.Number(
-                    label="Learning rate", value=TrainRequest.learning_rate, minimum=0, step=1e-4, elem_id="learning-rate"
+                    label="Learning rate",
+                    value=TrainRequest.learning_rate,
+                    minimum=0,
+                    step=1e-4,
+                    elem_id="learning-rate",
                 )
                 with gr.Accordion("Validation images and seed", open=False):
                     vprompt = gr.Textbox(
@@ -159,10 +173,18 @@ def build_app(state: ServerState) -> Any:
                         elem_id="validation-prompt",
                     )
                     vsteps = gr.Number(
-                        label="Validation every N steps (0: five times a run)", value=0, precision=0, minimum=0, elem_id="validation-steps"
+                        label="Validation every N steps (0: five times a run)",
+                        value=0,
+                        precision=0,
+                        minimum=0,
+                        elem_id="validation-steps",
                     )
                     vsampling = gr.Number(
-                        label="Validation sampling steps", value=25, precision=0, minimum=1, elem_id="validation-sampling-steps"
+                        label="Validation sampling steps",
+                        value=25,
+                        precision=0,
+                        minimum=1,
+                        elem_id="validation-sampling-steps",
                     )
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
         with gr.Row():
@@ -174,13 +196,20 @@ def build_app(state: ServerState) -> Any:
         with gr.Row():
             loss_plot = gr.LinePlot(x="step", y="loss", color="curve", title="Loss", height=320, elem_id="loss-plot")
             grid = gr.Image(
-                label="Validation images (a row per round)", type="pil", format="png", interactive=False, elem_id="validation-grid"
+                label="Validation images (a row per round)",
+                type="pil",
+                format="png",
+                interactive=False,
+                elem_id="validation-grid",
             )
 
         gr.Markdown("## 2 · Download the embedding")
         with gr.Row():
             fmt = gr.Dropdown(
-                [(f.label, f.key) for f in EXPORT_FORMATS.values()], value="diffusers", label="Format", elem_id="export-format"
+                [(f.label, f.key) for f in EXPORT_FORMATS.values()],
+                value="diffusers",
+                label="Format",
+                elem_id="export-format",
             )
             export_button = gr.Button("Write the file", elem_id="export")
         export_message = gr.Textbox(label="Message", interactive=False, elem_id="export-message")
@@ -195,7 +224,9 @@ def build_app(state: ServerState) -> Any:
                 elem_id="embedding-file",
             )
             token = gr.Textbox(label="Load it as token (optional)", placeholder="<my-word>", elem_id="embedding-token")
-        prompt = gr.Textbox(label="Prompt", value="a photo of {token}", info="{token} is the embedding's word", elem_id="prompt")
+        prompt = gr.Textbox(
+            label="Prompt", value="a photo of {token}", info="{token} is the embedding's word", elem_id="prompt"
+        )
         with gr.Row():
             gen_steps = gr.Number(label="Sampling steps", value=25, precision=0, minimum=1, elem_id="sampling-steps")
             gen_seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="generate-seed")
@@ -217,7 +248,9 @@ def build_app(state: ServerState) -> Any:
         timer.tick(poll, [seen], [progress, loss_plot, grid, seen], show_progress="hidden")
         export_button.click(export, [fmt], [export_message, download])
         embedding_file.change(load_file, [embedding_file], [generate_message, loaded])
-        generate_button.click(generate, [prompt, model, loaded, token, gen_steps, gen_seed, count], [generate_message, gallery])
+        generate_button.click(
+            generate, [prompt, model, loaded, token, gen_steps, gen_seed, count], [generate_message, gallery]
+        )
     return app
 
 
@@ -227,4 +260,3 @@ def _read_image(path: Path) -> Any:
 
     with Image.open(path) as image:
         return image.copy()
-

@@ -90,7 +90,9 @@ def serve(options: ServeOptions) -> None:
     from textinv.serve.page import build_app
     from textinv.serve.state import ServerState
 
-    work_dir = Path(options.work_dir).expanduser() if options.work_dir else Path(tempfile.mkdtemp(prefix="textinv-serve-"))
+    work_dir = (
+        Path(options.work_dir).expanduser() if options.work_dir else Path(tempfile.mkdtemp(prefix="textinv-serve-"))
+    )
     state = ServerState(work_dir, default_model)
     state.downloads_dir.mkdir(parents=True, exist_ok=True)
     quiet_web_framework(state.work_dir)
@@ -99,14 +101,18 @@ def serve(options: ServeOptions) -> None:
     state.default_model()  # the tiny pipeline is built now, not on the first click
     shown_host = f"[{options.host}]" if ":" in options.host else options.host
     logger.info(
-        "serving http://%s:%d/ (Ctrl-C stops it; a running training is stopped with a checkpoint)", shown_host, options.port
+        "serving http://%s:%d/ (Ctrl-C stops it; a running training is stopped with a checkpoint)",
+        shown_host,
+        options.port,
     )
     _stop_on_sigterm()
     try:
         app.launch(**launch_options(options, state))
     except OSError as error:
         if re.search(r"port|address", str(error), re.IGNORECASE):
-            raise UserError(f"cannot listen on {options.host}:{options.port} ({first_line(error)}); choose another --port") from None
+            raise UserError(
+                f"cannot listen on {options.host}:{options.port} ({first_line(error)}); choose another --port"
+            ) from None
         raise
     finally:
         state.shutdown()

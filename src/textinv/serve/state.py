@@ -251,7 +251,9 @@ class ServerState:
             if job.active:
                 raise UserError(f"{job.job_id} is still running; there is nothing to resume")
             if job.status != "stopped":
-                raise UserError(f"nothing to resume: {job.job_id} {job.status}, it was not stopped; start a new training")
+                raise UserError(
+                    f"nothing to resume: {job.job_id} {job.status}, it was not stopped; start a new training"
+                )
             if not list_checkpoints(job.output_dir):
                 raise UserError(f"{job.job_id} has no checkpoint to resume from; start a new training")
             self.release_pipeline()
@@ -329,7 +331,9 @@ class ServerState:
         info = describe(path)
         tokens = info["tokens"]
         families = "/".join(sorted({entry["family"] for entry in tokens}))
-        return LoadedEmbedding(path, tuple(e["token"] for e in tokens), info["format"], families, tokens[0]["num_vectors"])
+        return LoadedEmbedding(
+            path, tuple(e["token"] for e in tokens), info["format"], families, tokens[0]["num_vectors"]
+        )
 
     def generate(self, request: GenerateRequest) -> GenerateOutcome:
         """Images from ``request.prompt`` with the uploaded embedding, else the trained one (if any)."""
@@ -376,4 +380,3 @@ class ServerState:
         if tokens and not any(token in prompt for token in tokens):
             message += f"; note: the prompt does not contain {tokens[0]}"
         return GenerateOutcome(result.images, result.paths, message)
-

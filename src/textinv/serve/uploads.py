@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from textinv.config import UserError, first_line
 from textinv.data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, check_image

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -53,14 +54,18 @@ _CPU_SECONDS_PER_PARAMETER_AND_LATENT_PIXEL = 5.15e-12
 _CPU_THREADS_MEASURED = 2
 
 
-def cpu_step_estimate(config: TrainConfig, parts: ModelParts, device: torch.device, num_processes: int = 1) -> Optional[str]:
+def cpu_step_estimate(
+    config: TrainConfig, parts: ModelParts, device: torch.device, num_processes: int = 1
+) -> Optional[str]:
     """On a CPU, one line on what a step will cost (from the UNet's size, the image size and the batch);
     None on a GPU or when a step takes under a second."""
     if device.type != "cpu":
         return None
     parameters = sum(p.numel() for p in parts.unet.parameters())
     latent_pixels = (config.image_height // parts.vae_scale_factor) * (config.image_width // parts.vae_scale_factor)
-    per_example = parameters * (_CPU_SECONDS_PER_PARAMETER + _CPU_SECONDS_PER_PARAMETER_AND_LATENT_PIXEL * latent_pixels)
+    per_example = parameters * (
+        _CPU_SECONDS_PER_PARAMETER + _CPU_SECONDS_PER_PARAMETER_AND_LATENT_PIXEL * latent_pixels
+    )
     examples = config.train_batch_size * config.gradient_accumulation_steps  # per process
     seconds = examples * per_example * _CPU_THREADS_MEASURED / max(1, torch.get_num_threads() // max(1, num_processes))
     if seconds < 1.0:
@@ -118,7 +123,6 @@ def starting_vectors_by_encoder(path: str, placeholder_token: str, num_vectors: 
     A file of several tokens must hold one named ``placeholder_token``. ``num_vectors`` other than
     1 (the default) must agree with the file; otherwise the file's count wins.
     """
-    from textinv.embeddings import read_embeddings
 
     embeddings = read_embeddings(path)
     if len(embeddings) > 1:

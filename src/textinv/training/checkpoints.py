@@ -152,7 +152,9 @@ def read_checkpoint(folder: Path, rank: int = 0) -> tuple[CheckpointState, Optio
         rng_file = folder / f"rng_state_{rank}.pt"
         rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
     except Exception as error:
-        raise UserError(f"checkpoint {str(folder)!r} cannot be read ({type(error).__name__}); resume from another one") from None
+        raise UserError(
+            f"checkpoint {str(folder)!r} cannot be read ({type(error).__name__}); resume from another one"
+        ) from None
     state = CheckpointState(
         step=int(data["step"]),
         vectors=data["vectors"],
@@ -192,8 +194,14 @@ def _to_tuples(value: Any) -> Any:
 
 
 def save_checkpoint(
-    run: RunContext, step: int, optimizer: Any, lr_scheduler: Any, losses: list[float], embedding: Any,
-    held_out: Optional[dict[str, Any]] = None, grad_scaler: Optional[dict[str, Any]] = None,
+    run: RunContext,
+    step: int,
+    optimizer: Any,
+    lr_scheduler: Any,
+    losses: list[float],
+    embedding: Any,
+    held_out: Optional[dict[str, Any]] = None,
+    grad_scaler: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write ``checkpoint-{step}``: every process adds its RNG state to a staging folder, the main process
     renames it into place, then prunes the oldest beyond ``--checkpoints_total_limit``.
@@ -213,7 +221,9 @@ def save_checkpoint(
         state = CheckpointState(
             step=step,
             vectors=run.trainable.vectors.detach().cpu().clone(),
-            vectors_by_encoder={name: v.detach().cpu().clone() for name, v in run.trainable.vectors_by_encoder().items()},
+            vectors_by_encoder={
+                name: v.detach().cpu().clone() for name, v in run.trainable.vectors_by_encoder().items()
+            },
             optimizer=optimizer.state_dict(),
             lr_scheduler=lr_scheduler.state_dict(),
             losses=losses[:step],

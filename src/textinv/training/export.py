@@ -95,7 +95,9 @@ def write_snapshot(run: RunContext, step: int) -> list[Path]:
     return save_embedding_files(run.config.embedding_formats, embedding, run.output_dir, step)
 
 
-def save_pipeline(parts: ModelParts, output_dir: Path, paddle_weights: bool = False, trainable: Any = None) -> list[Path]:
+def save_pipeline(
+    parts: ModelParts, output_dir: Path, paddle_weights: bool = False, trainable: Any = None
+) -> list[Path]:
     """Write the full pipeline: the base model's parts, with the new tokenizer(s) and text encoder(s).
 
     Other parts are copied from the base folder (not re-saved from memory, so they stay

@@ -6,8 +6,9 @@ they depend only on the example, never on the batch layout or the number of proc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ class LossSettings:
     noise_offset: float = 0.0  # issue 15
 
     @classmethod
-    def from_config(cls, config: TrainConfig) -> "LossSettings":
+    def from_config(cls, config: TrainConfig) -> LossSettings:
         return cls(
             config.timestep_sampling,
             config.timestep_logit_mean,

@@ -14,8 +14,9 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -33,12 +34,23 @@ from textinv.models.quiet import quiet_loading
 from textinv.models.tokens import check_words, expand_placeholder
 from textinv.training import builders, checkpoints, run_dir
 from textinv.training.export import (
-    check_embedding_formats, embedding_file_name, embedding_of, save_embedding_files, save_pipeline, write_embedding_files, write_snapshot,
+    check_embedding_formats,
+    embedding_file_name,
+    embedding_of,
+    save_embedding_files,
+    save_pipeline,
+    write_embedding_files,
+    write_snapshot,
 )
 from textinv.training.held_out import HeldOutEvaluation
 from textinv.training.loss import LossSettings, denoising_loss
 from textinv.training.stopping import (
-    DIVERGED_HINT, TrainingDiverged, TrainingOutOfMemory, agreed_stop, out_of_memory_text, stop_on_signals,
+    DIVERGED_HINT,
+    TrainingDiverged,
+    TrainingOutOfMemory,
+    agreed_stop,
+    out_of_memory_text,
+    stop_on_signals,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,7 +71,9 @@ def train(
         try:
             recipe.setup()
         except torch.OutOfMemoryError:
-            raise TrainingOutOfMemory(out_of_memory_text(recipe.config, getattr(recipe, "device", None), None)) from None
+            raise TrainingOutOfMemory(
+                out_of_memory_text(recipe.config, getattr(recipe, "device", None), None)
+            ) from None
         recipe.loop()
     return recipe.finish()
 
@@ -67,24 +81,31 @@ def train(
 class TrainingRecipe:
     """One training run. ``setup`` loads and checks everything, ``loop`` trains, ``finish`` writes."""
 
-    def __init__(self, config: TrainConfig, observers: Sequence[TrainObserver], latent_cache: Optional[LatentCache]) -> None:
+    def __init__(
+        self, config: TrainConfig, observers: Sequence[TrainObserver], latent_cache: Optional[LatentCache]
+    ) -> None:
         self.config = config
         self.observers = list(observers)
         self.latent_cache = latent_cache
         self.losses: list[float] = []
         self.saved: list[Path] = []
         self.start_step = 0
-        self.run: Optional[RunContext] = None
+        self._run: Optional[RunContext] = None
         self._early_stop: Optional[int] = None  # a signal that came before the run context existed
 
     @property
+    def run(self) -> RunContext:
+        assert self._run is not None, "setup() makes the run context"
+        return self._run
+
+    @property
     def stop_requested(self) -> Optional[int]:
-        return self.run.stop_requested if self.run is not None else self._early_stop
+        return self._run.stop_requested if self._run is not None else self._early_stop
 
     @stop_requested.setter
     def stop_requested(self, signum: Optional[int]) -> None:
-        if self.run is not None:
-            self.run.stop_requested = signum
+        if self._run is not None:
+            self._run.stop_requested = signum
         else:
             self._early_stop = signum
 
@@ -108,14 +129,22 @@ class TrainingRecipe:
         image_paths = discover_images(config.train_data_dir) if self.latent_cache is None else []
         start_vectors = None
         if config.init_embeddings:
-            start_vectors = builders.starting_vectors_by_encoder(config.init_embeddings, config.placeholder_token, config.num_vectors)
-            config = self.config = dataclasses.replace(config, num_vectors=int(next(iter(start_vectors.values())).shape[0]))
+            start_vectors = builders.starting_vectors_by_encoder(
+                config.init_embeddings, config.placeholder_token, config.num_vectors
+            )
+            config = self.config = dataclasses.replace(
+                config, num_vectors=int(next(iter(start_vectors.values())).shape[0])
+            )
         initializer = None if start_vectors is not None else config.initializer_token
-        check_tokenizer = functools.partial(check_words, token=config.placeholder_token, num_vectors=config.num_vectors, initializer=initializer)
+        check_tokenizer = functools.partial(
+            check_words, token=config.placeholder_token, num_vectors=config.num_vectors, initializer=initializer
+        )
         with accelerator.local_main_process_first():  # one hub download per machine; the others then read its cache
             model_dir = resolve_model_dir(config.pretrained_model_name_or_path, config.revision)
         dtype = precision.frozen_dtype(config)  # the frozen parts load in it, straight onto the device
-        parts = self.parts = load_model_parts(str(model_dir), config.revision, config.tokenizer_name, check_tokenizer, dtype, device)
+        parts = self.parts = load_model_parts(
+            str(model_dir), config.revision, config.tokenizer_name, check_tokenizer, dtype, device
+        )
         check_embedding_formats(config.embedding_formats, parts)
         language = choose_language(config.language, config.pretrained_model_name_or_path, parts.family)
         identity = run_dir.run_identity(config, parts, image_paths, self.latent_cache)
@@ -129,7 +158,12 @@ class TrainingRecipe:
 
         # The placeholder token: the only trainable tensors, [n, dim] per text encoder.
         trainable = self.trainable = add_placeholder(
-            parts, config.placeholder_token, config.num_vectors, config.initializer_token, start_vectors, config.init_embeddings or ""
+            parts,
+            config.placeholder_token,
+            config.num_vectors,
+            config.initializer_token,
+            start_vectors,
+            config.init_embeddings or "",
         )
         parts.unet = precision.apply_to_unet(config, parts.unet, device)
         trainable.to(device)
@@ -171,13 +205,19 @@ class TrainingRecipe:
 
         record = run_dir.run_record(config, seed, parts, identity, max_steps, learning_rate, device, num_processes)
         if previous_record is not None:
-            record["resumed"] = previous_record.get("resumed", []) + [{"from_step": self.start_step, "at": run_dir.now()}]
-        self.run = run = RunContext(config, output_dir, parts, trainable, accelerator, stream, max_steps, seed, record)
+            record["resumed"] = previous_record.get("resumed", []) + [
+                {"from_step": self.start_step, "at": run_dir.now()}
+            ]
+        self._run = run = RunContext(config, output_dir, parts, trainable, accelerator, stream, max_steps, seed, record)
         run.start_step, run.stop_requested = self.start_step, self._early_stop
-        run.save_record = lambda: atomic_write_json(output_dir / RUN_FILE, record) if accelerator.is_main_process else None
+        run.save_record = (
+            lambda: atomic_write_json(output_dir / RUN_FILE, record) if accelerator.is_main_process else None
+        )
         run.save_record()
         self.stop_reason = "max_train_steps"
-        self.evaluation = HeldOutEvaluation.for_run(config, parts, self.latent_cache, stream, device)  # None with --eval_steps 0
+        self.evaluation = HeldOutEvaluation.for_run(
+            config, parts, self.latent_cache, stream, device
+        )  # None with --eval_steps 0
         if self.evaluation is not None:
             if resume_state is not None:
                 self.evaluation.load_state_dict(resume_state.held_out, run, self.start_step)
@@ -222,7 +262,15 @@ class TrainingRecipe:
                 step_seconds = time.perf_counter() - step_started
                 eval_loss = self.evaluate_if_due(step)
                 lr = self.lr_scheduler.get_last_lr()[0]
-                state = StepState(step, run.max_steps, mean_loss, lr, step_seconds, eval_loss, getattr(self.latent_cache, "views_encoded", None))
+                state = StepState(
+                    step,
+                    run.max_steps,
+                    mean_loss,
+                    lr,
+                    step_seconds,
+                    eval_loss,
+                    getattr(self.latent_cache, "views_encoded", None),
+                )
                 for observer in self.observers:
                     observer.on_step(run, state)
             except torch.OutOfMemoryError:
@@ -257,7 +305,13 @@ class TrainingRecipe:
             is_last_micro = micro == accumulation - 1
             with accelerator.no_sync(self.model) if not is_last_micro else contextlib.nullcontext():
                 loss = denoising_loss(
-                    self.model, self.parts, self.parts.tokenizer, self.latent_cache, examples, self.device, self.loss_settings
+                    self.model,
+                    self.parts,
+                    self.parts.tokenizer,
+                    self.latent_cache,
+                    examples,
+                    self.device,
+                    self.loss_settings,
                 )
                 scaled = loss / accumulation
                 accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
@@ -302,13 +356,17 @@ class TrainingRecipe:
         embedding = embedding_of(self.config, self.trainable, step)
         held_out = self.evaluation.state_dict() if self.evaluation is not None else None
         scaler = self.scaler.state_dict() if self.scaler is not None else None
-        return checkpoints.save_checkpoint(self.run, step, self.optimizer, self.lr_scheduler, self.losses, embedding, held_out, scaler)
+        return checkpoints.save_checkpoint(
+            self.run, step, self.optimizer, self.lr_scheduler, self.losses, embedding, held_out, scaler
+        )
 
     def stop_diverged(self, what: str, good_step: int) -> None:
         where = ""
         if good_step > 0:
             checkpoint = self.save_checkpoint(good_step)
-            first = write_embedding_files(self.run, good_step)[:1] or [self.run.output_dir / embedding_file_name(self.config.embedding_formats[0])]
+            first = write_embedding_files(self.run, good_step)[:1] or [
+                self.run.output_dir / embedding_file_name(self.config.embedding_formats[0])
+            ]
             where = f"; the last good vectors (step {good_step}) are in {first[0]} and {checkpoint}"
         run_dir.finish_record(self.run, "diverged", good_step, self.losses, None, [])
         raise TrainingDiverged(f"{what}{where}. {DIVERGED_HINT}")
@@ -331,7 +389,9 @@ class TrainingRecipe:
             where = f"; the last checkpoint is {found[-1]}" if found else ""
         elif good_step > self.start_step:
             checkpoint = self.save_checkpoint(good_step)
-            first = write_embedding_files(run, good_step)[:1] or [run.output_dir / embedding_file_name(self.config.embedding_formats[0])]
+            first = write_embedding_files(run, good_step)[:1] or [
+                run.output_dir / embedding_file_name(self.config.embedding_formats[0])
+            ]
             where = f"; the vectors of step {good_step} are in {first[0]} and {checkpoint}"
         elif good_step > 0:
             where = f"; this run started from {run.output_dir / f'checkpoint-{good_step}'}"
@@ -360,8 +420,21 @@ class TrainingRecipe:
         self.trainable.detach_hook()
         run.accelerator.wait_for_everyone()
         steps_here = run.max_steps - self.start_step
-        result = TrainResult(run.output_dir, embedding_path, embedding, run.max_steps, self.losses, self.saved, steps_here, self.stop_reason)
-        why = f"; {self.evaluation.stop_text()}" if self.stop_reason == "converged" and self.evaluation is not None else ""
+        result = TrainResult(
+            run.output_dir,
+            embedding_path,
+            embedding,
+            run.max_steps,
+            self.losses,
+            self.saved,
+            steps_here,
+            self.stop_reason,
+        )
+        why = (
+            f"; {self.evaluation.stop_text()}"
+            if self.stop_reason == "converged" and self.evaluation is not None
+            else ""
+        )
         best = self.evaluation.best_text() if self.evaluation is not None else ""
         this_run = f"{steps_here} this run, " if steps_here != run.max_steps else ""
         result.summary = f"learned {config.placeholder_token} in {run.max_steps} steps ({this_run}{elapsed:.1f} s); wrote {embedding_path}{best}{why}"

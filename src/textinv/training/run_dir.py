@@ -14,8 +14,9 @@ import platform
 import secrets
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -75,7 +76,9 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
-def run_identity(config: TrainConfig, parts: ModelParts, image_paths: Sequence[Path], latents: Optional[LatentCache]) -> dict[str, Any]:
+def run_identity(
+    config: TrainConfig, parts: ModelParts, image_paths: Sequence[Path], latents: Optional[LatentCache]
+) -> dict[str, Any]:
     images: Any
     if latents is not None:
         images = {"latents_sha256": hashlib.sha256(latents.mean.numpy().tobytes()).hexdigest()}
@@ -113,10 +116,14 @@ def check_resume_identity(output_dir: Path, identity: dict[str, Any]) -> dict[st
     return previous
 
 
-def choose_seed(config: TrainConfig, previous: Optional[dict[str, Any]], resume: Optional[checkpoints.CheckpointState]) -> int:
+def choose_seed(
+    config: TrainConfig, previous: Optional[dict[str, Any]], resume: Optional[checkpoints.CheckpointState]
+) -> int:
     if resume is not None:
         if config.seed is not None and config.seed != resume.seed:
-            raise UserError(f"cannot resume: --seed {config.seed} differs from the run's seed {resume.seed}; drop --seed or use {resume.seed}")
+            raise UserError(
+                f"cannot resume: --seed {config.seed} differs from the run's seed {resume.seed}; drop --seed or use {resume.seed}"
+            )
         return resume.seed
     return config.seed if config.seed is not None else secrets.randbelow(2**31)
 

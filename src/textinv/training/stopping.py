@@ -10,7 +10,8 @@ import contextlib
 import logging
 import signal
 import threading
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 

@@ -19,7 +19,7 @@ from textinv.inference.evaluation import ClipScorer, load_reference_images, read
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from textinv.tiny import build_tiny_clip
+    from textinv.tiny_clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", seed=0)
 

@@ -486,6 +486,7 @@ def test_image_shares_are_contiguous_and_cover_every_seed() -> None:
             assert covered == list(range(images)), (images, processes, shares)
 
 
+@pytest.mark.slow
 def test_validation_runs_on_every_process_and_writes_every_seed(
     tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:
@@ -570,6 +571,7 @@ def test_the_hub_download_happens_once_per_machine_before_the_others_load(
 
 
 # --- fewer host syncs, determinism --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_host_reads_of_device_values_do_not_grow_with_micro_batches(
     tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:
@@ -630,6 +632,7 @@ DETERMINISM_FLAGS = [
 ]
 
 
+@pytest.mark.slow
 def test_cpu_runs_are_bit_identical_at_one_thread_count_and_within_the_stated_tolerance_across_counts(
     tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:
@@ -688,6 +691,7 @@ def test_serve_releases_the_generation_pipeline_when_a_training_starts(tmp_path:
 
 
 # --- bench/gpu_check.py -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_gpu_check_quick_passes_on_the_cpu(tmp_path: Path) -> None:
     command = [
         sys.executable,

@@ -69,6 +69,7 @@ def with_eval(tiny_model: Path, train_images: Path, tmp_path_factory: pytest.Tem
     return result, watcher
 
 
+@pytest.mark.slow
 def test_eval_loss_is_the_same_for_the_same_vectors(tiny_model: Path) -> None:
     from textinv.data.latents import LatentCache
     from textinv.models.conditioning import add_placeholder
@@ -101,6 +102,7 @@ def test_eval_loss_is_the_same_for_the_same_vectors(tiny_model: Path) -> None:
     assert held_out_sum(tokens, parts, held, torch.device("cpu"), batch_size=5) != first
 
 
+@pytest.mark.slow
 def test_eval_on_or_off_learns_identical_vectors(
     with_eval, tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:
@@ -149,6 +151,7 @@ def test_best_file_follows_a_scripted_curve_with_its_minimum_inside(
     )
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_curve(
     with_eval, tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:
@@ -195,6 +198,7 @@ def test_stop_rule_on_scripted_curves(values: list[float], margin: float, patien
     assert has_converged(history, margin, patience) == (stop_index == len(values) - 1)
 
 
+@pytest.mark.slow
 def test_stop_when_converged_ends_like_a_normal_run(
     monkeypatch: pytest.MonkeyPatch,
     tiny_model: Path,

@@ -139,6 +139,7 @@ def test_same_seed_same_vectors_other_seed_other_vectors(tiny_model: Path, train
     assert not torch.equal(runs["a"], runs["c"])
 
 
+@pytest.mark.slow
 def test_multi_vector_token(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -154,6 +155,7 @@ def test_multi_vector_token(tiny_model: Path, train_images: Path, tmp_path: Path
     assert (_hidden_states(base, PROMPT) - _hidden_states(saved, PROMPT)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_only_save_embeds_skips_pipeline_and_snapshots_follow_save_steps(
     tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:

@@ -15,30 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad flag, missing file...). The CLI prints it as one line, exit 2."""
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's first line (at most 200 characters), or its type name: what a one-line error quotes."""
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a step, and a checkpoint was written."""
-
-    def __init__(self, step: int, max_steps: int, signum: int, checkpoint: Optional[str]) -> None:
-        import signal
-
-        self.step, self.max_steps, self.signum, self.checkpoint = step, max_steps, signum, checkpoint
-        where = f"; checkpoint {checkpoint}" if checkpoint else ""
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} after step {step} of {max_steps}{where}; "
-            "run the same command with --resume_from_checkpoint latest to continue"
-        )
-
+from textinv.errors import (  # noqa: F401 (the exceptions' old home)
+    TrainingInterrupted,
+    UserError,
+    check_at_least,
+    check_choice,
+    first_line,
+    require_text,
+)
 
 LEARNABLE_PROPERTIES = ("object", "style")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -270,7 +254,8 @@ class TrainConfig:
     # Not in ppdiffusers: its script keeps eval off (train_textual_inversion.py passes --eval_steps 0).
     eval_steps: int = option(
         10,
-        help="every N steps (and at the end) measure eval_loss, the denoising loss on a fixed held-out set of (view, timestep, noise) triples, and keep the lowest-eval vectors in learned_embeds-best.safetensors; 0 = off",
+        help="every N steps (and at the end) measure eval_loss, the denoising loss on a fixed held-out set of "
+        "(view, timestep, noise) triples, and keep the lowest-eval vectors in learned_embeds-best.safetensors; 0 = off",
     )
     eval_samples: int = option(
         32,
@@ -314,12 +299,12 @@ class TrainConfig:
             value = getattr(self, spec.name)
             if allowed and isinstance(value, (list, tuple)):  # a list option: every entry is a choice
                 for entry in value:
-                    _choice(f"--{spec.name}", entry, allowed)
+                    check_choice(f"--{spec.name}", entry, allowed)
             elif allowed and value is not None:
-                _choice(f"--{spec.name}", value, allowed)
-        _require_text("--pretrained_model_name_or_path", self.pretrained_model_name_or_path)
-        _require_text("--train_data_dir", self.train_data_dir)
-        _require_text("--placeholder_token", self.placeholder_token)
+                check_choice(f"--{spec.name}", value, allowed)
+        require_text("--pretrained_model_name_or_path", self.pretrained_model_name_or_path)
+        require_text("--train_data_dir", self.train_data_dir)
+        require_text("--placeholder_token", self.placeholder_token)
         if self.init_embeddings is None:
             if self.initializer_token is None or not self.initializer_token.strip():
                 raise UserError(
@@ -327,7 +312,7 @@ class TrainConfig:
                     "(or start from an embedding file with --init_embeddings FILE)"
                 )
         else:
-            _require_text("--init_embeddings", self.init_embeddings)
+            require_text("--init_embeddings", self.init_embeddings)
         if any(ch.isspace() for ch in self.placeholder_token):
             raise UserError(
                 f"--placeholder_token {self.placeholder_token!r} contains white space; use one word such as '<cat-toy>'"
@@ -353,17 +338,17 @@ class TrainConfig:
             ("--save_steps", self.save_steps),
             ("--lr_num_cycles", self.lr_num_cycles),
         ):
-            _at_least(name, value, 1)
+            check_at_least(name, value, 1)
         if self.max_train_steps is not None:
-            _at_least("--max_train_steps", self.max_train_steps, 1)
+            check_at_least("--max_train_steps", self.max_train_steps, 1)
         if self.checkpointing_steps is not None:
-            _at_least("--checkpointing_steps", self.checkpointing_steps, 1)
+            check_at_least("--checkpointing_steps", self.checkpointing_steps, 1)
         if self.checkpoints_total_limit is not None:
-            _at_least("--checkpoints_total_limit", self.checkpoints_total_limit, 1)
+            check_at_least("--checkpoints_total_limit", self.checkpoints_total_limit, 1)
         if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint.strip():
             raise UserError("--resume_from_checkpoint is empty; give 'latest' or a checkpoint-N folder")
-        _at_least("--lr_warmup_steps", self.lr_warmup_steps, 0)
-        _at_least("--dataloader_num_workers", self.dataloader_num_workers, 0)
+        check_at_least("--lr_warmup_steps", self.lr_warmup_steps, 0)
+        check_at_least("--dataloader_num_workers", self.dataloader_num_workers, 0)
         if not self.learning_rate > 0:
             raise UserError(f"--learning_rate {self.learning_rate} must be > 0, e.g. 5e-4")
         for name, value in (("--adam_beta1", self.adam_beta1), ("--adam_beta2", self.adam_beta2)):
@@ -377,7 +362,7 @@ class TrainConfig:
             raise UserError(f"--lr_power {self.lr_power} must be > 0, e.g. 1.0")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise UserError(f"--seed {self.seed} must be in [0, 2**63)")
-        _require_text("--output_dir", self.output_dir)
+        require_text("--output_dir", self.output_dir)
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise UserError(f"--output_dir {self.output_dir!r} is a file; give a directory path")
@@ -392,13 +377,13 @@ class TrainConfig:
             ("--num_validation_images", self.num_validation_images),
             ("--validation_num_inference_steps", self.validation_num_inference_steps),
         ):
-            _at_least(name, value, 1)
+            check_at_least(name, value, 1)
         for name, optional in (
             ("--validation_steps", self.validation_steps),
             ("--validation_epochs", self.validation_epochs),
         ):
             if optional is not None:
-                _at_least(name, optional, 1)
+                check_at_least(name, optional, 1)
         if not self.validation_guidance_scale >= 0:
             raise UserError(f"--validation_guidance_scale {self.validation_guidance_scale} must be >= 0, e.g. 7.5")
         if self.report_to in ("tensorboard", "visualdl", "wandb"):
@@ -409,7 +394,7 @@ class TrainConfig:
                     f"--report_to {self.report_to}: the {self.report_to} package is not installed; "
                     f"`pip install {self.report_to}`, or use --report_to tensorboard (or none)"
                 )
-        _require_text("--logging_dir", self.logging_dir)
+        require_text("--logging_dir", self.logging_dir)
         if self.hub_model_id is not None and not _HUB_REPO_ID.match(self.hub_model_id):
             raise UserError(
                 f"--hub_model_id {self.hub_model_id!r} is not a repository id; give 'name' or 'user/name' "
@@ -449,25 +434,10 @@ class TrainConfig:
             ("--eval_samples", self.eval_samples, 1),
             ("--convergence_patience", self.convergence_patience, 1),
         ):
-            _at_least(name, value, minimum)
+            check_at_least(name, value, minimum)
         if not 0.0 <= self.convergence_margin < 1.0:
             raise UserError(f"--convergence_margin {self.convergence_margin} must be in [0, 1), e.g. 0.05")
         if self.stop_when_converged and not self.eval_steps:
             raise UserError(
                 "--stop_when_converged watches eval_loss, which --eval_steps 0 turns off; give --eval_steps N, e.g. 10"
             )
-
-
-def _require_text(name: str, value: Optional[str]) -> None:
-    if value is None or not str(value).strip():
-        raise UserError(f"{name} is required and must not be empty")
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{name} {value!r} is not one of: {', '.join(choices)}")
-
-
-def _at_least(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise UserError(f"{name} {value} must be >= {minimum}")

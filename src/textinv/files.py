@@ -63,7 +63,7 @@ def _give_tree_usual_permissions(root: Path) -> None:
             _give_usual_permissions(Path(folder) / name, 0o666, umask)
 
 
-def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+def atomic_write(target: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then rename tmp_path to ``target``.
 
     On any error the temporary file is removed and ``target`` is left as it was.

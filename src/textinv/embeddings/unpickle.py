@@ -140,7 +140,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     for package in ("numpy.core", "numpy._core"):
         _ALLOWED[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
         _ALLOWED[(f"{package}.multiarray", "scalar")] = multiarray.scalar
-        _ALLOWED[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+        _ALLOWED[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]  # private, what pickles of arrays name
     _ALLOWED[("numpy", "ndarray")] = np.ndarray
     _ALLOWED[("numpy", "dtype")] = dtype
     _ALLOWED[("collections", "OrderedDict")] = collections.OrderedDict

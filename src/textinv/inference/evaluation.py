@@ -99,7 +99,7 @@ class ClipScorer:
         local_only = _cached_only(clip_model)
         try:
             with quiet_loading():
-                self.model = CLIPModel.from_pretrained(clip_model, local_files_only=local_only).to(self.device).eval()
+                self.model = CLIPModel.from_pretrained(clip_model, local_files_only=local_only).to(self.device).eval()  # type: ignore[arg-type]
                 self.image_processor = AutoImageProcessor.from_pretrained(clip_model, local_files_only=local_only)
                 self.tokenizer = AutoTokenizer.from_pretrained(clip_model, local_files_only=local_only)
         except (OSError, ValueError) as error:

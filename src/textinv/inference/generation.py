@@ -137,6 +137,6 @@ def save_images(images: Sequence[Any], seeds: Sequence[int], prompt: str, output
     paths = []
     for image, seed in zip(images, seeds):
         path = unique_path(output_dir / f"{slug}-seed{seed}.png")
-        paths.append(atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG")))
+        paths.append(atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG")))  # type: ignore[misc]
         logger.debug("wrote %s", path)  # the CLI prints the paths
     return paths

@@ -67,10 +67,13 @@ class TrainableTextEncoders(nn.Module):
     @property
     def vectors(self) -> torch.Tensor:
         """The first text encoder's vectors (the only ones, except for SDXL)."""
-        return next(iter(self.tokens.values())).vectors
+        return self._token_list()[0].vectors
+
+    def _token_list(self) -> list[TrainableTokens]:
+        return [trainable for trainable in self.tokens.values() if isinstance(trainable, TrainableTokens)]
 
     def vectors_by_encoder(self) -> dict[str, torch.Tensor]:
-        return {name: trainable.vectors for name, trainable in self.tokens.items()}
+        return dict(zip(self.tokens.keys(), (trainable.vectors for trainable in self._token_list())))
 
     @torch.no_grad()
     def load_vectors(self, vectors: dict[str, torch.Tensor]) -> None:
@@ -80,20 +83,20 @@ class TrainableTextEncoders(nn.Module):
                 f"the checkpoint holds vectors for {', '.join(sorted(vectors))} but this model's text encoders are "
                 f"{', '.join(self.tokens)}; resume with the model it was trained on"
             )
-        for name, trainable in self.tokens.items():
+        for name, trainable in zip(self.tokens.keys(), self._token_list()):
             trainable.vectors.copy_(vectors[name].to(trainable.vectors))
 
     def all_finite(self) -> bool:
         # One read of a device value for every encoder (each read waits for the GPU).
-        return bool(torch.stack([torch.isfinite(t.vectors).all() for t in self.tokens.values()]).all())
+        return bool(torch.stack([torch.isfinite(t.vectors).all() for t in self._token_list()]).all())
 
     def write_into_encoder(self) -> None:
         """Copy the learned vectors into every encoder's embedding rows (for saving the pipeline)."""
-        for trainable in self.tokens.values():
+        for trainable in self._token_list():
             trainable.write_into_encoder()
 
     def detach_hook(self) -> None:
-        for trainable in self.tokens.values():
+        for trainable in self._token_list():
             trainable.detach_hook()
 
     def forward(

@@ -63,7 +63,7 @@ def push_folder(
     repo_id: str,
     token: str,
     endpoint: Optional[str] = None,
-    before_upload: Optional[Callable[[str], None]] = None,
+    before_upload: Optional[Callable[[str], object]] = None,
 ) -> PushResult:
     """Create the model repository if needed and upload ``folder`` as one commit.
 

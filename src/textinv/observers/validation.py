@@ -156,7 +156,7 @@ class Validation(TrainObserver):
                     seeds, images = [seed for seed, _ in shares], [image for _, image in shares]
                     for image, seed in zip(images, seeds):
                         path = folder / image_name(prompt_index, seed)
-                        written.append(atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG")))
+                        written.append(atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG")))  # type: ignore[misc]
                     if self.image_sink is not None:
                         self.image_sink(step, prompt_index, prompt, images, seeds)
             finally:
@@ -305,7 +305,7 @@ def progress_layout(
                 images[(step, int(match.group(1)), int(match.group(2)))] = entry
     if not images:
         return None
-    steps = grid_rows({step for step, _, _ in images})
+    steps = grid_rows(sorted({step for step, _, _ in images}))
     seeds = sorted({seed for _, _, seed in images})
     with Image.open(next(iter(images.values()))) as first:
         width, height = first.size

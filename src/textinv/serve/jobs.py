@@ -142,9 +142,9 @@ class TrainingJob:
                 # Wall time per step (validation rounds included), as the CLI's progress line reports it.
                 per_step = (now - self._session_started) / (self.step - self._session_first_step + 1)
                 eta = per_step * (self.max_steps - self.step) if self.status in ACTIVE else None
-            grid = self.output_dir / VALIDATION_DIR / GRID_FILE
+            grid: Optional[Path] = self.output_dir / VALIDATION_DIR / GRID_FILE
             try:
-                grid_version = grid.stat().st_mtime_ns
+                grid_version = grid.stat().st_mtime_ns if grid is not None else 0
             except OSError:
                 grid, grid_version = None, 0
             embedding = self.output_dir / EMBEDDING_FILE

@@ -363,7 +363,7 @@ class ServerState:
                 pipe = load_pipeline(str(model_dir), device=self.device)
                 tokens = load_embeddings(pipe, embedding_path, token=rename) if embedding_path is not None else []
                 self._pipeline, self._pipeline_key, self._tokens = pipe, key, tuple(tokens)
-            tokens = self._tokens
+            tokens = list(self._tokens)
             # {token} in the prompt stands for the embedding's word, as in the validation prompt.
             prompt = request.prompt.replace("{token}", tokens[0]) if tokens else request.prompt
             result = generate(

@@ -97,7 +97,7 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    numpy_state = np.random.get_state()
+    numpy_state: Any = np.random.get_state()
     state: dict[str, Any] = {
         "python": _to_lists(random.getstate()),
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import logging
 import math
 import time
@@ -210,9 +209,12 @@ class TrainingRecipe:
             ]
         self._run = run = RunContext(config, output_dir, parts, trainable, accelerator, stream, max_steps, seed, record)
         run.start_step, run.stop_requested = self.start_step, self._early_stop
-        run.save_record = (
-            lambda: atomic_write_json(output_dir / RUN_FILE, record) if accelerator.is_main_process else None
-        )
+
+        def save_record() -> None:
+            if accelerator.is_main_process:
+                atomic_write_json(output_dir / RUN_FILE, record)
+
+        run.save_record = save_record
         run.save_record()
         self.stop_reason = "max_train_steps"
         self.evaluation = HeldOutEvaluation.for_run(
@@ -308,7 +310,7 @@ class TrainingRecipe:
                     self.model,
                     self.parts,
                     self.parts.tokenizer,
-                    self.latent_cache,
+                    self.latent_cache,  # type: ignore[arg-type]  # set by setup()
                     examples,
                     self.device,
                     self.loss_settings,
@@ -344,7 +346,8 @@ class TrainingRecipe:
         if run.is_main_process and step % config.save_steps == 0 and step < run.max_steps:
             self.saved.extend(write_snapshot(run, step))
         stop = agreed_stop(run)
-        due = bool(config.checkpointing_steps) and step % config.checkpointing_steps == 0 and step < run.max_steps
+        every = config.checkpointing_steps
+        due = every is not None and every > 0 and step % every == 0 and step < run.max_steps
         if due or stop:
             checkpoint = self.save_checkpoint(step)
             if stop:
@@ -411,7 +414,7 @@ class TrainingRecipe:
                 # precision training's copies ran in (bf16/fp16 would round every weight).
                 with quiet_loading():  # no "Writing model shards" bars
                     self.saved.extend(save_pipeline(parts, run.output_dir, config.ppdiffusers_weights, self.trainable))
-        run.record["vectors_sha256_by_rank"] = self.vectors_digest_by_rank()
+        run.record["vectors_sha256_by_rank"] = run_dir.vectors_digest_by_rank(run)
         run.record["stop_reason"] = self.stop_reason
         if self.evaluation is not None and self.evaluation.best_step is not None and run.is_main_process:
             self.saved.append(run.output_dir / BEST_EMBEDDING_FILE)
@@ -442,10 +445,3 @@ class TrainingRecipe:
             observer.on_end(run, result)
         logger.debug("%s", result.summary)  # the CLI prints it, after the progress bar has closed
         return result
-
-    def vectors_digest_by_rank(self) -> list[str]:
-        """A digest of the final vectors from every process (they must agree under DDP)."""
-        accelerator = self.run.accelerator
-        vectors = torch.cat([v.detach().float().flatten() for v in self.trainable.vectors_by_encoder().values()])
-        gathered = accelerator.gather(vectors.unsqueeze(0)) if accelerator.num_processes > 1 else vectors.unsqueeze(0)
-        return [hashlib.sha256(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in gathered]

@@ -214,3 +214,11 @@ def warn_if_threads_differ(previous: Optional[dict[str, Any]], device: torch.dev
             torch.get_num_threads(),
             before,
         )
+
+
+def vectors_digest_by_rank(run: RunContext) -> list[str]:
+    """A digest of the final vectors from every process (they must agree under DDP)."""
+    accelerator = run.accelerator
+    vectors = torch.cat([v.detach().float().flatten() for v in run.trainable.vectors_by_encoder().values()])
+    gathered = accelerator.gather(vectors.unsqueeze(0)) if accelerator.num_processes > 1 else vectors.unsqueeze(0)
+    return [hashlib.sha256(row.cpu().numpy().tobytes()).hexdigest()[:16] for row in gathered]

@@ -1,0 +1,109 @@
+"""TrainConfig's fields as command-line flags: one flag per field, with the field's help and choices.
+
+The root ``train_textual_inversion.py`` and ``textinv train`` share the flags; their defaults differ
+where :data:`SCRIPT_DEFAULTS` says (ppdiffusers' values for the root script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+from textinv.config import TrainConfig
+
+# ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
+PPDIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "train_batch_size": 16,
+    "learning_rate": 1e-4,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 500,
+    "eval_steps": 0,
+}
+# The root train_textual_inversion.py's own defaults (else TrainConfig's): ppdiffusers', and it also writes .pdparams.
+SCRIPT_DEFAULTS: dict[str, Any] = {"embedding_formats": ["diffusers", "pdparams"], **PPDIFFUSERS_DEFAULTS}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict[str, Any]] = None) -> None:
+    """One flag per TrainConfig field, named as in ppdiffusers' train_textual_inversion.py; help text and
+    choices come from the field's metadata (textinv.config.option). ``defaults`` ({field: value}) are this
+    entry point's own defaults: they become the flags' defaults, so its --help and its config show them."""
+    defaults = dict(defaults or {})
+    hints = typing.get_type_hints(TrainConfig)
+    assert set(defaults) <= set(hints), f"defaults for unknown TrainConfig fields: {sorted(set(defaults) - set(hints))}"
+    for spec in train_options():
+        flag, override = f"--{spec.name}", defaults.get(spec.name)
+        kind, is_list = _base_type(hints[spec.name]), typing.get_origin(hints[spec.name]) is list
+        has_factory = spec.default_factory is not dataclasses.MISSING
+        required = spec.default is dataclasses.MISSING and not has_factory and spec.name not in defaults
+        shown: Any = override if spec.name in defaults else spec.default_factory() if has_factory else spec.default  # type: ignore[misc]
+        help_text = spec.metadata["help"] + (
+            "" if required or shown == [] else f" (default: {' '.join(shown) if is_list else shown})"
+        )
+        choices = spec.metadata.get("choices")
+        if kind is bool and spec.default is True:
+            parser.add_argument(flag, dest=spec.name, action="store_true", default=override, help=help_text)
+            parser.add_argument(
+                f"--no_{spec.name}", dest=spec.name, action="store_false", default=override, help=f"turn {flag} off"
+            )
+        elif kind is bool:
+            parser.add_argument(flag, action="store_true", default=override, help=help_text)
+        else:
+            parser.add_argument(
+                flag,
+                # A list of choices takes several values (--embedding_formats diffusers pdparams);
+                # a list of free text is a repeatable flag (--validation_prompt).
+                action="append" if is_list and not choices else "store",
+                nargs="+" if is_list and choices else None,
+                type=_typed(kind, flag),
+                default=override,
+                required=required,
+                choices=choices,
+                metavar=None if choices else spec.name.upper(),
+                help=help_text,
+            )
+
+
+def train_options() -> list[dataclasses.Field[Any]]:
+    """The TrainConfig fields that are options (every field with help text)."""
+    return [spec for spec in dataclasses.fields(TrainConfig) if "help" in spec.metadata]
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {
+        spec.name: getattr(args, spec.name) for spec in train_options() if getattr(args, spec.name, None) is not None
+    }
+    # --num_train_epochs alone means "train that many epochs", not the default step count.
+    if "num_train_epochs" in given and "max_train_steps" not in given:
+        given["max_train_steps"] = None
+    return TrainConfig(**given)
+
+
+def normalise_flags(argv: Sequence[str]) -> list[str]:
+    """``--learning-rate`` means ``--learning_rate``: every flag is accepted with either separator
+    (the help and the README write underscores, as ppdiffusers does)."""
+    normalised = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, sep, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + sep + value
+        normalised.append(arg)
+    return normalised
+
+
+def _base_type(hint: Any) -> type:
+    arguments = [a for a in typing.get_args(hint) if a is not type(None)]
+    return arguments[0] if arguments else hint
+
+
+def _typed(kind: type, flag: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+
+    convert.__name__ = kind.__name__
+    return convert

@@ -27,8 +27,10 @@ test: $(BIN)/textinv $(CHROMIUM)
 
 # The quick loop while editing (under 2 minutes on 2 CPUs): leaves out the tests marked slow,
 # browser, multiprocess and interop (see [tool.pytest.ini_options] markers); `make test` runs them all.
+# One torch thread unless OMP_NUM_THREADS says otherwise: the tiny models gain nothing from more, and
+# on a shared 2-CPU machine two threads per process spin against other jobs (3x slower when loaded).
 test-fast: $(BIN)/textinv
-	$(BIN)/python -m pytest -q -m "not slow and not browser and not multiprocess and not interop"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow and not browser and not multiprocess and not interop"
 
 # The web page's browser test drives Debian's chromium (Playwright never downloads a browser here).
 # apt-get as root, else through sudo when there is one; otherwise say what to install.

@@ -85,6 +85,7 @@ def family_run(
         max_train_steps=STEPS,
         checkpointing_steps=10,
         report_to="none",
+        eval_steps=0,  # the captions and velocities counted below are the training steps' alone
         # One validation image at the end: the family's own pipeline class over the training's parts.
         validation_prompt=[f"a photo of {TOKEN}"],
         num_validation_images=1,

@@ -531,8 +531,10 @@ def test_tiny_clip_from_the_cli_works_for_eval(
 def test_a_second_demo_replaces_its_own_outputs(tmp_path: Path) -> None:
     from textinv.demo import run_demo
 
+    threads = torch.get_num_threads()
     first, first_images = run_demo(tmp_path / "demo", steps=2)
     second, second_images = run_demo(tmp_path / "demo", steps=2)
+    assert torch.get_num_threads() == threads  # one thread while it runs (see textinv.demo), then as before
     assert [p.name for p in first_images] == [p.name for p in second_images] == ["a-red-cartoon-on-the-beach-seed1.png"]
     assert sorted(p.name for p in (tmp_path / "demo" / "samples").iterdir()) == ["a-red-cartoon-on-the-beach-seed1.png"]
     assert second.summary.startswith("learned <red-cartoon> in 2 steps")
@@ -609,10 +611,11 @@ def test_a_cpu_run_says_what_a_step_will_cost(monkeypatch: pytest.MonkeyPatch) -
     sd15 = SimpleNamespace(
         unet=SimpleNamespace(parameters=lambda: [torch.empty(860_000_000, device="meta")]), vae_scale_factor=8
     )
-    config = TrainConfig(
-        pretrained_model_name_or_path="m", train_data_dir="d", placeholder_token="<t>", initializer_token="toy"
+    config = TrainConfig(  # the root script's (ppdiffusers') defaults: batch 16 at 512 px
+        pretrained_model_name_or_path="m", train_data_dir="d", placeholder_token="<t>", initializer_token="toy",
+        train_batch_size=16, resolution=512,
     )
-    line = builders.cpu_step_estimate(config, sd15, torch.device("cpu"))  # ppdiffusers' defaults: batch 16 at 512 px
+    line = builders.cpu_step_estimate(config, sd15, torch.device("cpu"))
     assert line == (
         "on this CPU a step of 16 example(s) at 512x512 px will take about 5 min (estimated from the UNet's size); "
         "--train_batch_size 1 makes a step about 16x cheaper"

@@ -166,6 +166,7 @@ def test_only_save_embeds_skips_pipeline_and_snapshots_follow_save_steps(
     names = sorted(p.name for p in result.output_dir.iterdir())
     assert names == [
         "README.md",  # the model card
+        "learned_embeds-best.safetensors",  # the lowest eval_loss (textinv train evaluates every 10 steps)
         "learned_embeds-steps-4.safetensors",
         "learned_embeds-steps-8.safetensors",
         "learned_embeds.safetensors",

@@ -612,8 +612,12 @@ def test_a_cpu_run_says_what_a_step_will_cost(monkeypatch: pytest.MonkeyPatch) -
         unet=SimpleNamespace(parameters=lambda: [torch.empty(860_000_000, device="meta")]), vae_scale_factor=8
     )
     config = TrainConfig(  # the root script's (ppdiffusers') defaults: batch 16 at 512 px
-        pretrained_model_name_or_path="m", train_data_dir="d", placeholder_token="<t>", initializer_token="toy",
-        train_batch_size=16, resolution=512,
+        pretrained_model_name_or_path="m",
+        train_data_dir="d",
+        placeholder_token="<t>",
+        initializer_token="toy",
+        train_batch_size=16,
+        resolution=512,
     )
     line = builders.cpu_step_estimate(config, sd15, torch.device("cpu"))
     assert line == (

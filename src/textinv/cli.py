@@ -57,7 +57,10 @@ def _check_before_torch(config: TrainConfig) -> None:
     fraction of a second; training checks them again, for the Python API."""
     from textinv.files import refuse_another_runs_results
     from textinv.models.loading import local_model_dir
+    from textinv.observers.hub import HubPush
 
+    if config.push_to_hub:
+        HubPush(config)  # the token first, in the order training checks
     if not config.resume_from_checkpoint:
         refuse_another_runs_results(Path(config.output_dir).expanduser(), config.overwrite_output_dir)
     local_model_dir(config.pretrained_model_name_or_path)

@@ -186,7 +186,10 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
                         page.screenshot(path=str(shots / "2-training.png"), full_page=True)
                         running_shot = True
                 time.sleep(0.2)
-            assert re.search(r"job-001: done · step 20/20 · loss \d+\.\d{4} · <red-cartoon> learned", line), line
+            # eval_loss: the page trains with `textinv train`'s held-out evaluation (README "How many steps")
+            assert re.search(
+                r"job-001: done · step 20/20 · loss \d+\.\d{4} · eval_loss \d+\.\d{4} · <red-cartoon> learned", line
+            ), line
             expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
             expect(page.locator("#validation-grid img")).to_be_visible()
             # The page shows the grid the run drew (4 rounds: steps 5, 10, 15, 20), and it grew while training.

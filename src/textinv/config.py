@@ -2,7 +2,7 @@
 
 Defaults follow PaddlePaddle ppdiffusers' ``examples/textual_inversion/train_textual_inversion.py``
 (``parse_args``) where that script has the flag; where textinv deliberately differs, the field's comment
-says so, and the root script passes ppdiffusers' value (textinv.cli.PPDIFFUSERS_DEFAULTS).
+says so, and the root script passes ppdiffusers' value (textinv.flags.PPDIFFUSERS_DEFAULTS).
 
 This module must not import torch: the CLI validates a config before paying for torch's import.
 """

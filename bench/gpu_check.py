@@ -67,11 +67,11 @@ def build_sdxl_architecture(output_dir: Path, seed: int = 0, device: str = "cpu"
     with "!"); VAE 128/256/512/512 with scaling factor 0.13025; the Euler scheduler of the base model.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from textinv.files import atomic_dir
-    from textinv.tiny import clip_tokenizer_dir
+    from textinv.tiny import clip_tokenizer_dir, sdxl_pipeline
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
@@ -119,26 +119,7 @@ def build_sdxl_architecture(output_dir: Path, seed: int = 0, device: str = "cpu"
             scaling_factor=0.13025,
             force_upcast=True,
         )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    pipeline = sdxl_pipeline(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae)
     with atomic_dir(output_dir) as tmp:
         pipeline.save_pretrained(tmp)
     return output_dir

@@ -50,11 +50,11 @@ def build_sd15_architecture(output_dir: Path, seed: int = 0) -> Path:
     768 wide, quick_gelu); the scheduler is its PNDM with scaled_linear betas 0.00085..0.012.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from textinv.files import atomic_dir
-    from textinv.tiny import clip_tokenizer_dir
+    from textinv.tiny import clip_tokenizer_dir, sd_pipeline, sd_scheduler
 
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
@@ -89,25 +89,7 @@ def build_sd15_architecture(output_dir: Path, seed: int = 0) -> Path:
         latent_channels=4,
         sample_size=512,
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline = sd_pipeline(tokenizer, text_encoder, unet, vae, sd_scheduler())
     with atomic_dir(output_dir) as tmp:
         pipeline.save_pretrained(tmp)
     return output_dir

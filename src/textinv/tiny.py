@@ -188,7 +188,7 @@ def _vae(spec: TinySpec, scaling_factor: float = 0.18215) -> Any:
 SD_TRAINING_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
-def _sd_scheduler(prediction_type: str = "epsilon") -> Any:
+def sd_scheduler(prediction_type: str = "epsilon") -> Any:
     """SD 1.x's scheduler settings (its scheduler/scheduler_config.json); SD 2.x's are the same betas."""
     from diffusers import DDIMScheduler, PNDMScheduler
 
@@ -203,7 +203,7 @@ def _sd_scheduler(prediction_type: str = "epsilon") -> Any:
     )
 
 
-def _sd_pipeline(
+def sd_pipeline(
     tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, scheduler: Any, pipeline_class: Any = None
 ) -> Any:
     from diffusers import StableDiffusionPipeline
@@ -220,6 +220,26 @@ def _sd_pipeline(
     )
 
 
+def sdxl_pipeline(tokenizer: Any, tokenizer_2: Any, text_encoder: Any, text_encoder_2: Any, unet: Any, vae: Any) -> Any:
+    """An SDXL base pipeline of these parts, with SDXL base's scheduler (its scheduler/scheduler_config.json)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(
+        **SD_TRAINING_BETAS, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon"
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
 def _build_sd1(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     from transformers import CLIPTextModel
 
@@ -227,7 +247,7 @@ def _build_sd1(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     seed()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer, spec, spec.text_hidden_size, "quick_gelu"))
     unet = _unet(spec, spec.text_hidden_size)
-    return _sd_pipeline(tokenizer, text_encoder, unet, _vae(spec), _sd_scheduler())
+    return sd_pipeline(tokenizer, text_encoder, unet, _vae(spec), sd_scheduler())
 
 
 def _build_sd2(spec: TinySpec, seed: Callable[[], Any], prediction_type: str = "epsilon") -> Any:
@@ -238,7 +258,7 @@ def _build_sd2(spec: TinySpec, seed: Callable[[], Any], prediction_type: str = "
     seed()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer, spec, spec.text_hidden_size, "gelu"))
     unet = _unet(spec, spec.text_hidden_size, use_linear_projection=True)
-    return _sd_pipeline(tokenizer, text_encoder, unet, _vae(spec), _sd_scheduler(prediction_type))
+    return sd_pipeline(tokenizer, text_encoder, unet, _vae(spec), sd_scheduler(prediction_type))
 
 
 def _build_sd2_v(spec: TinySpec, seed: Callable[[], Any]) -> Any:
@@ -248,7 +268,6 @@ def _build_sd2_v(spec: TinySpec, seed: Callable[[], Any]) -> Any:
 def _build_sdxl(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     """SDXL: CLIP ViT-L + OpenCLIP bigG (with projection); the UNet takes both encoders' states side
     by side, plus the pooled text embedding and six time ids ("text_time" added conditioning)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = _clip_tokenizer(), _clip_tokenizer(pad_token="!")
@@ -268,24 +287,7 @@ def _build_sdxl(spec: TinySpec, seed: Callable[[], Any]) -> Any:
         projection_class_embeddings_input_dim=6 * spec.addition_time_embed_dim + spec.text_hidden_size_2,
     )
     vae = _vae(spec, scaling_factor=0.13025)
-    # SDXL base's scheduler settings (its scheduler/scheduler_config.json).
-    scheduler = EulerDiscreteScheduler(
-        **SD_TRAINING_BETAS,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    return sdxl_pipeline(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae)
 
 
 def _tiny_words() -> tuple[list[str], list[str]]:
@@ -355,7 +357,7 @@ def _build_zh_bert(spec: TinySpec, seed: Callable[[], Any]) -> Any:
         )
     )
     unet = _unet(spec, spec.text_hidden_size)
-    return _sd_pipeline(tokenizer, text_encoder, unet, _vae(spec), _sd_scheduler())
+    return sd_pipeline(tokenizer, text_encoder, unet, _vae(spec), sd_scheduler())
 
 
 def _build_zh_xlmr(spec: TinySpec, seed: Callable[[], Any]) -> Any:
@@ -386,7 +388,7 @@ def _build_zh_xlmr(spec: TinySpec, seed: Callable[[], Any]) -> Any:
         )
     )
     unet = _unet(spec, spec.text_hidden_size)
-    return _sd_pipeline(tokenizer, text_encoder, unet, _vae(spec), _sd_scheduler(), pipeline_class=AltDiffusionPipeline)
+    return sd_pipeline(tokenizer, text_encoder, unet, _vae(spec), sd_scheduler(), pipeline_class=AltDiffusionPipeline)
 
 
 _BUILDERS: dict[str, Callable[[TinySpec, Callable[[], Any]], Any]] = {

@@ -26,6 +26,7 @@ from textinv import cli
 from textinv.training import recipe
 
 PRECIOUS = b"results of an earlier run"
+TEMPLATES_WITHOUT_NAME = b"a photo of [name]\na photo of a cat\n"
 
 
 @dataclass
@@ -179,6 +180,49 @@ CASES: list[Case] = [
         lambda s: s.train(f"--init_embeddings={_an_embedding(s, 768)}"),
         ("768", "32", "--init_embeddings"),
     ),
+    # --- train: captions, buckets, masks (issue 17) ----------------------------------------------
+    (
+        "caption-file-not-utf8",
+        lambda s: s.train(
+            "--caption_extension=.txt",
+            images=s.folder("latin1", {"a.png": _image_bytes((64, 64)), "a.txt": "café crème".encode("latin-1")}),
+        ),
+        ("a.txt", "not UTF-8"),
+    ),
+    (
+        "mask-of-another-size",
+        lambda s: s.train(
+            f"--mask_dir={s.folder('masks', {'a.png': _image_bytes((32, 32))})}",
+            images=s.folder("masked", {"a.png": _image_bytes((64, 64))}),
+        ),
+        ("a.png", "32x32", "64x64"),
+    ),
+    (
+        "mask-missing-for-an-image",
+        lambda s: s.train(
+            f"--mask_dir={s.folder('few-masks', {'a.png': _image_bytes((64, 64))})}",
+            images=s.folder("two", {"a.png": _image_bytes((64, 64)), "b.png": _image_bytes((64, 64))}),
+        ),
+        ("--mask_dir", "no mask for b.png"),
+    ),
+    (
+        "template-file-without-name",
+        lambda s: s.train(
+            f"--template_file={s.folder('tpl', {'templates.txt': TEMPLATES_WITHOUT_NAME}) / 'templates.txt'}"
+        ),
+        ("templates.txt", "line 2", "[name]"),
+    ),
+    (
+        "bucket-range-without-bucket",
+        lambda s: s.train("--enable_bucket", "--min_bucket_reso=768", "--max_bucket_reso=1024"),
+        ("--min_bucket_reso 768", "holds no bucket"),
+    ),
+    (
+        "tag-rules-without-captions",
+        lambda s: s.train("--shuffle_caption"),
+        ("--shuffle_caption", "--caption_extension"),
+    ),
+    ("caption-dropout-above-one", lambda s: s.train("--caption_dropout_rate=1.5"), ("--caption_dropout_rate", "1.5")),
     # --- train: images -------------------------------------------------------------------------
     ("data-dir-missing", lambda s: s.train(images=s.root / "nope"), ("nope", "does not exist")),
     ("data-dir-empty-flag", lambda s: s.train("--train_data_dir="), ("--train_data_dir",)),

@@ -591,7 +591,9 @@ def test_training_with_the_lazy_cache_learns_the_eager_caches_vectors(
 
     real = builders.load_latents
     monkeypatch.setattr(
-        builders, "load_latents", lambda config, parts, paths, device: _eager(real(config, parts, paths, device))
+        builders,
+        "load_latents",
+        lambda config, parts, paths, device, data: _eager(real(config, parts, paths, device, data)),
     )
     eager = textinv.train(train_config(tiny_model, train_images, tmp_path / "eager", **settings), show_progress=False)
     assert torch.equal(lazy.embedding.vectors["text_encoder"], eager.embedding.vectors["text_encoder"])

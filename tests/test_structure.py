@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "textinv"
 MAX_MODULE_LINES = 450
@@ -84,7 +86,10 @@ def test_dependencies_point_one_way() -> None:
     graph = _graph()
     assert graph["textinv.events"] == set(), "events must import nothing of textinv"
     assert graph["textinv.errors"] == set(), "errors must import nothing of textinv"
-    assert graph["textinv.config"] <= {"textinv.errors"}, "config imports nothing of textinv but its exceptions"
+    assert graph["textinv.config"] <= {"textinv.errors", "textinv.data.options"}, (
+        "config imports nothing of textinv but its exceptions and the data options"
+    )
+    assert graph["textinv.data.options"] <= {"textinv.errors", "textinv.data.buckets"}
     importers_of_cli = sorted(name for name, deps in graph.items() if "textinv.cli" in deps)
     assert importers_of_cli == []
     training = {name for name in graph if name.startswith("textinv.training")}
@@ -94,13 +99,15 @@ def test_dependencies_point_one_way() -> None:
     assert not any(d.startswith("textinv.embeddings") for n in models for d in graph[n])
 
 
-def test_config_does_not_import_torch() -> None:
-    tree = ast.parse((PACKAGE / "config.py").read_text(encoding="utf-8"))
+@pytest.mark.parametrize("module", ["config.py", "data/options.py", "data/buckets.py"])
+def test_config_does_not_import_torch(module: str) -> None:
+    # The CLI validates a config (data options included) before paying for torch's import.
+    tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))
     imported = {
         alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
     }
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "torch" not in imported
+    assert not imported & {"torch", "numpy", "PIL"}
 
 
 def test_every_module_is_small_enough_to_hold_in_mind() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from textinv.data.options import DataOptions
 from textinv.errors import (  # noqa: F401 (the exceptions' old home)
     TrainingInterrupted,
     UserError,
@@ -66,7 +67,10 @@ def option(
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataOptions):
+    """Every training option. The training-data options (captions, buckets, masks) are DataOptions' fields
+    (textinv.data.options), keyword-only, so the positional order here stays as it was."""
+
     # --- what to train on ------------------------------------------------------------------
     pretrained_model_name_or_path: str = option(help="diffusers pipeline folder or hub id of the base model")
     train_data_dir: str = option(help="folder with the 3-5 training images")
@@ -427,6 +431,8 @@ class TrainConfig:
         self.embedding_formats = list(dict.fromkeys(["diffusers", *self.embedding_formats]))
         if not 0.0 <= self.noise_offset < float("inf"):
             raise UserError(f"--noise_offset {self.noise_offset} must be >= 0, e.g. 0.1 (0 turns it off)")
+
+        self.validate_data_options(self.image_height, self.image_width)  # issue 17
 
         # Held-out evaluation and stopping (issue 20)
         for name, value, minimum in (

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from textinv.config import TrainConfig
+from textinv.data.options import data_option_names
 
 # ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
 PPDIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -67,8 +68,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
 
 
 def train_options() -> list[dataclasses.Field[Any]]:
-    """The TrainConfig fields that are options (every field with help text)."""
-    return [spec for spec in dataclasses.fields(TrainConfig) if "help" in spec.metadata]
+    """The TrainConfig fields that are options (every field with help text), the training-data options
+    (textinv.data.options, declared first as TrainConfig's base) placed after the image options."""
+    fields = [spec for spec in dataclasses.fields(TrainConfig) if "help" in spec.metadata]
+    data = [spec for spec in fields if spec.name in data_option_names()]
+    own = [spec for spec in fields if spec.name not in data_option_names()]
+    after = next(index for index, spec in enumerate(own) if spec.name == "repeats") + 1
+    return own[:after] + data + own[after:]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

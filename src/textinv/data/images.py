@@ -126,6 +126,14 @@ def make_view(image: Image.Image, height: int, width: int, center_crop: bool, in
     return image.resize((width, height), resample=_RESAMPLE[interpolation])
 
 
+def upright_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image as :func:`load_rgb` turns it upright (EXIF orientations 5-8 swap the sides)."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """[3, H, W] float32 in [-1, 1], the VAE's input range."""
     array = np.asarray(image, dtype=np.uint8)
@@ -133,15 +141,18 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class _ViewDataset(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], height: int, width: int, center_crop: bool, interpolation: str) -> None:
-        self.paths, self.height, self.width = list(paths), height, width
+    def __init__(
+        self, paths: Sequence[Path], sizes: Sequence[tuple[int, int]], center_crop: bool, interpolation: str
+    ) -> None:
+        self.paths, self.sizes = list(paths), list(sizes)
         self.center_crop, self.interpolation = center_crop, interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        view = make_view(load_rgb(self.paths[index]), self.height, self.width, self.center_crop, self.interpolation)
+        height, width = self.sizes[index]
+        view = make_view(load_rgb(self.paths[index]), height, width, self.center_crop, self.interpolation)
         return to_tensor(view)
 
 
@@ -154,9 +165,20 @@ def load_views(
     num_workers: int = 0,
 ) -> torch.Tensor:
     """All images as unflipped views, ``[num_images, 3, H, W]``, decoded by ``num_workers`` workers."""
+    return torch.stack(load_sized_views(paths, [(height, width)] * len(paths), center_crop, interpolation, num_workers))
+
+
+def load_sized_views(
+    paths: Sequence[Path],
+    sizes: Sequence[tuple[int, int]],
+    center_crop: bool,
+    interpolation: str,
+    num_workers: int = 0,
+) -> list[torch.Tensor]:
+    """Each image as an unflipped view ``[3, H, W]`` of its own (height, width) (aspect-ratio buckets)."""
     loader = torch.utils.data.DataLoader(
-        _ViewDataset(paths, height, width, center_crop, interpolation),
-        batch_size=1,
+        _ViewDataset(paths, sizes, center_crop, interpolation),
+        batch_size=None,  # one view at a time, unbatched: the sizes may differ
         num_workers=num_workers,
     )
-    return torch.cat(list(loader))
+    return list(loader)

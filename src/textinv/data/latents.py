@@ -1,11 +1,15 @@
 """The latent cache: each training view's VAE latent distribution, encoded once.
 
 Training steps then draw latents from the cached distribution ``mean + std * eps`` exactly as
-``latent_dist.sample()`` would.
+``latent_dist.sample()`` would, or take its mean (``--latent_sampling deterministic``, A1111's name; the
+draw of ``eps`` still happens, so the noise and timestep draws that follow stay the same).
+With aspect-ratio buckets the views are a list of tensors of their buckets' sizes, and each view's
+latents have their bucket's size.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -20,6 +24,7 @@ class LatentCache:
     std: torch.Tensor
     scaling_factor: float
     shift_factor: float = 0.0
+    deterministic: bool = False
 
     @property
     def num_images(self) -> int:
@@ -33,13 +38,20 @@ class LatentCache:
         """One scaled latent drawn from a view's distribution (what latent_dist.sample() gives)."""
         flip = 1 if flipped and self.num_flips > 1 else 0
         mean, std = self.mean[image_index, flip], self.std[image_index, flip]
-        return _scaled_sample(mean, std, generator, self.shift_factor, self.scaling_factor)
+        return _scaled_sample(mean, std, generator, self.shift_factor, self.scaling_factor, self.deterministic)
 
 
 def _scaled_sample(
-    mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, shift: float, scale: float
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    generator: torch.Generator,
+    shift: float,
+    scale: float,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+    if deterministic:
+        return (mean - shift) * scale
     return (mean + std * eps - shift) * scale
 
 
@@ -59,13 +71,14 @@ class LatentsEachStep:
     show the cache changes nothing but the time, and for memory-rich runs that want it.
     """
 
-    def __init__(self, vae: Any, views: torch.Tensor, random_flip: bool) -> None:
+    def __init__(self, vae: Any, views: Sequence[torch.Tensor], random_flip: bool, deterministic: bool = False) -> None:
         self.vae, self.views, self.random_flip = vae, views, random_flip
         self.scaling_factor, self.shift_factor = vae_scaling(vae)
+        self.deterministic = deterministic
 
     @property
     def num_images(self) -> int:
-        return int(self.views.shape[0])
+        return len(self.views)
 
     @property
     def num_flips(self) -> int:
@@ -78,7 +91,12 @@ class LatentsEachStep:
         parameter = next(self.vae.parameters())
         dist = self.vae.encode(pixels.unsqueeze(0).to(parameter.device, parameter.dtype)).latent_dist
         return _scaled_sample(
-            dist.mean[0].float().cpu(), dist.std[0].float().cpu(), generator, self.shift_factor, self.scaling_factor
+            dist.mean[0].float().cpu(),
+            dist.std[0].float().cpu(),
+            generator,
+            self.shift_factor,
+            self.scaling_factor,
+            self.deterministic,
         )
 
 
@@ -91,11 +109,12 @@ class LazyLatentCache:
     VAE and the pixels are let go.
     """
 
-    def __init__(self, vae: Any, views: torch.Tensor, random_flip: bool) -> None:
+    def __init__(self, vae: Any, views: Sequence[torch.Tensor], random_flip: bool, deterministic: bool = False) -> None:
         self.vae: Any = vae
-        self.views: Optional[torch.Tensor] = views
-        self._num_images, self._num_flips = int(views.shape[0]), 2 if random_flip else 1
+        self.views: Optional[Sequence[torch.Tensor]] = views
+        self._num_images, self._num_flips = len(views), 2 if random_flip else 1
         self.scaling_factor, self.shift_factor = vae_scaling(vae)
+        self.deterministic = deterministic
         self.encoded: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -120,7 +139,7 @@ class LazyLatentCache:
             if self.views_encoded is None:
                 self.vae = self.views = None  # every view is in: the VAE leaves memory
         mean, std = self.encoded[image_index, flip]
-        return _scaled_sample(mean, std, generator, self.shift_factor, self.scaling_factor)
+        return _scaled_sample(mean, std, generator, self.shift_factor, self.scaling_factor, self.deterministic)
 
 
 @torch.no_grad()

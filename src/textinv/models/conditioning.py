@@ -12,6 +12,8 @@ What each family's pipeline feeds its UNet (and so what training must feed it):
   target height, width). Source: diffusers' ``StableDiffusionXLPipeline.encode_prompt`` and
   ``_get_add_time_ids``. Training passes original = target size and crop (0, 0), what that
   pipeline passes when generating, so the token is learned under the conditioning it is used with.
+  With aspect-ratio buckets (issue 17) the time ids carry each image's real original size, crop (0, 0)
+  (buckets resize whole images) and its bucket's size, as SDXL was trained.
 
 Tokenizing follows the pipelines too: pad to ``model_max_length``, truncate, and an attention mask
 only for encoders whose config sets ``use_attention_mask`` (AltDiffusion's does; CLIP and BERT get
@@ -186,6 +188,21 @@ def sdxl_time_ids(noisy_latents: torch.Tensor, vae_scale_factor: int) -> torch.T
     return row.repeat(noisy_latents.shape[0], 1)
 
 
+def bucket_time_ids(
+    original_sizes: Sequence[Optional[tuple[int, int]]], noisy_latents: torch.Tensor, vae_scale_factor: int
+) -> Optional[torch.Tensor]:
+    """SDXL's time ids for examples that carry their image's original (height, width): (original size,
+    crop (0, 0), target = the latent's size in pixels); None when none carries one (the default ids)."""
+    if all(size is None for size in original_sizes):
+        return None
+    default = sdxl_time_ids(noisy_latents, vae_scale_factor)
+    rows = [
+        row if size is None else torch.tensor([*size, *SDXL_CROP_TOP_LEFT, *row[4:].tolist()], dtype=torch.float32)
+        for row, size in zip(default, original_sizes)
+    ]
+    return torch.stack(rows)
+
+
 def predict(
     model: Any,
     parts: Any,
@@ -194,11 +211,13 @@ def predict(
     timesteps: torch.Tensor,
     device: torch.device,
     tokenizer: Any = None,
+    time_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The UNet's prediction for noisy latents captioned with ``captions``.
 
     ``model`` is the (possibly DDP-wrapped) :class:`TrainableTextEncoders`; a plain callable from
-    input ids to hidden states also works, with ``tokenizer`` (for stand-ins in tests).
+    input ids to hidden states also works, with ``tokenizer`` (for stand-ins in tests). ``time_ids``
+    ([batch, 6], SDXL only) replaces the default of :func:`sdxl_time_ids`.
     """
     encoders = getattr(parts, "text_encoders", None)
     pairs = [(part.tokenizer, part.text_encoder) for part in encoders] if encoders else [(tokenizer, None)]
@@ -217,7 +236,9 @@ def predict(
     if conditioning.pooled is not None:
         unet_inputs["added_cond_kwargs"] = {
             "text_embeds": conditioning.pooled.to(unet_dtype),
-            "time_ids": sdxl_time_ids(noisy_latents, parts.vae_scale_factor).to(device, unet_dtype),
+            "time_ids": (time_ids if time_ids is not None else sdxl_time_ids(noisy_latents, parts.vae_scale_factor)).to(
+                device, unet_dtype
+            ),
         }
     return unet(
         noisy_latents.to(device, unet_dtype),

@@ -1,21 +1,29 @@
-"""The parts the recipe sets up before its first step: latents, starting vectors, optimizer, schedule."""
+"""The parts the recipe sets up before its first step: image data, latents, the example stream, starting
+vectors, optimizer, schedule."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from textinv.config import TrainConfig, UserError
-from textinv.data.images import load_views
+from textinv.data.buckets import assign_buckets
+from textinv.data.captions import Captioner, TagRules, build_captioner
+from textinv.data.examples import ExampleStream
+from textinv.data.images import load_sized_views, upright_size
 from textinv.data.latents import LatentsEachStep, LazyLatentCache
+from textinv.data.masks import LossWeights, latent_weights, load_masks
 from textinv.embeddings import read_embeddings
 from textinv.models.loading import ModelParts
+from textinv.models.tokens import expand_placeholder
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +38,86 @@ def processes_share_cpu() -> bool:
     return launched_processes > 1 and not torch.cuda.is_available()
 
 
-def load_latents(config: TrainConfig, parts: ModelParts, image_paths: Sequence[Path], device: torch.device) -> Any:
-    """The latent cache, each view encoded when first drawn (or, with ``--no_cache_latents``, a source
-    that encodes every step)."""
-    views = load_views(
-        image_paths,
-        config.image_height,
-        config.image_width,
-        config.center_crop,
-        config.interpolation,
-        config.dataloader_num_workers,
+@dataclass
+class ImageData:
+    """What the images give training besides their pixels (issue 17): captions, view sizes, buckets, masks."""
+
+    captioner: Captioner
+    sizes: list[tuple[int, int]]  # each view's (height, width)
+    bucket_of: Optional[list[int]] = None  # each image's bucket index, with --enable_bucket
+    original_sizes: Optional[list[tuple[int, int]]] = None  # each image's (height, width), with --enable_bucket
+    masks: Optional[list[Any]] = None  # greyscale mask images, with --alpha_mask / --mask_dir
+    weights: Optional[LossWeights] = None  # the masks at latent size, once the VAE's factor is known
+
+    def record(self) -> dict[str, Any]:
+        """For run.json and the run identity: the caption source, the buckets, the masks' digest."""
+        shown: dict[str, Any] = {"captions": self.captioner.record()}
+        if self.bucket_of is not None:
+            shown["image_buckets"] = [f"{w}x{h}" for h, w in self.sizes]
+        if self.masks is not None and any(mask is not None for mask in self.masks):
+            digest = hashlib.sha256()
+            for mask in self.masks:
+                digest.update(b"-" if mask is None else mask.tobytes())
+            shown["masks_sha256"] = digest.hexdigest()
+        return shown
+
+
+def image_data(config: TrainConfig, image_paths: Sequence[Path]) -> ImageData:
+    """Each image's captions, view size (its bucket with --enable_bucket, else the training size) and mask,
+    read and checked before any model loads."""
+    rules = TagRules(
+        config.shuffle_caption, config.keep_tokens, config.caption_tag_dropout_rate, config.caption_dropout_rate
     )
+    placeholder_text = expand_placeholder(config.placeholder_token, config.placeholder_token, config.num_vectors)
+    captioner = build_captioner(
+        image_paths, placeholder_text, config.placeholder_token, config.caption_extension, config.template_file, rules
+    )
+    masks = load_masks(image_paths, config.mask_dir, config.alpha_mask)
+    if not config.enable_bucket:
+        sizes = [(config.image_height, config.image_width)] * len(image_paths)
+        return ImageData(captioner, sizes, masks=masks)
+    originals = [upright_size(path) for path in image_paths]
+    area = config.image_height * config.image_width
+    sizes = assign_buckets(originals, area, config.min_bucket_reso, config.max_bucket_reso, config.bucket_reso_steps)
+    distinct = sorted(set(sizes))
+    logger.info("buckets: %s", ", ".join(f"{w}x{h} ({sizes.count((h, w))} image(s))" for h, w in distinct))
+    return ImageData(captioner, sizes, [distinct.index(size) for size in sizes], originals, masks)
+
+
+def load_latents(
+    config: TrainConfig, parts: ModelParts, image_paths: Sequence[Path], device: torch.device, data: ImageData
+) -> Any:
+    """The latent cache, each view encoded when first drawn (or, with ``--no_cache_latents``, a source
+    that encodes every step); also the masks' latent-size weights (``data.weights``)."""
+    # Buckets resize whole images (no crop); otherwise masks are cropped as their images are.
+    crop = config.center_crop and not config.enable_bucket
+    views = load_sized_views(image_paths, data.sizes, crop, config.interpolation, config.dataloader_num_workers)
+    if data.masks is not None:
+        data.weights = latent_weights(data.masks, data.sizes, crop, config.interpolation, parts.vae_scale_factor)
     parts.vae.to(device)
+    deterministic = config.latent_sampling == "deterministic"
     if config.cache_latents:
-        return LazyLatentCache(parts.vae, views, config.random_flip)  # lets the VAE go once full
-    return LatentsEachStep(parts.vae, views, config.random_flip)  # keeps the VAE
+        return LazyLatentCache(parts.vae, views, config.random_flip, deterministic)  # lets the VAE go once full
+    return LatentsEachStep(parts.vae, views, config.random_flip, deterministic)  # keeps the VAE
+
+
+def example_stream(
+    config: TrainConfig, latents: Any, templates: Sequence[str], data: Optional[ImageData], seed: int
+) -> ExampleStream:
+    """The run's example stream: which view, flip, caption (caption files, template file, tag rules) and bucket."""
+    placeholder_text = expand_placeholder(config.placeholder_token, config.placeholder_token, config.num_vectors)
+    return ExampleStream(
+        num_images=latents.num_images,
+        repeats=config.repeats,
+        templates=templates,
+        placeholder_text=placeholder_text,
+        random_flip=config.random_flip and latents.num_flips > 1,
+        seed=seed,
+        captioner=data.captioner.using_templates(templates) if data is not None else None,
+        bucket_of=data.bucket_of if data is not None else None,
+        batch_size=config.train_batch_size,
+        original_sizes=data.original_sizes if data is not None else None,
+    )
 
 
 # What a step costs on a CPU, per example and UNet parameter: fitted to an SD 1.5-sized UNet (860M parameters)

@@ -29,7 +29,7 @@ import torch
 from textinv.config import TrainConfig
 from textinv.embeddings import Embedding, save_diffusers
 from textinv.events import BEST_EMBEDDING_FILE, RunContext
-from textinv.models.conditioning import predict
+from textinv.models.conditioning import bucket_time_ids, predict
 from textinv.training.export import write_embedding
 from textinv.training.loss import loss_target
 
@@ -44,9 +44,13 @@ class HeldOutSet:
     """The fixed triples: noisy latents, what the UNet should predict there, the timesteps and captions."""
 
     captions: list[str]
-    noisy: torch.Tensor  # [n, C, h, w]
-    target: torch.Tensor  # [n, C, h, w]
+    noisy: Any  # [n, C, h, w]; with aspect-ratio buckets a list of [C, h, w] of their buckets' sizes
+    target: Any  # as noisy
     timesteps: torch.Tensor  # [n], one in each of n equal strata of [0, num_train_timesteps)
+    weights: Optional[list[Optional[torch.Tensor]]] = (
+        None  # per triple [1, h, w] mask weights (--alpha_mask, --mask_dir)
+    )
+    original_sizes: Optional[list[Optional[tuple[int, int]]]] = None  # with buckets: SDXL's time ids
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -60,26 +64,64 @@ def build_held_out(
     seed: int,
     count: int,
     random_flip: bool,
+    captioner: Any = None,
+    weights: Any = None,
+    original_sizes: Optional[Sequence[tuple[int, int]]] = None,
 ) -> HeldOutSet:
     """Draw ``count`` triples from ``seed``: views in turn (each image, then its mirror), a template
     each, a latent sample and noise each, and timesteps stratified over the range in a shuffled order.
+    With a ``captioner`` (textinv.data.captions) each caption is the image's, as written (no tag shuffling
+    or dropout); with ``weights`` (textinv.data.masks.LossWeights) each triple is weighted by its mask.
     """
     num_timesteps = int(scheduler.config.num_train_timesteps)
     strata = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, HELD_OUT_STREAM]))).permutation(count)
     flips = 2 if random_flip and latents.num_flips > 1 else 1
-    captions, clean, noises, timesteps = [], [], [], []
+    captions, clean, noises, timesteps, masks = [], [], [], [], []
     for index in range(count):
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, HELD_OUT_STREAM, index])))
         image_index, flip = index % latents.num_images, (index // latents.num_images) % flips == 1
-        captions.append(templates[int(rng.integers(len(templates)))].format(placeholder_text))
+        template_index = int(rng.integers(len(templates)))
+        if captioner is not None:
+            captions.append(captioner.caption(image_index, template_index))
+        else:
+            captions.append(templates[template_index].format(placeholder_text))
+        if weights is not None:
+            masks.append(weights.for_example(image_index, flip))
         timesteps.append(min(num_timesteps - 1, int((strata[index] + rng.random()) * num_timesteps / count)))
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         latent = latents.sample(image_index, flip, generator).float()
         clean.append(latent)
         noises.append(torch.randn(latent.shape, generator=generator))
-    latent_t, noise_t, timestep_t = torch.stack(clean), torch.stack(noises), torch.tensor(timesteps, dtype=torch.long)
-    noisy = scheduler.add_noise(latent_t, noise_t, timestep_t)
-    return HeldOutSet(captions, noisy, loss_target(scheduler, latent_t, noise_t, timestep_t).float(), timestep_t)
+    timestep_t = torch.tensor(timesteps, dtype=torch.long)
+    sizes = [original_sizes[i % latents.num_images] for i in range(count)] if original_sizes is not None else None
+    held_weights = masks if weights is not None else None
+    if len({latent.shape for latent in clean}) == 1:
+        latent_t, noise_t = torch.stack(clean), torch.stack(noises)
+        noisy = scheduler.add_noise(latent_t, noise_t, timestep_t)
+        target = loss_target(scheduler, latent_t, noise_t, timestep_t).float()
+        return HeldOutSet(captions, noisy, target, timestep_t, held_weights, sizes)
+    noisy_list, target_list = [], []  # buckets: each triple at its own size
+    for latent, noise, timestep in zip(clean, noises, timestep_t):
+        one = timestep.reshape(1)
+        noisy_list.append(scheduler.add_noise(latent[None], noise[None], one)[0])
+        target_list.append(loss_target(scheduler, latent[None], noise[None], one)[0].float())
+    return HeldOutSet(captions, noisy_list, target_list, timestep_t, held_weights, sizes)
+
+
+def _pick(values: Any, chunk: list[int]) -> torch.Tensor:
+    return values[chunk] if isinstance(values, torch.Tensor) else torch.stack([values[i] for i in chunk])
+
+
+def _same_shape_chunks(held: HeldOutSet, indices: list[int], batch_size: int) -> list[list[int]]:
+    """``indices`` in batches of ``batch_size``, each of one latent shape (one bucket), in order."""
+    if isinstance(held.noisy, torch.Tensor):
+        return [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    by_shape: dict[Any, list[int]] = {}
+    for index in indices:
+        by_shape.setdefault(tuple(held.noisy[index].shape), []).append(index)
+    return [
+        group[start : start + batch_size] for group in by_shape.values() for start in range(0, len(group), batch_size)
+    ]
 
 
 @torch.no_grad()
@@ -89,12 +131,20 @@ def held_out_sum(
     """The sum (float64) of the per-triple MSE over this process's share of the triples (every ``world``-th)."""
     mine = list(range(rank, len(held), world))
     total = 0.0
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        prediction = predict(
-            model, parts, [held.captions[i] for i in chunk], held.noisy[chunk], held.timesteps[chunk], device
-        )
-        errors = (prediction.float() - held.target[chunk].to(device)).pow(2).flatten(1).mean(1)
+    for chunk in _same_shape_chunks(held, mine, batch_size):
+        noisy = _pick(held.noisy, chunk)
+        sizes = [held.original_sizes[i] for i in chunk] if held.original_sizes else []
+        time_ids = bucket_time_ids(sizes, noisy, parts.vae_scale_factor) if any(sizes) else None
+        captions = [held.captions[i] for i in chunk]
+        prediction = predict(model, parts, captions, noisy, held.timesteps[chunk], device, time_ids=time_ids)
+        squared = (prediction.float() - _pick(held.target, chunk).to(device)).pow(2)
+        weights = [held.weights[i] for i in chunk] if held.weights is not None else []
+        if any(weight is not None for weight in weights):  # each triple's mask-weighted mean (0 when all masked)
+            ones = torch.ones((1, *squared.shape[-2:]))
+            weight = torch.stack([ones if w is None else w for w in weights]).to(device).expand_as(squared)
+            errors = (squared * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-12)
+        else:
+            errors = squared.flatten(1).mean(1)
         total += float(errors.double().sum())
     return total
 
@@ -137,7 +187,7 @@ class HeldOutEvaluation:
 
     @classmethod
     def for_run(
-        cls, config: TrainConfig, parts: Any, latents: Any, stream: Any, device: torch.device
+        cls, config: TrainConfig, parts: Any, latents: Any, stream: Any, device: torch.device, weights: Any = None
     ) -> Optional[HeldOutEvaluation]:
         """The evaluation ``config`` asks for (``--eval_steps`` > 0), or None."""
         if not config.eval_steps:
@@ -150,6 +200,9 @@ class HeldOutEvaluation:
             stream.seed,
             config.eval_samples,
             stream.random_flip,
+            stream.captioner,
+            weights,
+            stream.original_sizes,
         )
         return cls(config, held, device)
 

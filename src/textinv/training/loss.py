@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from textinv.config import TrainConfig, UserError
 from textinv.data.examples import Example
 from textinv.data.latents import LatentCache
-from textinv.models.conditioning import predict
+from textinv.data.masks import LossWeights
+from textinv.models.conditioning import bucket_time_ids, predict
 from textinv.models.loading import ModelParts
 
 
@@ -115,12 +116,15 @@ def denoising_loss(
     examples: Sequence[Example],
     device: torch.device,
     settings: LossSettings = LossSettings(),
+    weights: Optional[LossWeights] = None,
 ) -> torch.Tensor:
     """Mean-squared error of the UNet's prediction for a batch of examples (min-SNR weighted if asked).
 
     Each example's random draws (latent sample, noise, timestep, then the noise offset when
     ``settings.noise_offset`` is not 0) come from its own generator, in that order, so they depend
-    only on the example, not on batch layout or process count.
+    only on the example, not on batch layout or process count. With ``weights`` (masks), the error is
+    weighted per latent pixel and divided by the batch's weight sum (issue 17): all-ones weights give
+    the plain mean, and an example whose weights are all 0 adds exactly nothing, nor any gradient.
     """
     scheduler = parts.noise_scheduler
     steps = scheduler.config.num_train_timesteps
@@ -131,8 +135,32 @@ def denoising_loss(
     noisy = scheduler.add_noise(latents_t, noise_t, timesteps_t)
     target = loss_target(scheduler, latents_t, noise_t, timesteps_t)
     # Text conditioning and the UNet call, as the model family's pipeline does it (textinv.models.conditioning).
-    prediction = predict(model, parts, [example.caption for example in examples], noisy, timesteps_t, device, tokenizer)
+    sizes = [example.original_size for example in examples]  # with aspect-ratio buckets: SDXL's time ids
+    time_ids = bucket_time_ids(sizes, noisy, parts.vae_scale_factor) if any(sizes) else None
+    captions = [example.caption for example in examples]
+    prediction = predict(model, parts, captions, noisy, timesteps_t, device, tokenizer, time_ids)
+    per_pixel_weights = _batch_weights(weights, examples, noisy)
+    if per_pixel_weights is not None:
+        squared = F.mse_loss(prediction.float(), target.to(device).float(), reduction="none")
+        weight = per_pixel_weights.to(device).expand_as(squared)
+        per_example = (squared * weight).flatten(1).sum(1)
+        if settings.snr_gamma is not None:
+            per_example = per_example * min_snr_weights(scheduler, timesteps_t, settings.snr_gamma).to(device)
+        return per_example.sum() / weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
     if settings.snr_gamma is None:
         return F.mse_loss(prediction.float(), target.to(device).float())
     per_example = F.mse_loss(prediction.float(), target.to(device).float(), reduction="none").flatten(1).mean(1)
     return (per_example * min_snr_weights(scheduler, timesteps_t, settings.snr_gamma).to(device)).mean()
+
+
+def _batch_weights(
+    weights: Optional[LossWeights], examples: Sequence[Example], latents: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """``[batch, 1, h, w]`` loss weights of the examples' views, or None when none of them has a mask."""
+    if weights is None:
+        return None
+    each = [weights.for_example(example.image_index, example.flipped) for example in examples]
+    if all(weight is None for weight in each):
+        return None
+    ones = torch.ones((1, *latents.shape[-2:]))
+    return torch.stack([ones if weight is None else weight for weight in each])

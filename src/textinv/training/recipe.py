@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 
 from textinv.config import TrainConfig, TrainingInterrupted
-from textinv.data.examples import ExampleStream
 from textinv.data.images import discover_images
 from textinv.data.latents import LatentCache
 from textinv.data.templates import choose_language, templates_for
@@ -30,7 +29,7 @@ from textinv.models import precision
 from textinv.models.conditioning import add_placeholder
 from textinv.models.loading import load_model_parts, resolve_model_dir
 from textinv.models.quiet import quiet_loading
-from textinv.models.tokens import check_words, expand_placeholder
+from textinv.models.tokens import check_words
 from textinv.training import builders, checkpoints, run_dir
 from textinv.training.export import (
     check_embedding_formats,
@@ -126,6 +125,8 @@ class TrainingRecipe:
 
         # Cheap checks first: a missing image folder should not cost a model load.
         image_paths = discover_images(config.train_data_dir) if self.latent_cache is None else []
+        # Captions, buckets, masks: read and checked before the model loads too.
+        data = self.data = builders.image_data(config, image_paths) if self.latent_cache is None else None
         start_vectors = None
         if config.init_embeddings:
             start_vectors = builders.starting_vectors_by_encoder(
@@ -148,11 +149,12 @@ class TrainingRecipe:
         language = choose_language(config.language, config.pretrained_model_name_or_path, parts.family)
         identity = run_dir.run_identity(config, parts, image_paths, self.latent_cache)
         identity["language"] = language  # the templates change the examples, so a resume must keep them
+        identity["data"] = run_dir.data_identity(config, data)  # so do captions, buckets and masks
         previous_record = run_dir.check_resume_identity(output_dir, identity) if resume_dir else None
 
         # Latents: each view through the VAE once, when first drawn; the cache lets the VAE go once full.
         if self.latent_cache is None:
-            self.latent_cache = builders.load_latents(config, parts, image_paths, device)
+            self.latent_cache = builders.load_latents(config, parts, image_paths, device, data)  # type: ignore[arg-type]
         parts.vae = None
 
         # The placeholder token: the only trainable tensors, [n, dim] per text encoder.
@@ -172,14 +174,8 @@ class TrainingRecipe:
         if resume_dir is not None:
             resume_state, resume_rng = checkpoints.read_checkpoint(resume_dir, accelerator.process_index)
         seed = run_dir.choose_seed(config, previous_record, resume_state)
-        stream = ExampleStream(
-            num_images=self.latent_cache.num_images,
-            repeats=config.repeats,
-            templates=templates_for(config.learnable_property, language),
-            placeholder_text=expand_placeholder(config.placeholder_token, config.placeholder_token, config.num_vectors),
-            random_flip=config.random_flip and self.latent_cache.num_flips > 1,
-            seed=seed,
-        )
+        templates = templates_for(config.learnable_property, language)
+        stream = builders.example_stream(config, self.latent_cache, templates, data, seed)
         num_processes = accelerator.num_processes
         max_steps = builders.schedule_length(config, stream.epoch_length, num_processes)
         self.optimizer = builders.make_optimizer(config, trainable.parameters(), num_processes)
@@ -218,7 +214,7 @@ class TrainingRecipe:
         run.save_record()
         self.stop_reason = "max_train_steps"
         self.evaluation = HeldOutEvaluation.for_run(
-            config, parts, self.latent_cache, stream, device
+            config, parts, self.latent_cache, stream, device, data.weights if data is not None else None
         )  # None with --eval_steps 0
         if self.evaluation is not None:
             if resume_state is not None:
@@ -314,6 +310,7 @@ class TrainingRecipe:
                     examples,
                     self.device,
                     self.loss_settings,
+                    self.data.weights if self.data is not None else None,
                 )
                 scaled = loss / accumulation
                 accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)

@@ -40,9 +40,10 @@ IDENTITY_KEYS = (
     "learnable_property",
     "language",
     "noise_offset",  # issue 15: another noise, another run
+    "data",  # issue 17: captions, buckets, masks, latent sampling
 )
 # What a run.json written before a key existed meant by its absence.
-IDENTITY_DEFAULTS: dict[str, Any] = {"language": "en", "noise_offset": 0.0}
+IDENTITY_DEFAULTS: dict[str, Any] = {"language": "en", "noise_offset": 0.0, "data": None}
 
 
 def prepare_output_dir(config: TrainConfig, output_dir: Path, accelerator: Any) -> Optional[Path]:
@@ -97,6 +98,16 @@ def run_identity(
     return json.loads(json.dumps(identity))  # the form it takes in run.json (lists, not tuples)
 
 
+def data_identity(config: TrainConfig, data: Any) -> Optional[dict[str, Any]]:
+    """The data options in force and what they read (caption source and digest, buckets, masks' digest);
+    None when every data option is off, as in runs from before they existed."""
+    options = config.data_features()
+    if options is None:
+        return None
+    read = data.record() if data is not None else {}
+    return json.loads(json.dumps({"options": options, **read}))
+
+
 def check_resume_identity(output_dir: Path, identity: dict[str, Any]) -> dict[str, Any]:
     try:
         previous = json.loads((output_dir / RUN_FILE).read_text(encoding="utf-8"))
@@ -108,7 +119,13 @@ def check_resume_identity(output_dir: Path, identity: dict[str, Any]) -> dict[st
     for key in IDENTITY_KEYS:
         earlier = before.get(key, IDENTITY_DEFAULTS.get(key))
         if earlier != identity[key]:
-            shown = "the training images differ" if key == "images" else f"{key} was {earlier!r}, now {identity[key]!r}"
+            shown = (
+                "the training images differ"
+                if key == "images"
+                else "the data options or what they read (captions, buckets, masks) differ"
+                if key == "data"
+                else f"{key} was {earlier!r}, now {identity[key]!r}"
+            )
             raise UserError(
                 f"cannot resume: {shown}; this is another run. Use the original settings, "
                 "or start fresh in a new --output_dir"

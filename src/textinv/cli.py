@@ -41,6 +41,7 @@ class _Parser(argparse.ArgumentParser):
 # --- commands ------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    config.extra["default_embedding_formats"] = args.default_embedding_formats
     config.validate()  # before importing torch: a typo costs no start-up time
     _check_before_torch(config)
 
@@ -333,7 +334,10 @@ def main(
     try:
         parser = build_parser(train_defaults)
         parser.prog = prog
-        args, unknown = parser.parse_known_args(normalise_flags(sys.argv[1:] if argv is None else argv))
+        given = normalise_flags(sys.argv[1:] if argv is None else argv)
+        args, unknown = parser.parse_known_args(given)
+        # The formats an entry point writes unasked may be left out where a model cannot have them (SDXL: pdparams).
+        args.default_embedding_formats = not any(arg.split("=")[0] == "--embedding_formats" for arg in given)
         if unknown:
             where = prog if prog != "textinv" else f"{prog} {args.command}"
             raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{where} --help`)")

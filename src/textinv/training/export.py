@@ -10,6 +10,7 @@ encoder(s), which now hold the new token; it loads in diffusers and in ppdiffuse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -44,6 +45,25 @@ def embedding_of(config: TrainConfig, trainable: Any, step: int) -> Embedding:
 def embedding_file_name(format: str, step: Optional[int] = None) -> str:
     """``learned_embeds.<suffix>``, or the snapshot ``learned_embeds-steps-N.<suffix>`` of step N."""
     return f"{EMBEDDING_STEM}{'' if step is None else f'-steps-{step}'}{FORMAT_SUFFIXES[format]}"
+
+
+def formats_for_model(config: TrainConfig, parts: ModelParts) -> TrainConfig:
+    """``config`` with the embedding formats this model can have: formats an entry point chose by default
+    (the root script's pdparams) that cannot hold two encoders' vectors are left out for SDXL, with a
+    log line; formats the user named are checked (:func:`check_embedding_formats`)."""
+    formats = config.embedding_formats
+    if config.extra.get("default_embedding_formats") and len(parts.text_encoders) > 1:
+        kept = [name for name in formats if name == "diffusers"]
+        if kept != formats:
+            logger.info(
+                "writing diffusers' learned_embeds.safetensors only: %s holds one text encoder's vectors, and this "
+                "%s model has two",
+                " ".join(name for name in formats if name != "diffusers"),
+                parts.family,
+            )
+            return dataclasses.replace(config, embedding_formats=kept)
+    check_embedding_formats(formats, parts)
+    return config
 
 
 def check_embedding_formats(formats: Sequence[str], parts: ModelParts) -> None:

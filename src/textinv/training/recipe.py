@@ -32,9 +32,9 @@ from textinv.models.quiet import quiet_loading
 from textinv.models.tokens import check_words
 from textinv.training import builders, checkpoints, run_dir
 from textinv.training.export import (
-    check_embedding_formats,
     embedding_file_name,
     embedding_of,
+    formats_for_model,
     save_embedding_files,
     save_pipeline,
     write_embedding_files,
@@ -145,7 +145,7 @@ class TrainingRecipe:
         parts = self.parts = load_model_parts(
             str(model_dir), config.revision, config.tokenizer_name, check_tokenizer, dtype, device
         )
-        check_embedding_formats(config.embedding_formats, parts)
+        config = self.config = formats_for_model(config, parts)  # the root script's pdparams: not for SDXL
         language = choose_language(config.language, config.pretrained_model_name_or_path, parts.family)
         identity = run_dir.run_identity(config, parts, image_paths, self.latent_cache)
         identity["language"] = language  # the templates change the examples, so a resume must keep them

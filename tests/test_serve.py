@@ -6,7 +6,10 @@ here the same objects are called directly, training for real on the tiny pipelin
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +22,10 @@ from PIL import Image
 
 from conftest import REPO
 from textinv.config import UserError
+from textinv.data.captions import image_captions
 from textinv.embeddings import read_embeddings
+from textinv.events import RUN_FILE
+from textinv.serve.captions import gather_captions, split_uploads, write_captions
 from textinv.serve.checks import check_host, check_model_folder
 from textinv.serve.errors import render_error
 from textinv.serve.jobs import TrainRequest
@@ -124,6 +130,108 @@ def test_an_uploaded_embedding_file_is_read_before_it_is_kept(tmp_path: Path) ->
     # The person's name for the file, not the server's copy; and the copy is gone.
     assert "'cat.pt' is an HTML page" in str(caught.value) and str(folder) not in str(caught.value)
     assert list(folder.iterdir()) == []
+
+
+# --- captions ---------------------------------------------------------------------------------------
+def text_file(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return path
+
+
+def test_captions_from_files_and_the_box_are_stored_beside_their_images_and_train(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    images = demo_uploads()[:3]  # 00.jpg, 01.jpg, 02.jpg
+    files = [
+        (str(text_file(tmp_path / "a", "\ufeff{} on a red sofa\n")), "00.txt"),  # a BOM, as Notepad writes
+        (str(text_file(tmp_path / "b", "blurry, from a file")), "01.caption"),
+    ]
+    box = "\n01.jpg: in the garden\n"  # over 01.caption; 02.jpg has no caption at all
+    state = ServerState(tmp_path / "work", default_model=tiny_model)
+    request = TrainRequest(
+        images=[files[0], *images, files[1]],  # caption files anywhere in the upload
+        captions=box,
+        placeholder_token="<cat-toy>",
+        initializer_token="toy",
+        max_train_steps=2,
+        validation_prompt="",
+    )
+    job = state.start(request)
+    assert job.join(300) and state.snapshot().status == "done", state.snapshot().message
+    folder = Path(job.config.train_data_dir)
+    assert sorted(p.name for p in folder.iterdir()) == ["00-00.jpg", "00-00.txt", "01-01.jpg", "01-01.txt", "02-02.jpg"]
+    assert job.num_images == 3 and job.num_captions == 2
+    assert job.config.caption_extension == ".txt"
+    # What training reads back from the stored files, and what it recorded using.
+    stored = sorted(folder.glob("*.jpg"))
+    assert image_captions(stored, ".txt") == ["{} on a red sofa", "in the garden", None]
+    recorded = json.loads((job.output_dir / RUN_FILE).read_text(encoding="utf-8"))["identity"]["data"]["captions"]
+    assert recorded["source"] == ".txt caption files" and recorded["images_with_caption"] == 2
+
+    # Only empty captions (an empty file, an emptied box line): no caption, so the config of a plain upload.
+    empty = (str(text_file(tmp_path / "c", " \n")), "00.txt")
+    plain = state.start(dataclasses.replace(request, images=[empty, *images], captions="01:  "))
+    assert plain.join(300) and state.snapshot().status == "done", state.snapshot().message
+    assert plain.config.caption_extension is None and plain.num_captions == 0
+    assert not list(Path(plain.config.train_data_dir).glob("*.txt"))
+    same_folders = {"train_data_dir": plain.config.train_data_dir, "output_dir": plain.config.output_dir}
+    assert dataclasses.replace(job.config, caption_extension=None, **same_folders) == plain.config
+
+
+@pytest.mark.parametrize(
+    ("files", "box", "error"),
+    [
+        ([(b"caf\xe9 au lait", "00.txt")], "", r"^caption file '00.txt' is not UTF-8 text \(invalid .* at byte 3\)"),
+        ([(b"a dog", "dog.txt")], "", r"^caption file 'dog.txt' matches no uploaded image"),
+        ([(b"x" * 4097, "00.caption")], "", r"^caption file '00.caption' is 4097 bytes; the limit is 4096 bytes$"),
+        (
+            [(b"a cat", "00.caption"), (b"a toy", "00.txt")],
+            "",
+            r"^two caption files for '00.jpg': '00.caption' and '00.txt'; keep one$",
+        ),
+        ([], "02.jpg: a toy\ndog.png: a dog", r"^captions box line 2: 'dog.png' is not an uploaded image"),
+        ([], "a toy on a sofa", r"^captions box line 1 'a toy on a sofa' names no image; write one line per"),
+        ([], "00: a\n00.jpg: b", r"^captions box lines 1 and 2 both caption '00.jpg'$"),
+    ],
+)
+def test_a_bad_caption_is_refused_in_one_line_and_nothing_is_kept(
+    tmp_path: Path, tiny_model: Path, files: list[tuple[bytes, str]], box: str, error: str
+) -> None:
+    uploads = demo_uploads()[:3]
+    uploads += [(str(text_file(tmp_path / f"upload-{i}", data)), name) for i, (data, name) in enumerate(files)]
+    state = ServerState(tmp_path / "work", default_model=tiny_model)
+    with pytest.raises(UserError) as caught:
+        state.start(TrainRequest(images=uploads, captions=box, placeholder_token="<t>", initializer_token="toy"))
+    shown = render_error(caught.value)
+    assert re.search(error, str(caught.value)), shown
+    assert shown == "error: " + str(caught.value) and "\n" not in shown  # one line, as the page shows it
+    assert state.snapshot() is None and not (state.work_dir / "jobs").exists()  # refused before anything is kept
+
+
+def test_path_like_caption_file_names_stay_inside_the_image_folder(tmp_path: Path) -> None:
+    png = png_file(tmp_path / "upload-1")
+    text = text_file(tmp_path / "upload-2", "a red square")
+    uploads = [
+        (str(png), "../../etc/passwd.png"),
+        (str(text), "../../etc/passwd.txt"),
+        (str(png), "C:\\Users\\me\\my photo.png"),
+        (str(text), "C:\\Users\\..\\..\\my photo.CAPTION"),
+    ]
+    images, captions = split_uploads(uploads)
+    assert [name for _, name in images] == ["../../etc/passwd.png", "C:\\Users\\me\\my photo.png"]
+    found = gather_captions(captions, "", [name for _, name in images])
+    assert found == {0: "a red square", 1: "a red square"}
+    folder = tmp_path / "server" / "images"
+    written = write_captions(store_images(images, folder), found)
+    assert [p.name for p in written] == ["00-passwd.txt", "01-my-photo.txt"]
+    assert all(p.parent == folder.resolve() and p.read_text(encoding="utf-8") == "a red square\n" for p in written)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "00-passwd.png",
+        "00-passwd.txt",
+        "01-my-photo.png",
+        "01-my-photo.txt",
+    ]
+    assert not (tmp_path / "etc").exists() and not (tmp_path / "server" / "etc").exists()
 
 
 # --- host, model folder, errors ------------------------------------------------------------------------

@@ -137,6 +137,8 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
     shots = tmp_path / "screenshots"
     shots.mkdir()
     images = sorted(str(p) for p in demo_images_dir().glob("*.jpg"))
+    caption_file = tmp_path / "00.txt"  # uploaded with the images: 00.jpg's caption
+    caption_file.write_text("a red cartoon, smiling\n", encoding="utf-8")
 
     with running_server(tmp_path) as server, sync_playwright() as playwright:
         url, work = server.url, server.work
@@ -152,7 +154,7 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
             expect(text_field(page, "train-message")).to_have_value("error: no training is running")
 
             # --- the form ---------------------------------------------------------------------------
-            page.locator("#train-images input[type=file]").set_input_files(images)
+            page.locator("#train-images input[type=file]").set_input_files([*images, str(caption_file)])
             # One row per uploaded file once Gradio has them (its cells split the name, so match rows).
             for image in images:
                 expect(
@@ -161,6 +163,7 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
             text_field(page, "placeholder-token").fill("<red-cartoon>")
             text_field(page, "initializer-token").fill("cartoon")
             text_field(page, "steps").fill("20")
+            text_field(page, "captions").fill("01.jpg: {} waving")
             page.get_by_text("Validation images and seed").click()
             text_field(page, "validation-steps").fill("5")
             expect(text_field(page, "validation-prompt")).to_have_value("a photo of {token}")
@@ -169,8 +172,10 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
             # --- training: step, loss, ETA, the grid growing ------------------------------------------
             page.locator("#start").click()
             expect(text_field(page, "train-message")).to_have_value(
-                re.compile(r"started job-001: 4 image\(s\), 20 steps")
+                re.compile(r"started job-001: 4 image\(s\) \(2 with a caption\), 20 steps")
             )
+            stored = sorted(p.name for p in work.glob("jobs/job-001-*/images/*.txt"))
+            assert stored == ["00-00.txt", "01-01.txt"], stored
             progress = text_field(page, "train-progress")
             heights: list[int] = []
             running_shot = False

@@ -29,7 +29,8 @@ ACTIVE = ("starting", "running", "stopping")
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """What the training form sends; ``images`` are (file the web framework stored, name the browser gave)."""
+    """What the training form sends; ``images`` are (file the web framework stored, name the browser gave),
+    caption files (.txt, .caption) among them; ``captions`` is the captions box (textinv.serve.captions)."""
 
     images: Sequence[tuple[str, str]]
     placeholder_token: str
@@ -43,6 +44,7 @@ class TrainRequest:
     num_validation_images: int = 2
     validation_num_inference_steps: int = 25
     seed: int = 0
+    captions: str = ""  # one 'file name: caption' line per image; empty: caption files only, if any
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,11 @@ class JobSnapshot:
 class TrainingJob:
     """One training run (and its resumes), executed by :func:`textinv.training.train` in a thread."""
 
-    def __init__(self, job_id: str, config: TrainConfig, folder: Path) -> None:
+    def __init__(self, job_id: str, config: TrainConfig, folder: Path, images: int = 0, captions: int = 0) -> None:
         self.job_id = job_id
         self.config = config
         self.folder = folder
+        self.num_images, self.num_captions = images, captions  # what was uploaded, for the page's message
         self.output_dir = Path(config.output_dir)
         self._lock = threading.Lock()  # the training thread writes, page requests read
         self.status = "starting"

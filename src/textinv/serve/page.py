@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+from textinv.serve.captions import CAPTION_SUFFIXES
 from textinv.serve.errors import render_error
 from textinv.serve.jobs import TrainRequest
 from textinv.serve.state import EXPORT_FORMATS, GenerateRequest, LoadedEmbedding, ServerState
@@ -37,8 +38,8 @@ def build_app(state: ServerState) -> Any:
     import gradio as gr
     import pandas as pd
 
-    def start(files: Any, prop: str, placeholder: str, initializer: str, model: str, steps: Any, lr: Any,
-              vprompt: str, vsteps: Any, vsampling: Any, seed: Any) -> str:  # fmt: skip
+    def start(files: Any, captions: str, prop: str, placeholder: str, initializer: str, model: str, steps: Any,
+              lr: Any, vprompt: str, vsteps: Any, vsampling: Any, seed: Any) -> str:  # fmt: skip
         def action() -> tuple[Any, ...]:
             request = TrainRequest(
                 images=_uploads(files),
@@ -52,9 +53,11 @@ def build_app(state: ServerState) -> Any:
                 validation_steps=int(vsteps or 0),
                 validation_num_inference_steps=int(vsampling or 25),
                 seed=int(seed or 0),
+                captions=captions or "",
             )
             job = state.start(request)
-            return (f"started {job.job_id}: {len(request.images)} image(s), {request.max_train_steps} steps",)
+            captioned = f" ({job.num_captions} with a caption)" if job.num_captions else ""
+            return (f"started {job.job_id}: {job.num_images} image(s){captioned}, {request.max_train_steps} steps",)
 
         return _guard(action, 1)[0]  # one output: Gradio takes the value itself, not a tuple
 
@@ -132,11 +135,21 @@ def build_app(state: ServerState) -> Any:
         with gr.Row():
             with gr.Column():
                 files = gr.File(
-                    label="Training images (3-5; PNG, JPEG, WebP or BMP)",
+                    label="Training images (3-5; PNG, JPEG, WebP or BMP) and their caption files (optional)",
                     file_count="multiple",
-                    file_types=["image"],
+                    file_types=["image", *CAPTION_SUFFIXES],
                     type="filepath",
                     elem_id="train-images",
+                )
+                captions = gr.Textbox(
+                    label="Captions (optional)",
+                    placeholder="cat1.png: a toy on a red sofa\ncat2: {} in the garden",
+                    info="one line per image, 'file name: caption' (with or without the extension); wins over a "
+                    "caption file of the same name (cat1.txt or cat1.caption, uploaded above); [name] or {} marks "
+                    "where the token goes, else the caption follows 'a photo of a <token>, ...'",
+                    lines=3,
+                    max_length=state.limits.max_images * (state.limits.max_caption_bytes + 100),
+                    elem_id="captions",
                 )
                 prop = gr.Radio(
                     ["object", "style"], value="object", label="What it learns", elem_id="learnable-property"
@@ -241,7 +254,7 @@ def build_app(state: ServerState) -> Any:
         seen = gr.State({})  # what this tab already shows (plot, grid)
         timer = gr.Timer(0.5)  # progress, loss and grid refresh twice a second
 
-        form = [files, prop, placeholder, initializer, model, steps, lr, vprompt, vsteps, vsampling, seed]
+        form = [files, captions, prop, placeholder, initializer, model, steps, lr, vprompt, vsteps, vsampling, seed]
         start_button.click(start, form, [train_message])
         stop_button.click(stop, None, [train_message])
         resume_button.click(resume, None, [train_message])

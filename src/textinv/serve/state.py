@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from textinv.config import TrainConfig, UserError
+from textinv.serve.captions import STORED_SUFFIX, gather_captions, split_uploads, write_captions
 from textinv.serve.checks import check_model_folder
 from textinv.serve.jobs import JobSnapshot, TrainingJob, TrainRequest
 from textinv.serve.uploads import UploadLimits, safe_stem, store_embedding_file, store_images
@@ -167,7 +168,8 @@ class ServerState:
             )
 
     def start(self, request: TrainRequest) -> TrainingJob:
-        """Check the form, store the images, and start training in a thread (refused while a job runs)."""
+        """Check the form, store the images and their captions, and start training in a thread (refused while
+        a job runs)."""
         self._refuse_if_busy()  # before any work: the common case of a second click
         placeholder = request.placeholder_token.strip()
         initializer = request.initializer_token.strip()
@@ -183,13 +185,16 @@ class ServerState:
         model_dir = self.resolve_model(request.model)
         job_id = f"job-{next(self._names):03d}"
         folder = self.work_dir / "jobs" / f"{job_id}-{secrets.token_hex(3)}"  # random part: never reuse an old folder
+        uploads, caption_files = split_uploads(request.images)
+        captions = gather_captions(caption_files, request.captions, [name for _, name in uploads], self.limits)
         try:
-            images = store_images(request.images, folder / "images", self.limits)
-            config = self._train_config(request, placeholder, initializer, steps, model_dir, folder)
+            images = store_images(uploads, folder / "images", self.limits)
+            write_captions(images, captions)
+            config = self._train_config(request, placeholder, initializer, steps, model_dir, folder, bool(captions))
             config.validate()
             with self._job_lock:
                 self._refuse_if_busy()  # again, atomically: two clicks may both have passed the first check
-                job = TrainingJob(job_id, config, folder)
+                job = TrainingJob(job_id, config, folder, len(images), len(captions))
                 self._job = job
                 self.release_pipeline()  # training needs the GPU memory the generation pipeline holds
                 job.launch()
@@ -197,9 +202,10 @@ class ServerState:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         logger.info(
-            "%s: %d image(s), %d steps at %d px on %s, into %s",
+            "%s: %d image(s) (%d with a caption), %d steps at %d px on %s, into %s",
             job_id,
             len(images),
+            len(captions),
             steps,
             config.resolution,
             model_dir,
@@ -208,7 +214,14 @@ class ServerState:
         return job
 
     def _train_config(
-        self, request: TrainRequest, placeholder: str, initializer: str, steps: int, model_dir: Path, folder: Path
+        self,
+        request: TrainRequest,
+        placeholder: str,
+        initializer: str,
+        steps: int,
+        model_dir: Path,
+        folder: Path,
+        captioned: bool = False,
     ) -> TrainConfig:
         prompt = request.validation_prompt.replace("{token}", placeholder).strip()
         every = int(request.validation_steps or 0) or max(1, steps // 5)
@@ -230,6 +243,8 @@ class ServerState:
             validation_steps=every if prompt else None,
             num_validation_images=int(request.num_validation_images),
             validation_num_inference_steps=int(request.validation_num_inference_steps),
+            # Captions are stored as NN-stem.txt beside the images; without any, TrainConfig's default (None).
+            caption_extension=STORED_SUFFIX if captioned else None,
         )
 
     def stop(self) -> JobSnapshot:

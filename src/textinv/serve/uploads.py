@@ -40,6 +40,7 @@ class UploadLimits:
     max_image_pixels: int = MAX_IMAGE_PIXELS
     min_image_side: int = MIN_IMAGE_SIDE
     max_embedding_bytes: int = MAX_FILE_BYTES  # what textinv reads from any embedding file
+    max_caption_bytes: int = 4096  # a caption file, or one line of the captions box (CLIP reads 77 tokens)
 
     @property
     def max_request_bytes(self) -> int:
@@ -68,7 +69,7 @@ def safe_stem(original_name: str, fallback: str = "file") -> str:
     return stem or fallback
 
 
-def _inside(folder: Path, name: str) -> Path:
+def inside_folder(folder: Path, name: str) -> Path:
     """``folder/name``, checked to stay inside ``folder`` (names are generated, so this is a last guard)."""
     target = (folder / name).resolve()
     if target.parent != folder.resolve():
@@ -76,21 +77,25 @@ def _inside(folder: Path, name: str) -> Path:
     return target
 
 
-def _read_limited(source: Path, limit: int, what: str, shown: str) -> bytes:
+def read_limited(
+    source: Path, limit: int, what: str, shown: str, unit: str = "MiB", allow_empty: bool = False
+) -> bytes:
     """The bytes of an uploaded file, refusing it past ``limit`` without reading more than that."""
+    scale = 2**20 if unit == "MiB" else 1
     try:
         size = source.stat().st_size
         if not source.is_file():
             raise UserError(f"{what} {shown!r} is not a file")
         if size > limit:
-            raise UserError(f"{what} {shown!r} is {size / 2**20:.1f} MiB; the limit is {limit / 2**20:.0f} MiB")
+            given = f"{size / scale:.1f}" if scale > 1 else str(size)
+            raise UserError(f"{what} {shown!r} is {given} {unit}; the limit is {limit / scale:.0f} {unit}")
         with open(source, "rb") as handle:
             data = handle.read(limit + 1)
     except OSError as error:
         raise UserError(f"could not read the uploaded {what} {shown!r}: {first_line(error)}") from None
     if len(data) > limit:  # it grew after stat(); still refuse
-        raise UserError(f"{what} {shown!r} is larger than the {limit / 2**20:.0f} MiB limit")
-    if not data:
+        raise UserError(f"{what} {shown!r} is larger than the {limit / scale:.0f} {unit} limit")
+    if not data and not allow_empty:
         raise UserError(f"{what} {shown!r} is empty (0 bytes)")
     return data
 
@@ -127,7 +132,7 @@ def store_images(
     checked: list[tuple[bytes, str, str, int, int]] = []
     for source, original_name in uploads:
         shown = Path(str(original_name)).name[:80] or "upload"
-        data = _read_limited(Path(source), limits.max_image_bytes, "image", shown)
+        data = read_limited(Path(source), limits.max_image_bytes, "image", shown)
         kind, width, height = check_image_bytes(data, shown, limits)
         checked.append((data, str(original_name), kind, width, height))
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +142,7 @@ def store_images(
     for index, (data, original_name, kind, width, height) in enumerate(checked):
         # Index first: names stay unique and keep the upload order (training reads them sorted).
         name = f"{index:02d}-{safe_stem(original_name, 'image')}{IMAGE_SUFFIXES[kind]}"
-        target = _inside(folder, name)
+        target = inside_folder(folder, name)
         target.write_bytes(data)  # the original bytes: EXIF orientation is applied when training reads them
         stored.append(StoredImage(target, original_name, width, height, kind))
     logger.info("stored %d uploaded image(s) in %s", len(stored), folder)
@@ -158,11 +163,11 @@ def store_embedding_file(
     from textinv.embeddings import read_embeddings
 
     shown = Path(str(original_name)).name[:80] or "upload"
-    data = _read_limited(Path(source), limits.max_embedding_bytes, "embedding file", shown)
+    data = read_limited(Path(source), limits.max_embedding_bytes, "embedding file", shown)
     suffix = Path(safe_stem_with_suffix(original_name)).suffix.lower()
     suffix = suffix if suffix in EMBEDDING_SUFFIXES else ".bin"
     folder.mkdir(parents=True, exist_ok=True)
-    target = _inside(folder, f"{name or safe_stem(original_name, 'embedding')}{suffix}")
+    target = inside_folder(folder, f"{name or safe_stem(original_name, 'embedding')}{suffix}")
     target.write_bytes(data)
     try:
         read_embeddings(target)

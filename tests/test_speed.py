@@ -148,3 +148,56 @@ def test_xformers_without_cuda_says_so_and_uses_sdpa(
     messages = [record.getMessage() for record in caplog.records if record.name == "textinv.models.precision"]
     assert len(messages) == 1 and "scaled-dot-product attention" in messages[0]
     assert same_vectors(vectors, baseline)
+
+
+def _saved_bytes_and_text_gradient(unet: Any, text_encoder: Any) -> tuple[int, torch.Tensor]:
+    """What a step's forward keeps for backward (bytes of activations, weights not counted), and the gradient
+    at the token embeddings."""
+    weights = {p.untyped_storage().data_ptr() for m in (unet, text_encoder) for p in m.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    leaf: list[torch.Tensor] = []  # the token embeddings, where the gradient stops
+
+    def token_embeddings(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        leaf.append(output.detach().requires_grad_(True))
+        return leaf[0]
+
+    hook = text_encoder.get_input_embeddings().register_forward_hook(token_embeddings)
+    latents = torch.randn(1, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        hidden = text_encoder(torch.arange(77).unsqueeze(0))[0]
+        prediction = unet(latents, torch.tensor([500]), hidden).sample
+    prediction.square().mean().backward()
+    hook.remove()
+    return sum(saved.values()), leaf[0].grad
+
+
+def test_frozen_layers_keep_less_for_backward_and_compute_the_same_bits(
+    tiny_model: Path, train_images: Path, tmp_path: Path, baseline: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Convolutions keep no input and GEGLU feed-forwards only their projection (precision.keep_less_for_backward):
+    less memory, the same gradient bit for bit, so the same vectors as training without it."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from textinv.models import precision
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model / "unet").requires_grad_(False).eval()
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model / "text_encoder").requires_grad_(False).eval()
+    plain_bytes, plain_gradient = _saved_bytes_and_text_gradient(unet, text_encoder)
+    changed = precision.keep_less_for_backward(unet)
+    assert changed["conv2d"] > 0 and changed["geglu"] > 0
+    lean_bytes, lean_gradient = _saved_bytes_and_text_gradient(unet, text_encoder)
+    assert lean_bytes < 0.9 * plain_bytes
+    assert torch.equal(lean_gradient, plain_gradient)
+
+    # Training with it (the default) and without it learns the same vectors.
+    monkeypatch.setattr(precision, "keep_less_for_backward", lambda module: {})
+    vectors, _ = _train(tiny_model, train_images, tmp_path / "out")
+    assert same_vectors(vectors, baseline)

@@ -86,10 +86,11 @@ def test_dependencies_point_one_way() -> None:
     graph = _graph()
     assert graph["textinv.events"] == set(), "events must import nothing of textinv"
     assert graph["textinv.errors"] == set(), "errors must import nothing of textinv"
-    assert graph["textinv.config"] <= {"textinv.errors", "textinv.data.options"}, (
-        "config imports nothing of textinv but its exceptions and the data options"
+    assert graph["textinv.fields"] == set(), "fields must import nothing of textinv"
+    assert graph["textinv.config"] <= {"textinv.errors", "textinv.fields", "textinv.data.options"}, (
+        "config imports nothing of textinv but its exceptions, option() and the data options"
     )
-    assert graph["textinv.data.options"] <= {"textinv.errors", "textinv.data.buckets"}
+    assert graph["textinv.data.options"] <= {"textinv.errors", "textinv.fields", "textinv.data.buckets"}
     importers_of_cli = sorted(name for name, deps in graph.items() if "textinv.cli" in deps)
     assert importers_of_cli == []
     training = {name for name in graph if name.startswith("textinv.training")}
@@ -99,7 +100,7 @@ def test_dependencies_point_one_way() -> None:
     assert not any(d.startswith("textinv.embeddings") for n in models for d in graph[n])
 
 
-@pytest.mark.parametrize("module", ["config.py", "data/options.py", "data/buckets.py"])
+@pytest.mark.parametrize("module", ["config.py", "fields.py", "data/options.py", "data/buckets.py"])
 def test_config_does_not_import_torch(module: str) -> None:
     # The CLI validates a config (data options included) before paying for torch's import.
     tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))

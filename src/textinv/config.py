@@ -24,6 +24,7 @@ from textinv.errors import (  # noqa: F401 (the exceptions' old home)
     first_line,
     require_text,
 )
+from textinv.fields import option  # noqa: F401 (re-exported: TrainConfig fields are declared with it)
 
 LEARNABLE_PROPERTIES = ("object", "style")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -45,25 +46,6 @@ LANGUAGES = ("en", "zh", "zh_en")  # caption template languages (issue 7); texti
 EMBEDDING_FORMATS = ("diffusers", "pdparams", "a1111")
 DEFAULT_VALIDATION_STEPS = 100
 _HUB_REPO_ID = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
-
-
-def option(
-    default: Any = dataclasses.MISSING,
-    *,
-    help: str,
-    choices: Optional[tuple[str, ...]] = None,
-    default_factory: Any = dataclasses.MISSING,
-    repr: bool = True,
-) -> Any:
-    """A TrainConfig field with its help text and choices: the one place an option is defined.
-
-    The CLI makes a flag of every such field (textinv.cli.add_train_arguments) and
-    :meth:`TrainConfig.validate` checks ``choices`` from here too.
-    """
-    metadata = {"help": help, "choices": choices}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, repr=repr, metadata=metadata)
-    return field(default=default, repr=repr, metadata=metadata)
 
 
 @dataclass

@@ -29,7 +29,7 @@ SCRIPT_DEFAULTS: dict[str, Any] = {"embedding_formats": ["diffusers", "pdparams"
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict[str, Any]] = None) -> None:
     """One flag per TrainConfig field, named as in ppdiffusers' train_textual_inversion.py; help text and
-    choices come from the field's metadata (textinv.config.option). ``defaults`` ({field: value}) are this
+    choices come from the field's metadata (textinv.fields.option). ``defaults`` ({field: value}) are this
     entry point's own defaults: they become the flags' defaults, so its --help and its config show them."""
     defaults = dict(defaults or {})
     hints = typing.get_type_hints(TrainConfig)

@@ -55,17 +55,30 @@ class TagRules:
         return self.shuffle or self.tag_dropout_rate > 0 or self.caption_dropout_rate > 0
 
 
-def read_caption_file(path: Path) -> str:
-    """One caption file's text: UTF-8 (a BOM allowed), lines joined by spaces, outer spaces stripped."""
+def caption_text(data: bytes, shown: str) -> str:
+    """A caption file's content as its caption: UTF-8 (a BOM allowed), lines joined by spaces, outer spaces
+    stripped. ``shown`` names the file in the error (the web page's uploads use it too)."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise UserError(
-            f"caption file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+            f"caption file {shown!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
         ) from None
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def read_caption_file(path: Path) -> str:
+    """One caption file's caption (:func:`caption_text`)."""
+    try:
+        data = path.read_bytes()
     except OSError as error:
         raise UserError(f"caption file {str(path)!r} cannot be read: {first_line(error)}") from None
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return caption_text(data, str(path))
+
+
+def _captions_beside(paths: Sequence[Path], extension: str) -> list[Optional[str]]:
+    """Each image's ``IMAGE<extension>`` caption, or None where there is none."""
+    return [read_caption_file(p.with_suffix(extension)) if p.with_suffix(extension).is_file() else None for p in paths]
 
 
 def filewords_from_name(path: Path) -> str:
@@ -77,10 +90,7 @@ def image_captions(paths: Sequence[Path], extension: Optional[str]) -> list[Opti
     """Each image's caption file text (``IMAGE<extension>`` beside it), or None where there is none."""
     if extension is None:
         return [None] * len(paths)
-    captions = []
-    for path in paths:
-        caption_path = path.with_suffix(extension)
-        captions.append(read_caption_file(caption_path) if caption_path.is_file() else None)
+    captions = _captions_beside(paths, extension)
     missing = [path.name for path, caption in zip(paths, captions) if caption is None]
     if len(missing) == len(paths):
         raise UserError(
@@ -216,10 +226,5 @@ def build_captioner(
 
 
 def _captions_or_names(image_paths: Sequence[Path], extension: Optional[str]) -> list[Optional[str]]:
-    found: list[Optional[str]] = [None] * len(image_paths)
-    if extension is not None:
-        found = [
-            read_caption_file(path.with_suffix(extension)) if path.with_suffix(extension).is_file() else None
-            for path in image_paths
-        ]
+    found = _captions_beside(image_paths, extension) if extension is not None else [None] * len(image_paths)
     return [caption if caption is not None else filewords_from_name(path) for path, caption in zip(image_paths, found)]

@@ -61,13 +61,10 @@ class ExampleStream:
         self.random_flip, self.seed = random_flip, seed
         self.bucket_of, self.batch_size = (list(bucket_of) if bucket_of is not None else None), batch_size
         self.original_sizes = list(original_sizes) if original_sizes is not None else None
-
-    @property
-    def epoch_length(self) -> int:
-        if self.bucket_of is None:
-            return self.num_images * self.repeats
-        per_bucket = np.bincount(self.bucket_of) * self.repeats
-        return int(sum(-(-count // self.batch_size) * self.batch_size for count in per_bucket if count))
+        self.epoch_length = num_images * repeats
+        if self.bucket_of is not None:  # each bucket's slots round up to whole batches
+            per_bucket = np.bincount(self.bucket_of) * repeats
+            self.epoch_length = int(sum(-(-count // batch_size) * batch_size for count in per_bucket if count))
 
     @lru_cache(maxsize=2)
     def _order(self, epoch: int) -> np.ndarray:
@@ -93,8 +90,13 @@ class ExampleStream:
         template_index = int(rng.integers(len(self.templates)))
         noise_seed = int(rng.integers(2**62))
         image_index = slot % self.num_images
-        # The caption's own draws (tag shuffle and dropout) use a stream of their own (the held-out set uses 2).
-        caption_rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 3, index])))
+        # The caption's own draws (tag shuffle and dropout), when it has any, use a stream of their own (the
+        # held-out set uses 2).
+        caption_rng = (
+            np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 3, index])))
+            if self.captioner.rules.active
+            else None
+        )
         return Example(
             index=index,
             image_index=image_index,

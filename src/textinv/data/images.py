@@ -32,7 +32,7 @@ _RESAMPLE = {
 }
 
 
-def _image_suffixes() -> set[str]:
+def image_suffixes() -> set[str]:
     return {suffix.lower() for suffix in Image.registered_extensions()}
 
 
@@ -46,7 +46,7 @@ def discover_images(train_data_dir: str | Path) -> list[Path]:
         raise UserError(f"--train_data_dir {str(folder)!r} does not exist; give the folder holding your 3-5 images")
     if not folder.is_dir():
         raise UserError(f"--train_data_dir {str(folder)!r} is a file; give the folder that holds the images")
-    suffixes = _image_suffixes()
+    suffixes = image_suffixes()
     entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     candidates = [p for p in entries if p.suffix.lower() in suffixes]
     if not candidates:
@@ -100,12 +100,22 @@ def check_image(
     return None
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) as RGB; transparency goes on white."""
+def open_upright(path: Path) -> Image.Image:
+    """An image, loaded, with its EXIF orientation applied."""
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
         image.load()
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    return image
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image upright (EXIF orientation applied) as RGB; transparency goes on white."""
+    image = open_upright(path)
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)

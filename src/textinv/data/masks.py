@@ -18,25 +18,12 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-from textinv.data.images import _image_suffixes, make_view, upright_size
+from textinv.data.images import has_alpha, image_suffixes, make_view, open_upright, upright_size
 from textinv.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-def _upright(path: Path) -> Image.Image:
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
-        image.load()
-    return image
-
-
-def _alpha_of(image: Image.Image) -> Optional[Image.Image]:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        return image.convert("RGBA").getchannel("A")
-    return None
 
 
 def mask_path(image_path: Path, mask_dir: Path) -> Optional[Path]:
@@ -44,7 +31,7 @@ def mask_path(image_path: Path, mask_dir: Path) -> Optional[Path]:
     same = mask_dir / image_path.name
     if same.is_file():
         return same
-    suffixes = _image_suffixes()
+    suffixes = image_suffixes()
     matches = sorted(p for p in mask_dir.glob(f"{image_path.stem}.*") if p.suffix.lower() in suffixes)
     return matches[0] if matches else None
 
@@ -56,7 +43,8 @@ def load_masks(image_paths: Sequence[Path], mask_dir: Optional[str], alpha_mask:
     masks: list[Optional[Image.Image]] = []
     if alpha_mask:
         for path in image_paths:
-            masks.append(_alpha_of(_upright(path)))
+            image = open_upright(path)
+            masks.append(image.convert("RGBA").getchannel("A") if has_alpha(image) else None)
         opaque = [path.name for path, mask in zip(image_paths, masks) if mask is None]
         if opaque:
             logger.warning(
@@ -73,7 +61,7 @@ def load_masks(image_paths: Sequence[Path], mask_dir: Optional[str], alpha_mask:
                 f"--mask_dir {mask_dir!r} has no mask for {path.name}; add {path.stem}.png (white = trained, black = ignored)"
             )
         try:
-            mask = _upright(found)
+            mask = open_upright(found)
         except (OSError, ValueError) as error:
             raise UserError(f"mask {str(found)!r} is not a readable image ({error}); replace it") from None
         image_height, image_width = upright_size(path)

@@ -11,18 +11,19 @@ order); like config.py it must not import torch. Flag names and defaults are koh
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from textinv.errors import UserError, check_at_least, first_line
+from textinv.fields import option
 
 LATENT_SAMPLINGS = ("random", "deterministic")
 NAME_MARK, FILEWORDS_MARK = "[name]", "[filewords]"  # A1111's template fields
 
 
 def _option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None) -> Any:
-    return field(default=default, kw_only=True, metadata={"help": help, "choices": choices})
+    return option(default, help=help, choices=choices, kw_only=True)  # keyword-only: TrainConfig's order stays
 
 
 @dataclass

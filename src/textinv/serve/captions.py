@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from textinv.config import UserError
+from textinv.data.captions import caption_text
+from textinv.files import atomic_write_text
 from textinv.serve.uploads import StoredImage, UploadLimits, inside_folder, read_limited, safe_stem_with_suffix
 
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -88,13 +90,7 @@ def caption_files(files: Sequence[Upload], image_names: Sequence[str], limits: U
     for (source, original_name), indexes in chosen:
         shown = _shown(original_name)
         data = read_limited(Path(source), limits.max_caption_bytes, "caption file", shown, "bytes", True)
-        try:
-            text = data.decode("utf-8-sig")  # a BOM allowed, as textinv.data.captions reads them
-        except UnicodeDecodeError as error:
-            raise UserError(
-                f"caption file {shown!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
-            ) from None
-        text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+        text = caption_text(data, shown)  # as training reads caption files
         for index in indexes:
             captions[index] = text
     return captions
@@ -144,6 +140,6 @@ def write_captions(stored: Sequence[StoredImage], captions: Mapping[int, str]) -
     for index, text in sorted(captions.items()):
         image = stored[index].path
         target = inside_folder(image.parent, image.with_suffix(STORED_SUFFIX).name)
-        target.write_text(text + "\n", encoding="utf-8")
+        atomic_write_text(target, text + "\n")
         written.append(target)
     return written

@@ -11,6 +11,7 @@ order); like config.py it must not import torch. Flag names and defaults are koh
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -109,13 +110,13 @@ class DataOptions:
                 )
             from textinv.data.buckets import bucket_sizes
 
-            if not bucket_sizes(
-                resolution_height * resolution_width, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps
-            ):
+            area = resolution_height * resolution_width
+            fitting = max(self.bucket_reso_steps, math.isqrt(area) // self.bucket_reso_steps * self.bucket_reso_steps)
+            if not bucket_sizes(area, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps):
                 raise UserError(
                     f"--min_bucket_reso {self.min_bucket_reso} .. --max_bucket_reso {self.max_bucket_reso} in steps of "
                     f"{self.bucket_reso_steps} holds no bucket of about {resolution_width}x{resolution_height} pixels; "
-                    f"widen the range (kohya's default: 256 .. 1024) or change --resolution"
+                    f"give --min_bucket_reso {fitting} or less (and --max_bucket_reso at least {fitting}), or a larger --resolution"
                 )
         if self.alpha_mask and self.mask_dir is not None:
             raise UserError("--alpha_mask and --mask_dir both give a mask; choose one")

@@ -83,7 +83,14 @@ class _TorchPickler(pickle.Pickler):
             storage = _Storage(obj, str(len(self.storages)), self.location)
             self.storages.append(storage)
             compact = storage.tensor
-            args = (storage, 0, tuple(compact.shape), compact.stride(), obj.requires_grad, OrderedDict())
+            args: tuple[Any, ...] = (
+                storage,
+                0,
+                tuple(compact.shape),
+                compact.stride(),
+                obj.requires_grad,
+                OrderedDict(),
+            )
             return torch._utils._rebuild_tensor_v2, args
         return NotImplemented
 

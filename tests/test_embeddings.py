@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,8 +21,9 @@ import fixtures_embeddings as lookalike
 import textinv
 from textinv.config import UserError
 from textinv.embeddings import (
+    CLIP_G,
+    CLIP_L,
     TEXT_ENCODER,
-    TEXT_ENCODER_2,
     Embedding,
     convert,
     describe,
@@ -51,11 +51,11 @@ REAL_FILES = {
     "Kaleidia_SDXL-Detail.safetensors": (
         "sdxl",
         "Kaleidia_SDXL-Detail",
-        {TEXT_ENCODER: (2, 768), TEXT_ENCODER_2: (2, 1280)},
+        {CLIP_L: (2, 768), CLIP_G: (2, 1280)},
         None,
     ),
 }
-SINGLE_ENCODER_FILES = [name for name, spec in REAL_FILES.items() if TEXT_ENCODER_2 not in spec[2]]
+SINGLE_ENCODER_FILES = [name for name, spec in REAL_FILES.items() if TEXT_ENCODER in spec[2]]
 # (suffix, format to ask for or None for "by suffix", the format the written file is detected as)
 SINGLE_ENCODER_TARGETS = [
     (".safetensors", None, "diffusers"),
@@ -178,8 +178,9 @@ def test_real_file_vectors_match_the_raw_file(embeddings: Path) -> None:
     assert torch.equal(_one(embeddings / "bad-hands-5.pt").vectors[TEXT_ENCODER], hands["string_to_param"]["*"])
     sdxl = load_file(str(embeddings / "Kaleidia_SDXL-Detail.safetensors"))
     embedding = _one(embeddings / "Kaleidia_SDXL-Detail.safetensors")
-    assert torch.equal(embedding.vectors[TEXT_ENCODER], sdxl["clip_l"])
-    assert torch.equal(embedding.vectors[TEXT_ENCODER_2], sdxl["clip_g"])
+    assert list(embedding.vectors) == [CLIP_L, CLIP_G]
+    assert torch.equal(embedding.vectors[CLIP_L], sdxl["clip_l"])
+    assert torch.equal(embedding.vectors[CLIP_G], sdxl["clip_g"])
     birb_file = embeddings / "fastai_diffusion-nbs_learned_embeds.bin"
     birb = torch.load(birb_file, weights_only=True, map_location="cpu")["<birb-style>"]
     assert torch.equal(_one(birb_file).vectors[TEXT_ENCODER][0], birb)
@@ -206,10 +207,11 @@ def test_describe_reports_family_dims_dtype_and_norms(embeddings: Path) -> None:
     assert info["format"] == "sdxl"
     (entry,) = info["tokens"]
     assert entry["family"] == "sdxl"
-    assert entry["dims"] == {TEXT_ENCODER: 768, TEXT_ENCODER_2: 1280}
-    assert entry["dtype"] == {TEXT_ENCODER: "float32", TEXT_ENCODER_2: "float32"}
+    assert entry["dims"] == {CLIP_L: 768, CLIP_G: 1280}
+    assert entry["counts"] == {CLIP_L: 2, CLIP_G: 2}
+    assert entry["dtype"] == {CLIP_L: "float32", CLIP_G: "float32"}
     clip_g = load_file(str(embeddings / "Kaleidia_SDXL-Detail.safetensors"))["clip_g"]
-    assert entry["norms"][TEXT_ENCODER_2] == pytest.approx(clip_g.norm(dim=1).tolist(), rel=1e-5)
+    assert entry["norms"][CLIP_G] == pytest.approx(clip_g.norm(dim=1).tolist(), rel=1e-5)
     hands = describe(embeddings / "bad-hands-5.pt")["tokens"][0]
     assert (hands["family"], hands["num_vectors"], hands["step"]) == ("sd1", 2, 1364)
     sd2 = Embedding("<x>", {TEXT_ENCODER: torch.ones(1, 1024)})
@@ -249,12 +251,17 @@ def test_sdxl_round_trip_and_single_encoder_formats_refuse_it(embeddings: Path, 
     assert detect_format(written) == "sdxl"
     assert set(load_file(str(written))) == {"clip_l", "clip_g"}
     back = _one(written)
-    for encoder in (TEXT_ENCODER, TEXT_ENCODER_2):
+    for encoder in (CLIP_L, CLIP_G):
         assert torch.equal(back.vectors[encoder], sdxl.vectors[encoder])
+    # `textinv convert --to sdxl` still writes the web UI's keys (ComfyUI's layout, under its old name).
+    named = load_file(
+        str(convert(embeddings / "Kaleidia_SDXL-Detail.safetensors", tmp_path / "xl.safetensors", "sdxl"))
+    )
+    assert set(named) == {"clip_l", "clip_g"} and torch.equal(named["clip_g"], sdxl.vectors[CLIP_G])
     for target, fmt in (("x.pt", None), ("x.bin", None), ("x.pdparams", None), ("x.safetensors", "diffusers")):
         with pytest.raises(UserError) as error:
             write_embedding(sdxl, tmp_path / target, fmt)
-        _assert_one_line_error(error, tmp_path / target, "two-encoder", "sdxl")
+        _assert_one_line_error(error, tmp_path / target, "clip_l + clip_g", "comfyui", ".safetensors")
         assert not (tmp_path / target).exists()
     with pytest.raises(UserError) as error:
         write_embedding(_embedding(), tmp_path / "one.safetensors", "sdxl")
@@ -516,7 +523,9 @@ def test_load_refuses_other_families_and_leaves_the_pipeline_alone(embeddings: P
     _assert_one_line_error(error, embeddings / "bad-hands-5.pt", "768", str(TINY_DIM))
     with pytest.raises(UserError) as error:
         load_embeddings(pipe, embeddings / "Kaleidia_SDXL-Detail.safetensors")
-    _assert_one_line_error(error, embeddings / "Kaleidia_SDXL-Detail.safetensors", "768+1280", "2 text encoder")
+    _assert_one_line_error(
+        error, embeddings / "Kaleidia_SDXL-Detail.safetensors", "clip_l 768+clip_g 1280", "2 text encoder", "family"
+    )
     assert len(pipe.tokenizer) == size
 
 
@@ -559,49 +568,33 @@ def test_generate_passes_replace_through(tiny_sd1: Path, tmp_path: Path) -> None
     assert len(generate(pipe, "a <gen>", replace=True, **options).images) == 1
 
 
-def _two_encoder_pipeline(dims: tuple[int, int]) -> SimpleNamespace:
-    """The parts of an SDXL pipeline that loading touches: two tokenizer/text-encoder pairs."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def test_sdxl_pipeline_gets_both_vectors_and_refuses_one_encoder_embeddings(tmp_path: Path) -> None:
+    from textinv.models.families.sdxl import build_tiny
+    from textinv.models.families.tiny_parts import TinySpec
 
-    from textinv.tiny import clip_tokenizer_dir
-
-    parts = {}
-    for suffix, dim in zip(("", "_2"), dims):
-        tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
-        config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=dim,
-            intermediate_size=dim,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        )
-        parts[f"tokenizer{suffix}"] = tokenizer
-        parts[f"text_encoder{suffix}"] = CLIPTextModel(config)
-    return SimpleNamespace(**parts)
-
-
-def test_two_encoder_pipeline_gets_both_vectors_and_refuses_one_encoder_embeddings(tmp_path: Path) -> None:
-    pipe = _two_encoder_pipeline((16, 24))
+    spec = TinySpec()
+    pipe = build_tiny(spec, lambda: torch.manual_seed(0))
     generator = torch.Generator().manual_seed(3)
     embedding = Embedding(
         "<xl>",
         {
-            TEXT_ENCODER: torch.randn(2, 16, generator=generator),
-            TEXT_ENCODER_2: torch.randn(2, 24, generator=generator),
+            CLIP_L: torch.randn(2, spec.text_hidden_size, generator=generator),
+            CLIP_G: torch.randn(2, spec.text_hidden_size_2, generator=generator),
         },
     )
     path = write_embedding(embedding, tmp_path / "xl.safetensors")
+    assert set(load_file(str(path))) == {"clip_l", "clip_g"}
     assert load_embeddings(pipe, path) == ["<xl>"]
     for tokenizer, encoder, name in (
-        (pipe.tokenizer, pipe.text_encoder, TEXT_ENCODER),
-        (pipe.tokenizer_2, pipe.text_encoder_2, TEXT_ENCODER_2),
+        (pipe.tokenizer, pipe.text_encoder, CLIP_L),
+        (pipe.tokenizer_2, pipe.text_encoder_2, CLIP_G),
     ):
         ids = tokenizer.convert_tokens_to_ids(["<xl>", "<xl>_1"])
         assert torch.equal(encoder.get_input_embeddings().weight[ids].detach(), embedding.vectors[name])
-    one = write_embedding(_embedding("<one>", 1, dim=16), tmp_path / "one.safetensors")
+    one = write_embedding(_embedding("<one>", 1, dim=spec.text_hidden_size), tmp_path / "one.safetensors")
     with pytest.raises(UserError) as error:
         load_embeddings(pipe, one)
-    _assert_one_line_error(error, one, "1 text encoder", "pipeline has 2")
+    _assert_one_line_error(error, one, "1 text encoder", "SDXL pipeline has 2", "another model family")
     assert "<one>" not in pipe.tokenizer.get_vocab()
 
 
@@ -663,7 +656,7 @@ def test_cli_inspect_and_convert(standalone_embeddings: Path, tmp_path: Path) ->
     assert code == 0, stderr
     info = json.loads(stdout)
     assert info["format"] == "sdxl" and info["tokens"][0]["family"] == "sdxl"
-    assert info["tokens"][0]["dims"] == {TEXT_ENCODER: 768, TEXT_ENCODER_2: 1280}
+    assert info["tokens"][0]["dims"] == {CLIP_L: 768, CLIP_G: 1280}
 
     (stdout, stderr), code = results["table"]
     assert code == 0, stderr

@@ -458,7 +458,8 @@ def test_compile_trains_with_the_compiled_unet_and_validates_with_the_plain_one(
     monkeypatch.setattr(
         loading,
         "pipeline_from_parts",
-        lambda parts, vae, scheduler, unet=None: given.append(unet) or real_pipeline(parts, vae, scheduler, unet),
+        lambda parts, vae, scheduler, denoiser=None: given.append(denoiser)
+        or real_pipeline(parts, vae, scheduler, denoiser),
     )
     _train(
         tiny_model,

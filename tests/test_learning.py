@@ -25,7 +25,8 @@ from planted import (
     word_losses,
 )
 from textinv import train
-from textinv.training.loss import LossSettings, draw_timestep, min_snr_weights
+from textinv.models.objectives import DenoisingDiffusion
+from textinv.training.loss import LossSettings
 
 SHORT_STEPS = 40
 # The bench's teacher with half its pre-training (about a minute on one core): "star" is still the
@@ -97,6 +98,16 @@ def test_recovery_is_deterministic_for_a_seed(planted, tmp_path: Path) -> None:
     first = _train(concept, scorer, tmp_path / "a", max_train_steps=5).scores[5]
     again = _train(concept, scorer, tmp_path / "b", max_train_steps=5).scores[5]
     assert first == again
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    weights = DenoisingDiffusion(scheduler).loss_weights(timesteps, LossSettings(snr_gamma=gamma))
+    assert weights is not None
+    return weights
+
+
+def draw_timestep(generator: torch.Generator, steps: int, settings: LossSettings) -> torch.Tensor:
+    return DenoisingDiffusion(DDPMScheduler(num_train_timesteps=steps)).draw_timestep(generator, settings)
 
 
 def test_min_snr_weights_follow_the_formula() -> None:

@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler
 
 from textinv.data.examples import Example
 from textinv.data.latents import LatentCache, LatentsEachStep, encode_latent_cache
+from textinv.models.families import get_family
 from textinv.training.loss import denoising_loss
 
 
@@ -35,7 +36,7 @@ def _loss(prediction_type: str):
         prediction_type=prediction_type, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
     )
     unet = _ZeroUNet()
-    parts = SimpleNamespace(noise_scheduler=scheduler, unet=unet)
+    parts = SimpleNamespace(noise_scheduler=scheduler, denoiser=unet, family=get_family("sd1"), vae_scale_factor=8)
     cache = LatentCache(mean=torch.randn(1, 1, 4, 2, 2), std=torch.rand(1, 1, 4, 2, 2), scaling_factor=0.5)
     vector = torch.zeros(1, requires_grad=True)
     model = lambda ids: torch.zeros(ids.shape[0], 4, 8) + vector  # noqa: E731

@@ -412,7 +412,7 @@ def test_sdxl_model_card_code_loads_both_encoders(tmp_path: Path) -> None:
     import torch
 
     from textinv.config import TrainConfig
-    from textinv.embeddings import TEXT_ENCODER, TEXT_ENCODER_2, Embedding, save_diffusers
+    from textinv.embeddings import CLIP_G, CLIP_L, Embedding, save_diffusers
     from textinv.observers.model_card import render_model_card
     from textinv.tiny import TinySpec, build_tiny_pipeline
 
@@ -420,8 +420,8 @@ def test_sdxl_model_card_code_loads_both_encoders(tmp_path: Path) -> None:
     base = build_tiny_pipeline(tmp_path / "tiny-sdxl", family="sdxl")
     out = tmp_path / "out"
     vectors = {
-        TEXT_ENCODER: torch.ones(2, spec.text_hidden_size),
-        TEXT_ENCODER_2: torch.full((2, spec.text_hidden_size_2), 2.0),
+        CLIP_L: torch.ones(2, spec.text_hidden_size),
+        CLIP_G: torch.full((2, spec.text_hidden_size_2), 2.0),
     }
     save_diffusers(Embedding("<cat-toy>", vectors), out / "learned_embeds.safetensors")
     config = TrainConfig(str(base), "images", "<cat-toy>", "toy", num_vectors=2)

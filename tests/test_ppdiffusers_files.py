@@ -34,6 +34,8 @@ from textinv.config import UserError
 from textinv.data.examples import Example
 from textinv.data.latents import LatentCache
 from textinv.embeddings import read_embeddings
+from textinv.models.families import get_family
+from textinv.models.objectives import DenoisingDiffusion
 from textinv.training import paddle_layout, run_dir
 from textinv.training.export import check_embedding_formats
 from textinv.training.loss import LossSettings, denoising_loss, example_draws
@@ -78,9 +80,9 @@ def test_a_bad_embedding_format_is_one_line(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_two_encoder_models_refuse_one_encoder_formats_before_training() -> None:
-    sdxl = SimpleNamespace(text_encoders=[object(), object()], family="sdxl")
+    sdxl = SimpleNamespace(text_encoders=[object(), object()], family=get_family("sdxl"))
     check_embedding_formats(["diffusers"], sdxl)  # type: ignore[arg-type]
-    with pytest.raises(UserError, match="pdparams.*two"):
+    with pytest.raises(UserError, match="pdparams holds one text encoder's vectors, but this SDXL model has 2"):
         check_embedding_formats(["diffusers", "pdparams"], sdxl)  # type: ignore[arg-type]
 
 
@@ -288,6 +290,9 @@ def _cache() -> LatentCache:
 
 
 EXAMPLE = Example(index=0, image_index=0, flipped=False, caption="x", noise_seed=321)
+# The DDPM objective of a 1000-step schedule, for every latent shape (textinv.training.loss.ObjectiveFor's interface).
+_DDPM = DenoisingDiffusion(DDPMScheduler(num_train_timesteps=1000))
+DDPM_1000 = lambda shape: _DDPM  # noqa: E731
 
 
 def test_noise_offset_zero_draws_exactly_what_was_drawn_before() -> None:
@@ -300,14 +305,14 @@ def test_noise_offset_zero_draws_exactly_what_was_drawn_before() -> None:
         torch.randint(0, 1000, (1,), generator=generator),
     )
     for settings in (LossSettings(), LossSettings(noise_offset=0.0)):
-        drawn = example_draws(EXAMPLE, cache, 1000, settings)
+        drawn = example_draws(EXAMPLE, cache, DDPM_1000, settings)
         assert all(torch.equal(a, b) for a, b in zip(drawn, expected, strict=True))
 
 
 def test_noise_offset_adds_one_draw_per_channel_after_the_others() -> None:
     cache, offset = _cache(), 0.1
-    plain_latent, plain_noise, plain_t = example_draws(EXAMPLE, cache, 1000, LossSettings())
-    latent, noise, t = example_draws(EXAMPLE, cache, 1000, LossSettings(noise_offset=offset))
+    plain_latent, plain_noise, plain_t = example_draws(EXAMPLE, cache, DDPM_1000, LossSettings())
+    latent, noise, t = example_draws(EXAMPLE, cache, DDPM_1000, LossSettings(noise_offset=offset))
     assert torch.equal(latent, plain_latent) and torch.equal(t, plain_t)
     # The offset is drawn from the example's generator after its other draws: randn(c, 1, 1).
     generator = torch.Generator().manual_seed(EXAMPLE.noise_seed)
@@ -321,7 +326,7 @@ def test_noise_offset_adds_one_draw_per_channel_after_the_others() -> None:
     # The loss sees that noise: the UNet's input is add_noise(latent, noise, t) and the epsilon target is the noise.
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     unet = _ZeroUNet()
-    parts = SimpleNamespace(noise_scheduler=scheduler, unet=unet)
+    parts = SimpleNamespace(noise_scheduler=scheduler, denoiser=unet, family=get_family("sd1"), vae_scale_factor=8)
     model = lambda ids: torch.zeros(ids.shape[0], 4, 8)  # noqa: E731
     settings = LossSettings(noise_offset=offset)
     loss = denoising_loss(model, parts, _Tokenizer(), cache, [EXAMPLE], torch.device("cpu"), settings)  # type: ignore[arg-type]

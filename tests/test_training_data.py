@@ -31,7 +31,7 @@ from textinv.models.conditioning import add_placeholder
 from textinv.models.loading import load_model_parts
 from textinv.tiny import build_tiny_pipeline
 from textinv.training import builders, loss, recipe
-from textinv.training.loss import LossSettings, denoising_loss, example_draws, loss_target
+from textinv.training.loss import LossSettings, ObjectiveFor, denoising_loss, example_draws, loss_target
 
 TOKEN = "<cat-toy>"
 TEMPLATES = ("a photo of a {}", "a rendering of a {}")
@@ -176,9 +176,9 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorded]:
             seen.time_ids.append(time_ids)
         return real_predict(model, parts, captions, noisy, *rest, **kw)
 
-    def recording_tokenize(tokenizer: Any, captions: Any) -> Any:
+    def recording_tokenize(tokenizer: Any, captions: Any, *rest: Any) -> Any:
         seen.tokenized.setdefault(id(tokenizer), []).extend(captions)
-        return real_tokenize(tokenizer, captions)
+        return real_tokenize(tokenizer, captions, *rest)
 
     monkeypatch.setattr(recipe, "denoising_loss", recording_loss)
     monkeypatch.setattr(loss, "predict", recording_predict)
@@ -413,7 +413,7 @@ def test_a_half_masked_image_gives_the_gradient_of_its_visible_half(masked_setup
     example = Example(0, 1, False, f"a photo of {TOKEN}", noise_seed=123)
     scheduler = parts.noise_scheduler
     latent, noise, timestep = example_draws(
-        example, masked_setup["latents"], scheduler.config.num_train_timesteps, LossSettings()
+        example, masked_setup["latents"], ObjectiveFor(parts, LossSettings()), LossSettings()
     )
     noisy = scheduler.add_noise(latent[None], noise[None], timestep)
     target = loss_target(scheduler, latent[None], noise[None], timestep)

@@ -39,6 +39,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- commands ------------------------------------------------------------------------------------
+CONVERT_FORMATS = ("diffusers", "a1111", "sdxl", "comfyui", "onetrainer", "diffusers-advanced", "pdparams")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.extra["default_embedding_formats"] = args.default_embedding_formats
@@ -64,7 +67,12 @@ def _check_before_torch(config: TrainConfig) -> None:
         HubPush(config)  # the token first, in the order training checks
     if not config.resume_from_checkpoint:
         refuse_another_runs_results(Path(config.output_dir).expanduser(), config.overwrite_output_dir)
-    local_model_dir(config.pretrained_model_name_or_path)
+    folder = local_model_dir(config.pretrained_model_name_or_path)
+    if folder is not None and config.text_encoders:
+        from textinv.models.families import check_text_encoders
+        from textinv.models.loading import detect_family
+
+        check_text_encoders(detect_family(folder), config.text_encoders)
 
 
 def _launch_rank() -> int:
@@ -209,7 +217,12 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     gen.add_argument("--negative_prompt")
     gen.add_argument("--num_images", type=_typed(int, "--num_images"), default=1)
     gen.add_argument("--num_inference_steps", type=_typed(int, "--num_inference_steps"), default=50)
-    gen.add_argument("--guidance_scale", type=_typed(float, "--guidance_scale"), default=7.5)
+    gen.add_argument(
+        "--guidance_scale",
+        type=_typed(float, "--guidance_scale"),
+        default=None,
+        help="classifier-free guidance (default: the pipeline's own: SD 7.5, SD3 7.0, Flux 3.5)",
+    )
     gen.add_argument("--seed", type=_typed(int, "--seed"), help="image i uses seed+i")
     gen.add_argument("--height", type=_typed(int, "--height"))
     gen.add_argument("--width", type=_typed(int, "--width"))
@@ -230,6 +243,7 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
         default="sd1",
         choices=TINY_FAMILIES,
         help="model family: sd1, sd2 (512 epsilon), sd2-v (768 v_prediction), sdxl (two text encoders), "
+        "sd3 (CLIP-L, CLIP-G, T5; MMDiT), flux (CLIP-L, T5; Flux.1-dev layout), "
         "zh-bert (Taiyi: BERT), zh-xlmr (AltDiffusion: XLM-R) (default: sd1)",
     )
     tiny.add_argument("--seed", type=_typed(int, "--seed"), default=0)
@@ -248,7 +262,13 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     conv = commands.add_parser("convert", help="convert an embedding file to another format")
     conv.add_argument("input", help="embedding file to read (any format)")
     conv.add_argument("output", help="file to write; its suffix picks the format unless --to is given")
-    conv.add_argument("--to", choices=["diffusers", "a1111", "sdxl", "pdparams"], help="output format")
+    conv.add_argument(
+        "--to",
+        # textinv.embeddings.WRITE_FORMATS (not imported here: it needs torch; tests/test_sd3_flux.py compares them)
+        choices=CONVERT_FORMATS,
+        help="output format: diffusers, a1111, pdparams (one text encoder); sdxl (clip_l + clip_g), comfyui "
+        "(clip_l, clip_g, t5xxl: SDXL, SD3, Flux), onetrainer / diffusers-advanced (T5 under 't5')",
+    )
     conv.add_argument("--token", help="write the token under this name")
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     conv.set_defaults(handler=cmd_convert)

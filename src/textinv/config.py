@@ -25,6 +25,7 @@ from textinv.errors import (  # noqa: F401 (the exceptions' old home)
     require_text,
 )
 from textinv.fields import option  # noqa: F401 (re-exported: TrainConfig fields are declared with it)
+from textinv.loss_options import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, LossOptions  # noqa: F401 (re-exported)
 
 LEARNABLE_PROPERTIES = ("object", "style")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -38,20 +39,22 @@ LR_SCHEDULERS = (
 )
 INTERPOLATIONS = ("nearest", "linear", "bilinear", "bicubic", "lanczos")
 REPORT_TO = ("tensorboard", "visualdl", "wandb", "all", "none")
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")  # issue 8
 LANGUAGES = ("en", "zh", "zh_en")  # caption template languages (issue 7); textinv.data.templates holds the lists
 # Embedding files training writes (issue 15), by textinv.embeddings' format names: diffusers
 # learned_embeds.safetensors (SDXL: the clip_l/clip_g layout), ppdiffusers learned_embeds.pdparams,
 # the A1111 web UI's learned_embeds.pt. textinv.training.export names the files.
 EMBEDDING_FORMATS = ("diffusers", "pdparams", "a1111")
+# Text encoders of multi-encoder models by role (textinv.models.families.base; issue 25).
+ENCODER_ROLES = ("clip_l", "clip_g", "t5xxl")
 DEFAULT_VALIDATION_STEPS = 100
 _HUB_REPO_ID = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 
 
 @dataclass
-class TrainConfig(DataOptions):
+class TrainConfig(DataOptions, LossOptions):
     """Every training option. The training-data options (captions, buckets, masks) are DataOptions' fields
-    (textinv.data.options), keyword-only, so the positional order here stays as it was."""
+    (textinv.data.options) and the loss's (timesteps, weighting, offset noise, flow matching) LossOptions'
+    (textinv.loss_options), keyword-only, so the positional order here stays as it was."""
 
     # --- what to train on ------------------------------------------------------------------
     pretrained_model_name_or_path: str = option(help="diffusers pipeline folder or hub id of the base model")
@@ -72,6 +75,14 @@ class TrainConfig(DataOptions):
     )
     # A token of N vectors (new in ppdiffusers' later versions; default 1).
     num_vectors: int = option(1, help="vectors in the new token (more = more capacity)")
+    # Issue 25: which encoders of a multi-encoder model (SDXL, SD3, Flux) learn the word, by role (the keys of their
+    # files). Default: every encoder that conditions the model. textinv.models.families checks the names.
+    text_encoders: list[str] = option(
+        default_factory=list,
+        help="text encoders that learn the word, by role: clip_l clip_g (SDXL), clip_l clip_g t5xxl (SD3), "
+        "clip_l t5xxl (Flux); default: all of the model's",
+        choices=ENCODER_ROLES,
+    )
 
     # --- images ------------------------------------------------------------------------------
     resolution: int = option(512, help="training image size in pixels (multiple of 8)")
@@ -216,25 +227,6 @@ class TrainConfig(DataOptions):
         help="caption templates: en, zh (Chinese) or zh_en (both); if not given: zh/zh_en for Chinese models (by name, as ppdiffusers, or by text encoder), else en",
         choices=LANGUAGES,
     )
-
-    # --- Loss weighting and timestep sampling (issue 8) -------------------------------------------
-    # Not in ppdiffusers, which draws t uniformly and weights every example alike (what "uniform"
-    # and snr_gamma=None give). bench/learning.py measures them; README "How well it learns".
-    # logit_normal: t = sigmoid(N(mean, std)) * num_train_timesteps (SD3's rectified-flow sampler,
-    # Esser et al. 2024, sec. 3.1), which draws the middle timesteps more often than the ends.
-    timestep_sampling: str = option(
-        "uniform",
-        help="how training draws timesteps: uniform (ppdiffusers) or logit_normal (middle steps more often)",
-        choices=TIMESTEP_SAMPLINGS,
-    )
-    timestep_logit_mean: float = option(0.0, help="mean of the logit-normal timestep draw (0 = centred)")
-    timestep_logit_std: float = option(1.0, help="spread of the logit-normal timestep draw")
-    # Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
-    # Strategy"): each example's loss x min(SNR(t), gamma) / SNR(t) (epsilon; / (SNR(t) + 1) for
-    # v_prediction). None = unweighted MSE; 5.0 is the paper's value.
-    snr_gamma: Optional[float] = option(None, help="min-SNR-gamma loss weighting, e.g. 5.0; leave out for plain MSE")
-    # ppdiffusers' flag (issue 15): offset noise (Guttenberg 2023), noise += offset * randn(b, c, 1, 1).
-    noise_offset: float = option(0.0, help="offset noise strength, e.g. 0.1 (0 = plain noise, as ppdiffusers defaults)")
 
     # --- Held-out evaluation, best vectors, stopping (issue 20; textinv.training.held_out) ----------
     # Not in ppdiffusers: its script keeps eval off (train_textual_inversion.py passes --eval_steps 0).
@@ -389,15 +381,9 @@ class TrainConfig(DataOptions):
 
         # Model families and languages (issue 7)
 
-        # Loss weighting and timestep sampling (issue 8)
-        if not self.timestep_logit_std > 0:
-            raise UserError(f"--timestep_logit_std {self.timestep_logit_std} must be > 0, e.g. 1.0")
-        if not -10.0 <= self.timestep_logit_mean <= 10.0:
-            raise UserError(f"--timestep_logit_mean {self.timestep_logit_mean} must be in [-10, 10], e.g. 0.0")
-        if self.snr_gamma is not None and not self.snr_gamma > 0:
-            raise UserError(
-                f"--snr_gamma {self.snr_gamma} must be > 0 (5.0 is the min-SNR paper's value); leave it out for plain MSE"
-            )
+        self.validate_loss_options()  # issues 8, 15, 25
+        if isinstance(self.text_encoders, str):  # one encoder given as text from Python
+            self.text_encoders = [self.text_encoders]
 
         # Embedding formats and offset noise (issue 15)
         if isinstance(self.embedding_formats, str):  # one format given as text from Python
@@ -411,8 +397,6 @@ class TrainConfig(DataOptions):
             )
         # Each once, diffusers first (TrainResult.embedding_path is the first format's file).
         self.embedding_formats = list(dict.fromkeys(["diffusers", *self.embedding_formats]))
-        if not 0.0 <= self.noise_offset < float("inf"):
-            raise UserError(f"--noise_offset {self.noise_offset} must be >= 0, e.g. 0.1 (0 turns it off)")
 
         self.validate_data_options(self.image_height, self.image_width)  # issue 17
 

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from textinv.config import TrainConfig
 from textinv.data.options import data_option_names
+from textinv.loss_options import LossOptions
 
 # ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
 PPDIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -68,13 +69,17 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
 
 
 def train_options() -> list[dataclasses.Field[Any]]:
-    """The TrainConfig fields that are options (every field with help text), the training-data options
-    (textinv.data.options, declared first as TrainConfig's base) placed after the image options."""
+    """The TrainConfig fields that are options (every field with help text): the training-data options
+    (textinv.data.options, a base of TrainConfig) placed after the image options, the loss options
+    (textinv.loss_options, another base) before the held-out evaluation's."""
     fields = [spec for spec in dataclasses.fields(TrainConfig) if "help" in spec.metadata]
+    loss_names = {spec.name for spec in dataclasses.fields(LossOptions)}
     data = [spec for spec in fields if spec.name in data_option_names()]
-    own = [spec for spec in fields if spec.name not in data_option_names()]
+    loss = [spec for spec in fields if spec.name in loss_names]
+    own = [spec for spec in fields if spec.name not in data_option_names() and spec.name not in loss_names]
     after = next(index for index, spec in enumerate(own) if spec.name == "repeats") + 1
-    return own[:after] + data + own[after:]
+    before_eval = next(index for index, spec in enumerate(own) if spec.name == "eval_steps")
+    return own[:after] + data + own[after:before_eval] + loss + own[before_eval:]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

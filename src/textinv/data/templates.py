@@ -15,13 +15,12 @@ lists pooled together, and picking the language from the model's name when none 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 from textinv.config import LANGUAGES
 
 logger = logging.getLogger(__name__)
 
-CHINESE_ENCODER_FAMILIES = ("zh-bert", "zh-xlmr")
 
 OBJECT_TEMPLATES_EN: tuple[str, ...] = (
     "a photo of a {}",
@@ -137,10 +136,11 @@ def templates_for(learnable_property: str, language: str = "en") -> tuple[str, .
     )
 
 
-def choose_language(language: Optional[str], model_name: str, family: str) -> str:
+def choose_language(language: Optional[str], model_name: str, family: Any) -> str:
     """The template language: ``language`` when given; else ppdiffusers' rule on the model name
     ("chinese-en" -> zh_en, "chinese" -> zh, as in IDEA-CCNL/Taiyi-Stable-Diffusion-1B-Chinese-EN-v0.1);
-    else by the text encoder: Chinese BERT (Taiyi) -> zh, XLM-R (AltDiffusion, bilingual) -> zh_en; else en."""
+    else the language the model family's text encoder reads (``family.language``: Chinese BERT (Taiyi) zh,
+    XLM-R (AltDiffusion, bilingual) zh_en, CLIP and T5 None: en)."""
     chosen = language
     if chosen is None:
         lowered = model_name.lower()
@@ -149,14 +149,14 @@ def choose_language(language: Optional[str], model_name: str, family: str) -> st
         elif "chinese" in lowered:
             chosen = "zh"
         else:
-            chosen = {"zh-bert": "zh", "zh-xlmr": "zh_en"}.get(family, "en")
-    if "zh" in chosen.split("_") and family not in CHINESE_ENCODER_FAMILIES:
+            chosen = family.language or "en"
+    if "zh" in chosen.split("_") and family.language is None:
         # CLIP's BPE vocabulary is English: Chinese captions become byte pieces the model never
         # learned to read, which weakens the conditioning the vectors are trained through.
         logger.warning(
-            "--language %s on a %s model (CLIP text encoder, English vocabulary): Chinese captions "
+            "--language %s on a %s model (English vocabulary): Chinese captions "
             "tokenize to byte pieces; use --language en unless the model was trained on Chinese",
             chosen,
-            family,
+            family.name,
         )
     return chosen

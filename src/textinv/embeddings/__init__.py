@@ -11,8 +11,14 @@ Formats (detected by content, never by the file name alone):
     name, step, sd_checkpoint, sd_checkpoint_name}`` (its ``Embedding.save`` in
     modules/textual_inversion/textual_inversion.py); other trainers write ``{'emb_params': [n, dim]}``,
     which the web UI also reads (one-key dictionaries), in ``.pt`` or ``.safetensors``.
-``sdxl``
-    ``{clip_l: [n, 768], clip_g: [n, 1280]}`` in safetensors (the web UI's SDXL embedding layout).
+``sdxl`` / ``comfyui``
+    ``{clip_l: [n, 768], clip_g: [n, 1280], t5xxl: [n, 4096]}`` (the keys present) in safetensors: ComfyUI's layout
+    for every multi-encoder model, and the one the web UI and Forge read for SDXL. ``sdxl`` names the
+    ``{clip_l, clip_g}`` case (the same keys).
+``onetrainer`` / ``diffusers-advanced``
+    ``{clip_l, clip_g, t5}``: OneTrainer's keys (T5 under ``t5``: OneTrainer#514; its output embeddings
+    ``*_out`` are not supported) and those of diffusers' advanced_diffusion_training scripts'
+    ``<name>_emb.safetensors``. Read, both are named ``onetrainer``.
 ``pdparams``
     ppdiffusers ``learned_embeds.pdparams``: ``paddle.save({token: tensor})``, a pickle (protocol 2-4)
     in which Paddle stores tensors as numpy arrays and adds a ``StructuredToParameterName@@`` name
@@ -22,6 +28,9 @@ Formats (detected by content, never by the file name alone):
     which tensors are ``{'TORCHTENSOR': nested list}`` (its textual_inversion/image_embedding.py).
     Read only.
 
+In memory an :class:`Embedding`'s vectors are keyed by encoder *role*: ``text_encoder`` for single-encoder
+families, ``clip_l``/``clip_g``/``t5xxl`` for SDXL, SD3 and Flux, whose files may hold some of them only; T5's
+vector count may differ from the CLIP encoders'.
 
 Safety: ``.pt``/``.bin``/``.pdparams`` are pickles. Torch zip files are read with
 ``torch.load(weights_only=True)``; raw pickles with :class:`~textinv.embeddings.unpickle._DataOnlyUnpickler`,
@@ -30,8 +39,9 @@ which refuses every global but numpy arrays and plain containers, so no file can
 Modules:
 
 ``model``
-    :class:`Embedding`, the format names, size limits and model families, and the checks every
-    embedding passes.
+    :class:`Embedding`, the roles, format names and size limits, and the checks every embedding passes.
+``layouts``
+    The multi-encoder files' keys per tool (ComfyUI, OneTrainer, diffusers' advanced scripts).
 ``unpickle``
     The restricted unpickler and the weights-only ``torch.load`` of pickled files.
 ``png``
@@ -43,7 +53,7 @@ Modules:
 ``describe``
     :func:`describe` and :func:`convert`.
 ``load``
-    :func:`load_embeddings` into a diffusers pipeline.
+    :func:`load_embeddings` into a diffusers pipeline, each role into the encoder its family keeps it in.
 """
 
 from __future__ import annotations
@@ -52,43 +62,47 @@ from textinv.embeddings.describe import convert, describe, description_table
 from textinv.embeddings.load import load_embeddings
 from textinv.embeddings.model import (
     A1111_STAR_TOKEN_ID,
+    CLIP_G,
+    CLIP_L,
     DIFFUSERS_FILE_NAMES,
-    FAMILIES,
     FOLDER_FILE_NAMES,
     MAX_DIM,
     MAX_FILE_BYTES,
     MAX_UNPACKED_BYTES,
     MAX_VECTORS,
+    MULTI_ENCODER_FORMATS,
     PADDLE_NAME_TABLE,
     PNG_SIGNATURE,
     PNG_TEXT_KEY,
     READ_FORMATS,
     SUFFIX_FORMATS,
+    T5XXL,
     TEXT_ENCODER,
-    TEXT_ENCODER_2,
     WRITE_FORMATS,
     Embedding,
     family_of,
 )
 from textinv.embeddings.read import detect_format, read_embeddings
-from textinv.embeddings.write import save_diffusers, write_embedding
+from textinv.embeddings.write import fitting_formats, save_diffusers, write_embedding
 
 __all__ = [
     "A1111_STAR_TOKEN_ID",
+    "CLIP_G",
+    "CLIP_L",
     "DIFFUSERS_FILE_NAMES",
-    "FAMILIES",
     "FOLDER_FILE_NAMES",
     "MAX_DIM",
     "MAX_FILE_BYTES",
     "MAX_UNPACKED_BYTES",
     "MAX_VECTORS",
+    "MULTI_ENCODER_FORMATS",
     "PADDLE_NAME_TABLE",
     "PNG_SIGNATURE",
     "PNG_TEXT_KEY",
     "READ_FORMATS",
     "SUFFIX_FORMATS",
+    "T5XXL",
     "TEXT_ENCODER",
-    "TEXT_ENCODER_2",
     "WRITE_FORMATS",
     "Embedding",
     "convert",
@@ -96,6 +110,7 @@ __all__ = [
     "description_table",
     "detect_format",
     "family_of",
+    "fitting_formats",
     "load_embeddings",
     "read_embeddings",
     "save_diffusers",

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from textinv.config import UserError
 from textinv.embeddings.model import _check_values
 from textinv.embeddings.read import _parse, _resolve_input, read_embeddings
 from textinv.embeddings.write import write_embedding
+from textinv.errors import UserError
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """What an embedding file holds: format, and per token its vectors, dims, dtype, norms, family."""
+    """What an embedding file holds: its format, and per token its family, step and, per encoder role, the number of
+    vectors (``counts``; ``num_vectors`` is the first role's), width (``dims``), dtype in the file and vector norms."""
     resolved = _resolve_input(path)
     fmt, embeddings = _parse(resolved)
     tokens = []
@@ -22,6 +23,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             {
                 "token": embedding.token,
                 "num_vectors": embedding.num_vectors,
+                "counts": embedding.counts(),
                 "dims": embedding.dims(),
                 "dtype": dict(embedding.metadata.get("dtype", {})),
                 "family": embedding.family,
@@ -41,7 +43,10 @@ def convert(
     token: Optional[str] = None,
     overwrite: bool = False,
 ) -> Path:
-    """Read the one token in ``src`` and write it to ``dst`` as ``to`` (default: by ``dst``'s suffix)."""
+    """Read the one token in ``src`` and write it to ``dst`` as ``to`` (default: by ``dst``'s suffix).
+
+    Tensors are written as read (as float32), so a conversion between the multi-encoder layouts (sdxl, comfyui,
+    onetrainer, diffusers-advanced) changes only the keys."""
     dst = Path(dst).expanduser()
     if dst.exists() and not overwrite:
         raise UserError(f"{str(dst)!r} already exists; pass --overwrite to replace it")
@@ -58,7 +63,7 @@ def convert(
 
 
 def description_table(info: dict[str, Any]) -> str:
-    """:func:`describe`'s result as the table ``textinv inspect`` prints."""
+    """:func:`describe`'s result as the table ``textinv inspect`` prints: a row per token and encoder role."""
     lines = [f"{info['file']}: {info['format']}, {len(info['tokens'])} token(s)"]
     rows = [("token", "vectors", "encoder", "dim", "dtype", "family", "step", "vector norms")]
     for entry in info["tokens"]:
@@ -67,9 +72,8 @@ def description_table(info: dict[str, Any]) -> str:
             shown = " ".join(f"{n:.3f}" for n in norms[:8]) + (f" ... ({len(norms)})" if len(norms) > 8 else "")
             step = "-" if entry["step"] is None else str(entry["step"])
             dtype = entry["dtype"].get(encoder, "?")
-            rows.append(
-                (entry["token"], str(entry["num_vectors"]), encoder, str(dim), dtype, entry["family"], step, shown)
-            )
+            count = str(entry.get("counts", {}).get(encoder, entry["num_vectors"]))
+            rows.append((entry["token"], count, encoder, str(dim), dtype, entry["family"], step, shown))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])

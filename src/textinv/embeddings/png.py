@@ -9,8 +9,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Optional
 
-from textinv.config import UserError, first_line
 from textinv.embeddings.model import MAX_FILE_BYTES, PNG_SIGNATURE, PNG_TEXT_KEY
+from textinv.errors import UserError, first_line
 
 
 def _load_png(path: Path) -> dict[str, Any]:

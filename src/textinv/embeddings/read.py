@@ -9,20 +9,21 @@ from typing import Any, Optional
 
 import torch
 
-from textinv.config import UserError, first_line
+from textinv.embeddings.layouts import classify_keys, is_multi_encoder, token_from_file_name
 from textinv.embeddings.model import (
     FOLDER_FILE_NAMES,
     MAX_FILE_BYTES,
     PADDLE_NAME_TABLE,
     PNG_SIGNATURE,
     TEXT_ENCODER,
-    TEXT_ENCODER_2,
     Embedding,
     _check_shape,
     _check_values,
+    ordered_roles,
 )
 from textinv.embeddings.png import _load_png
 from textinv.embeddings.unpickle import _load_raw_pickle, _load_torch_zip
+from textinv.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,8 @@ def _classify(
         embedding = _a1111_named(path, metadata.get("name"), state["emb_params"], "emb_params")
         embedding.step = _int_or_none(metadata.get("step"))
         return "a1111-emb_params", [embedding]
-    if "clip_l" in state or "clip_g" in state:
-        return "sdxl", [_from_sdxl(state, path, metadata)]
+    if is_multi_encoder(state):
+        return _from_multi_encoder(state, path, metadata)
     if origin == "png":
         raise UserError(f"{where!r}: its 'sd-ti-embedding' data has no string_to_param")
     embeddings = _from_token_dict(state, path)
@@ -172,27 +173,21 @@ def _a1111_named(path: Path, name: Any, value: Any, what: str) -> Embedding:
     return Embedding(token=token, vectors={TEXT_ENCODER: vectors}, metadata={"dtype": {TEXT_ENCODER: dtype}})
 
 
-def _from_sdxl(state: dict[str, Any], path: Path, metadata: dict[str, str]) -> Embedding:
-    missing = [key for key in ("clip_l", "clip_g") if key not in state]
-    if missing:
-        raise UserError(f"{str(path)!r} looks like an SDXL embedding but has no {missing[0]!r} tensor")
-    extra = sorted(set(state) - {"clip_l", "clip_g"})
-    if extra:
-        logger.warning("%s: ignoring keys %s beside clip_l/clip_g", path, ", ".join(map(str, extra)))
-    # clip_l is CLIP ViT-L (SDXL's text_encoder), clip_g is OpenCLIP bigG (text_encoder_2).
-    clip_l, dtype_l = _as_vectors(state["clip_l"], path, "clip_l")
-    clip_g, dtype_g = _as_vectors(state["clip_g"], path, "clip_g")
-    if clip_l.shape[0] != clip_g.shape[0]:
-        raise UserError(
-            f"{str(path)!r}: clip_l has {clip_l.shape[0]} vectors but clip_g has {clip_g.shape[0]}; they must match"
-        )
+def _from_multi_encoder(state: dict[Any, Any], path: Path, metadata: dict[str, str]) -> tuple[str, list[Embedding]]:
+    """A ComfyUI / OneTrainer / diffusers-advanced file (layouts.py): vectors by role, counts checked later."""
+    fmt, roles = classify_keys(state, path)
+    vectors, dtypes = {}, {}
+    for key, role in roles.items():
+        vectors[role], dtypes[role] = _as_vectors(state[key], path, key)
+    order = ordered_roles(vectors)
     name = metadata.get("name")
-    return Embedding(
-        token=name if name and name.strip() else path.stem,
-        vectors={TEXT_ENCODER: clip_l, TEXT_ENCODER_2: clip_g},
+    embedding = Embedding(
+        token=name if name and name.strip() else token_from_file_name(path),
+        vectors={role: vectors[role] for role in order},
         step=_int_or_none(metadata.get("step")),
-        metadata={"dtype": {TEXT_ENCODER: dtype_l, TEXT_ENCODER_2: dtype_g}},
+        metadata={"dtype": {role: dtypes[role] for role in order}},
     )
+    return fmt, [embedding]
 
 
 def _from_token_dict(state: dict[Any, Any], path: Path) -> list[Embedding]:

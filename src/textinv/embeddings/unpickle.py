@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from textinv.config import UserError, first_line
 from textinv.embeddings.model import MAX_UNPACKED_BYTES
+from textinv.errors import UserError, first_line
 
 
 def _load_torch_zip(path: Path) -> Any:

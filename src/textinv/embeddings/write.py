@@ -10,18 +10,22 @@ from typing import Any, Optional
 
 import torch
 
-from textinv.config import UserError
+from textinv.embeddings.layouts import layout_keys
 from textinv.embeddings.model import (
     A1111_STAR_TOKEN_ID,
+    MULTI_ENCODER_FORMATS,
+    MULTI_ROLES,
     SUFFIX_FORMATS,
     TEXT_ENCODER,
-    TEXT_ENCODER_2,
     WRITE_FORMATS,
     Embedding,
     _check_values,
     _dims_text,
+    roles_text,
 )
+from textinv.errors import UserError
 from textinv.files import atomic_write
+from textinv.models.families.base import CLIP_G, CLIP_L
 
 logger = logging.getLogger(__name__)
 
@@ -29,33 +33,54 @@ logger = logging.getLogger(__name__)
 def write_embedding(embedding: Embedding, path: str | Path, format: Optional[str] = None) -> Path:
     """Write ``embedding`` atomically in ``format`` (one of :data:`WRITE_FORMATS`), else by suffix.
 
-    Suffixes: ``.safetensors`` diffusers (sdxl for a two-encoder embedding), ``.bin`` diffusers
-    (torch file), ``.pt`` a1111, ``.pdparams`` pdparams.
+    Suffixes: ``.safetensors`` diffusers (comfyui for a multi-encoder embedding, which is sdxl's layout for
+    clip_l + clip_g), ``.bin`` diffusers (torch file), ``.pt`` a1111, ``.pdparams`` pdparams.
     """
     path = Path(path).expanduser()
     chosen = _choose_format(embedding, path, format)
     _check_values(embedding, f"embedding {embedding.token!r}")
-    two_encoders = TEXT_ENCODER_2 in embedding.vectors
-    if chosen == "sdxl":
-        if set(embedding.vectors) != {TEXT_ENCODER, TEXT_ENCODER_2}:
-            raise UserError(
-                f"cannot write {embedding.token!r} as sdxl to {str(path)!r}: the sdxl format needs vectors for both "
-                f"text encoders, it has dim {_dims_text(embedding.dims())} only"
-            )
-        if path.suffix != ".safetensors":
-            suffix = path.suffix or "no suffix"
-            raise UserError(f"sdxl embeddings are written as .safetensors, not {suffix} ({str(path)!r})")
-    elif two_encoders or TEXT_ENCODER not in embedding.vectors:
-        raise UserError(
-            f"cannot write {embedding.token!r} as {chosen} to {str(path)!r}: it is a two-encoder (SDXL) embedding "
-            f"(dims {_dims_text(embedding.dims())}) and {chosen} files hold one encoder's vectors; "
-            "write it as sdxl to a .safetensors file"
-        )
+    _check_fits_format(embedding, path, chosen)
     if path.is_dir():
         raise UserError(f"{str(path)!r} is a folder; give a file name to write the embedding to")
     written = _WRITERS[chosen](embedding, path)
-    logger.debug("wrote %s (%s, %d vector(s)) to %s", embedding.token, chosen, embedding.num_vectors, written)
+    logger.debug("wrote %s (%s, %s vector(s)) to %s", embedding.token, chosen, embedding.counts(), written)
     return written
+
+
+def fitting_formats(embedding: Embedding) -> tuple[str, ...]:
+    """The formats of :data:`WRITE_FORMATS` that can hold ``embedding``."""
+    if not embedding.multi_encoder:
+        return tuple(fmt for fmt in WRITE_FORMATS if fmt not in MULTI_ENCODER_FORMATS)
+    # The web UI and Forge read an SDXL file only with both CLIP encoders in it.
+    sdxl = set(embedding.vectors) == {CLIP_L, CLIP_G}
+    return tuple(fmt for fmt in MULTI_ENCODER_FORMATS if fmt != "sdxl" or sdxl)
+
+
+def _check_fits_format(embedding: Embedding, path: Path, chosen: str) -> None:
+    what = f"cannot write {embedding.token!r} as {chosen} to {str(path)!r}"
+    dims = _dims_text(embedding.dims())
+    if chosen not in fitting_formats(embedding):
+        if chosen == "sdxl":
+            raise UserError(
+                f"{what}: the sdxl format needs vectors for both clip_l and clip_g, it has dim {dims} only; "
+                f"write it as {_one_of(fitting_formats(embedding))}"
+            )
+        if embedding.multi_encoder:
+            raise UserError(
+                f"{what}: it holds {roles_text(embedding.vectors)} vectors (dim {dims}) and {chosen} files hold one "
+                f"encoder's; write it as comfyui or onetrainer to a .safetensors file"
+            )
+        raise UserError(
+            f"{what}: it is a single-encoder embedding (dim {dims}) and {chosen} files hold "
+            f"{'/'.join(MULTI_ROLES)} vectors; write it as diffusers or a1111"
+        )
+    if chosen in MULTI_ENCODER_FORMATS and path.suffix != ".safetensors":
+        suffix = path.suffix or "no suffix"
+        raise UserError(f"{chosen} embeddings are written as .safetensors, not {suffix} ({str(path)!r})")
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _choose_format(embedding: Embedding, path: Path, format: Optional[str]) -> str:
@@ -69,8 +94,8 @@ def _choose_format(embedding: Embedding, path: Path, format: Optional[str]) -> s
             f"cannot tell the format to write from {str(path)!r}: use a .safetensors, .bin, .pt or .pdparams "
             f"name, or give the format ({', '.join(WRITE_FORMATS)})"
         )
-    if chosen == "diffusers" and path.suffix.lower() == ".safetensors" and TEXT_ENCODER_2 in embedding.vectors:
-        return "sdxl"
+    if chosen == "diffusers" and path.suffix.lower() == ".safetensors" and embedding.multi_encoder:
+        return fitting_formats(embedding)[0]  # sdxl for clip_l + clip_g, else comfyui: the same keys
     return chosen
 
 
@@ -121,12 +146,16 @@ def _write_a1111(embedding: Embedding, path: Path) -> Path:
     return _write_torch(path, data)
 
 
-def _write_sdxl(embedding: Embedding, path: Path) -> Path:
-    tensors = {
-        "clip_l": _cpu_copy(embedding.vectors[TEXT_ENCODER]),
-        "clip_g": _cpu_copy(embedding.vectors[TEXT_ENCODER_2]),
-    }
-    return _write_safetensors(path, tensors, _safetensors_metadata(embedding, name=True))
+def _multi_encoder_writer(format: str) -> Callable[[Embedding, Path], Path]:
+    """The writer of a multi-encoder layout: each role's vectors under that layout's key (layouts.py)."""
+
+    def write(embedding: Embedding, path: Path) -> Path:
+        keys = layout_keys(embedding.vectors, format)
+        tensors = {key: _cpu_copy(embedding.vectors[role]) for role, key in keys.items()}
+        # name and step too: tools that read these files ignore metadata, and the token name survives a round trip.
+        return _write_safetensors(path, tensors, _safetensors_metadata(embedding, name=True))
+
+    return write
 
 
 def _write_pdparams(embedding: Embedding, path: Path) -> Path:
@@ -144,7 +173,7 @@ def _write_pdparams(embedding: Embedding, path: Path) -> Path:
 _WRITERS: dict[str, Callable[[Embedding, Path], Path]] = {
     "diffusers": _write_diffusers,
     "a1111": _write_a1111,
-    "sdxl": _write_sdxl,
+    **{fmt: _multi_encoder_writer(fmt) for fmt in MULTI_ENCODER_FORMATS},
     "pdparams": _write_pdparams,
 }
 
@@ -152,9 +181,10 @@ _WRITERS: dict[str, Callable[[Embedding, Path], Path]] = {
 def save_diffusers(embedding: Embedding, path: str | Path) -> Path:
     """Write ``{token: [n, dim]}`` as safetensors (or a weights-only torch file for ``.bin``).
 
-    A two-encoder (SDXL) embedding is written as ``{clip_l, clip_g}`` safetensors instead: the
-    layout SDXL tools read (diffusers loads each key with ``load_textual_inversion``).
+    A multi-encoder embedding is written in ComfyUI's layout instead, ``{clip_l, clip_g, t5xxl}`` as present
+    (:data:`~textinv.embeddings.layouts.COMFYUI_KEYS`): the keys SDXL tools read, and that diffusers'
+    ``load_textual_inversion`` is given one key at a time.
     """
-    if TEXT_ENCODER_2 in embedding.vectors:
-        return write_embedding(embedding, path, "sdxl")
+    if embedding.multi_encoder:
+        return write_embedding(embedding, path, "comfyui")
     return _write_diffusers(embedding, Path(path))

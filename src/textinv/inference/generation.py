@@ -76,7 +76,7 @@ def generate(
     negative_prompt: Optional[str] = None,
     num_images: int = 1,
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: Optional[float] = None,
     seed: Optional[int] = None,
     height: Optional[int] = None,
     width: Optional[int] = None,
@@ -87,7 +87,8 @@ def generate(
 ) -> GenerationResult:
     """Generate ``num_images`` images; image ``i`` uses seed ``seed + i`` so each is reproducible alone.
 
-    ``model`` is a pipeline folder / hub id, or an already loaded pipeline. With ``output_dir`` the
+    ``model`` is a pipeline folder / hub id, or an already loaded pipeline (SD 1.x/2.x/XL, SD3, Flux...;
+    ``guidance_scale`` None keeps the pipeline's own default). With ``output_dir`` the
     images are written as PNG (never over an existing file). ``token`` loads the one embedding file's
     token under that name (when the pipeline already has the file's own).
     """
@@ -116,14 +117,20 @@ def generate(
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     seeds = [seed + index for index in range(num_images)]
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    from textinv.models.families import prompt_arguments
+    from textinv.models.tokens import expand_loaded_tokens
+
+    prompts = prompt_arguments(pipe, prompt, expand_loaded_tokens)  # SD3: each tokenizer spells the word its way
+    # None: the pipeline's own guidance (SD 1.x/2.x/XL 7.5, SD3 7.0, Flux 3.5).
+    guidance = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
     output = pipe(
-        prompt=[prompt] * num_images,
+        **{name: [text] * num_images for name, text in prompts.items()},
         negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
         num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
         generator=generators,
         height=height,
         width=width,
+        **guidance,
     )
     result = GenerationResult(images=list(output.images), seeds=seeds)
     if output_dir is not None:

@@ -1,66 +1,61 @@
-"""From captions to the UNet's prediction, for every model family; and the placeholder vectors of
-every text encoder as one trainable module.
+"""From captions to the denoiser's prediction, for every model family; and the placeholder vectors of the text
+encoders as one trainable module.
 
-What each family's pipeline feeds its UNet (and so what training must feed it):
+What each family's pipeline feeds its denoiser is the family's to say (``textinv.models.families``): which
+encoders run, which of their outputs count (last or penultimate layer, pooled vector), how they are joined, and how
+the denoiser is called. This module tokenizes, runs the encoders, and asks the family.
 
-- SD 1.x / 2.x, Taiyi (BERT), AltDiffusion (XLM-R): one tokenizer and text encoder; the text
-  conditioning is the encoder's first output (CLIP's and BERT's last hidden state; AltDiffusion's
-  ``RobertaSeriesModelWithTransformation`` returns its projection of the penultimate layer there).
-- SDXL: both encoders; the conditioning is the concatenation of each encoder's penultimate-layer
-  hidden states, and the UNet also takes ``added_cond_kwargs``: the second encoder's projected
-  pooled output (``text_embeds``) and six time ids, (original height, width, crop top, left,
-  target height, width). Source: diffusers' ``StableDiffusionXLPipeline.encode_prompt`` and
-  ``_get_add_time_ids``. Training passes original = target size and crop (0, 0), what that
-  pipeline passes when generating, so the token is learned under the conditioning it is used with.
-  With aspect-ratio buckets (issue 17) the time ids carry each image's real original size, crop (0, 0)
-  (buckets resize whole images) and its bucket's size, as SDXL was trained.
+Tokenizing follows the pipelines: pad to the encoder's length (CLIP's ``model_max_length``; T5's
+``max_sequence_length`` of the family's pipeline), truncate, and an attention mask only for encoders whose config
+sets ``use_attention_mask`` (AltDiffusion's does; CLIP, T5 and BERT get none, as in diffusers' ``encode_prompt`` and
+ppdiffusers' training script).
 
-Tokenizing follows the pipelines too: pad to ``model_max_length``, truncate, and an attention mask
-only for encoders whose config sets ``use_attention_mask`` (AltDiffusion's does; CLIP and BERT get
-none, as in diffusers' ``encode_prompt`` and ppdiffusers' training script).
+Encoders with trainable vectors run every step. The others (``--text_encoders`` leaves them out) give the same
+output for the same caption, so each caption runs through them once, without gradients, and the output is kept.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from textinv.config import UserError
-from textinv.models.loading import ModelParts
-from textinv.models.tokens import TrainableTokens, add_placeholder_token, check_new_token, initializer_ids
+from textinv.models.families.base import DenoiserCall, EncoderOutput, TextConditioning
+from textinv.models.loading import ModelParts, TextEncoderPart
+from textinv.models.tokens import (
+    TrainableTokens,
+    add_placeholder_token,
+    check_new_token,
+    expand_placeholder,
+    initializer_ids,
+    word_ids,
+)
 
 logger = logging.getLogger(__name__)
 
-# SDXL micro-conditioning: crop top-left (0, 0), as the pipeline's default crops_coords_top_left.
-SDXL_CROP_TOP_LEFT = (0, 0)
-
-
-@dataclass
-class TextConditioning:
-    """What the text encoders hand the UNet for a batch of captions."""
-
-    hidden_states: torch.Tensor  # [batch, tokens, cross_attention_dim]
-    pooled: Optional[torch.Tensor] = None  # [batch, dim]: SDXL's text_embeds, else None
+__all__ = ["TextConditioning", "TrainableTextEncoders", "add_placeholder", "predict", "tokenize"]
 
 
 class TrainableTextEncoders(nn.Module):
-    """The frozen text encoders of a pipeline with the placeholder rows of each one trainable.
+    """The frozen text encoders of a pipeline with the placeholder rows of the chosen ones trainable.
 
-    Holds one :class:`~textinv.tokens.TrainableTokens` per text encoder (``tokens[name]``), so
-    preparing this one module with accelerate makes DDP all-reduce every encoder's vectors.
-    ``forward(*input_ids)`` encodes a batch the way the family's pipeline does.
+    Holds one :class:`~textinv.models.tokens.TrainableTokens` per trained encoder (``tokens[slot]``), so preparing
+    this one module with accelerate makes DDP all-reduce every encoder's vectors. ``forward(*input_ids)`` encodes a
+    batch the way the family's pipeline does (one id tensor per text encoder of the model, in its order).
     """
 
-    def __init__(self, parts: ModelParts, tokens: dict[str, TrainableTokens]) -> None:
+    def __init__(self, parts: ModelParts, tokens: dict[str, TrainableTokens], token: str = "", num_vectors: int = 1):
         super().__init__()
         self.tokens = nn.ModuleDict(tokens)
+        self.token = token
+        self.num_vectors = num_vectors  # --num_vectors: how the captions spell the placeholder
         # Not a submodule: the frozen encoders are not ours to move, save or sync.
         self._parts = [parts]
+        self._frozen_outputs: dict[tuple[str, bytes], EncoderOutput] = {}
 
     @property
     def parts(self) -> ModelParts:
@@ -68,22 +63,28 @@ class TrainableTextEncoders(nn.Module):
 
     @property
     def vectors(self) -> torch.Tensor:
-        """The first text encoder's vectors (the only ones, except for SDXL)."""
+        """The first trained encoder's vectors (the only ones for single-encoder families)."""
         return self._token_list()[0].vectors
 
     def _token_list(self) -> list[TrainableTokens]:
         return [trainable for trainable in self.tokens.values() if isinstance(trainable, TrainableTokens)]
 
     def vectors_by_encoder(self) -> dict[str, torch.Tensor]:
+        """The trained encoders' vectors by slot (``text_encoder``, ``text_encoder_2``...)."""
         return dict(zip(self.tokens.keys(), (trainable.vectors for trainable in self._token_list())))
+
+    def vectors_by_role(self) -> dict[str, torch.Tensor]:
+        """The trained encoders' vectors by role (``clip_l``, ``t5xxl``...; ``text_encoder`` when there is one)."""
+        roles = {part.name: part.role for part in self.parts.text_encoders}
+        return {roles[slot]: vectors for slot, vectors in self.vectors_by_encoder().items()}
 
     @torch.no_grad()
     def load_vectors(self, vectors: dict[str, torch.Tensor]) -> None:
-        """Set every encoder's vectors (e.g. from a checkpoint); the names must match."""
+        """Set every trained encoder's vectors (by slot, e.g. from a checkpoint); the names must match."""
         if set(vectors) != set(self.tokens):
             raise UserError(
-                f"the checkpoint holds vectors for {', '.join(sorted(vectors))} but this model's text encoders are "
-                f"{', '.join(self.tokens)}; resume with the model it was trained on"
+                f"the checkpoint holds vectors for {', '.join(sorted(vectors))} but this run trains "
+                f"{', '.join(self.tokens)}; resume with the model and --text_encoders it was trained with"
             )
         for name, trainable in zip(self.tokens.keys(), self._token_list()):
             trainable.vectors.copy_(vectors[name].to(trainable.vectors))
@@ -93,7 +94,7 @@ class TrainableTextEncoders(nn.Module):
         return bool(torch.stack([torch.isfinite(t.vectors).all() for t in self._token_list()]).all())
 
     def write_into_encoder(self) -> None:
-        """Copy the learned vectors into every encoder's embedding rows (for saving the pipeline)."""
+        """Copy the learned vectors into every trained encoder's embedding rows (for saving the pipeline)."""
         for trainable in self._token_list():
             trainable.write_into_encoder()
 
@@ -101,24 +102,64 @@ class TrainableTextEncoders(nn.Module):
         for trainable in self._token_list():
             trainable.detach_hook()
 
+    def caption_for(self, part: TextEncoderPart, caption: str) -> str:
+        """``caption`` as ``part``'s tokenizer must read it: the placeholder spelled with that encoder's vectors
+        (T5 may have more than CLIP, see :func:`add_placeholder`); an encoder without vectors, the bare word."""
+        trainable = self.tokens[part.name] if part.name in self.tokens else None
+        # An encoder without vectors reads the bare word, as it will when the file is used (no loader adds it there).
+        count = trainable.num_vectors if isinstance(trainable, TrainableTokens) else 1
+        if count == self.num_vectors or not self.token:
+            return caption
+        spelled = expand_placeholder(self.token, self.token, self.num_vectors)
+        return caption.replace(spelled, expand_placeholder(self.token, self.token, count))
+
     def forward(
         self,
         *input_ids: torch.Tensor,
         attention_masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
     ) -> TextConditioning:
-        encoders = self.parts.text_encoders
+        parts = self.parts
+        encoders = parts.text_encoders
         if len(input_ids) != len(encoders):
             raise ValueError(f"{len(input_ids)} id tensors for {len(encoders)} text encoders")
         masks = list(attention_masks) if attention_masks is not None else [None] * len(encoders)
-        if len(encoders) == 1:
-            return TextConditioning(encoders[0].text_encoder(input_ids[0], attention_mask=masks[0])[0])
-        # SDXL: penultimate layers side by side; the pooled output is the last encoder's.
-        hidden, pooled = [], None
+        outputs = {}
         for part, ids, mask in zip(encoders, input_ids, masks):
-            output = part.text_encoder(ids, attention_mask=mask, output_hidden_states=True)
-            hidden.append(output.hidden_states[-2])
-            pooled = output[0]
-        return TextConditioning(torch.cat(hidden, dim=-1), pooled)
+            if part.name in self.tokens:
+                outputs[part.role] = parts.family.call_encoder(part.spec, part.text_encoder, ids, mask)
+            else:
+                outputs[part.role] = self._frozen_output(part, ids, mask)
+        return parts.family.encode(parts, outputs)
+
+    def _frozen_output(self, part: TextEncoderPart, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> EncoderOutput:
+        """An untrained encoder's output for these ids, each caption computed once (no gradient flows there)."""
+        rows: list[EncoderOutput] = []
+        for index in range(ids.shape[0]):
+            key = (part.name, ids[index].cpu().numpy().tobytes())
+            if key not in self._frozen_outputs:
+                one_mask = None if mask is None else mask[index : index + 1]
+                with torch.no_grad():
+                    one = self.parts.family.call_encoder(part.spec, part.text_encoder, ids[index : index + 1], one_mask)
+                self._frozen_outputs[key] = one
+            rows.append(self._frozen_outputs[key])
+        return EncoderOutput(
+            torch.cat([row.sequence for row in rows]) if rows[0].sequence is not None else None,
+            torch.cat([row.pooled for row in rows]) if rows[0].pooled is not None else None,
+        )
+
+
+def choose_encoders(parts: ModelParts, requested: Optional[Sequence[str]]) -> list[TextEncoderPart]:
+    """The encoders that get trainable vectors: those ``--text_encoders`` names (all by default)."""
+    roles = [part.role for part in parts.text_encoders]
+    if not requested:
+        return list(parts.text_encoders)
+    unknown = [name for name in requested if name not in roles]
+    if unknown:
+        raise UserError(
+            f"--text_encoders {' '.join(requested)}: this {parts.family.title} model has no {unknown[0]!r} text encoder; "
+            f"its encoders are {', '.join(roles)}"
+        )
+    return [part for part in parts.text_encoders if part.role in requested]
 
 
 def add_placeholder(
@@ -128,50 +169,70 @@ def add_placeholder(
     initializer: Optional[str],
     start_vectors: Optional[dict[str, torch.Tensor]] = None,
     start_source: str = "",
+    text_encoders: Optional[Sequence[str]] = None,
 ) -> TrainableTextEncoders:
-    """Add ``token`` (and ``token_1``...) to every tokenizer and text encoder of ``parts``.
+    """Add ``token`` (and ``token_1``...) to every tokenizer and to the trained text encoders of ``parts``.
 
-    Each encoder's vectors start from ``start_vectors[encoder name]`` (an embedding file) or from
-    the rows of ``initializer`` in that encoder's own vocabulary. Every check runs before any
+    Each trained encoder's vectors start from ``start_vectors[role]`` (an embedding file) or from the rows of
+    ``initializer`` in that encoder's own vocabulary. An encoder gets ``num_vectors`` vectors, except when
+    ``num_vectors`` is 1 and its tokenizer splits the initializer into k pieces while another trained encoder keeps it
+    whole: then it gets k, one from each piece (T5's SentencePiece splits words that CLIP's BPE keeps whole).
+    Untrained encoders' tokenizers do not learn the token: they read the caption's bare word, as they will when the
+    file is used (loaders add a token only where the file has vectors for it). Every check runs before any
     tokenizer changes, so a refused token leaves the model as it was.
     """
-    initial: dict[str, torch.Tensor] = {}
+    trained = choose_encoders(parts, text_encoders)
     if start_vectors is not None:
-        wanted = [part.name for part in parts.text_encoders]
+        wanted = [part.role for part in trained]
         if set(start_vectors) != set(wanted):
             raise UserError(
                 f"--init_embeddings {start_source!r} has vectors for {' + '.join(sorted(start_vectors))} but this "
-                f"{parts.family} model's text encoders are {' + '.join(wanted)}; give an embedding made for this model family"
+                f"{parts.family.title} run trains {' + '.join(wanted)}; give an embedding made for this model family"
             )
-    for part in parts.text_encoders:
-        check_new_token(part.tokenizer, token, num_vectors)
+    elif initializer is None:
+        raise UserError("--initializer_token is required: a one-token word the vectors start from, e.g. 'toy'")
+    counts = _vector_counts(trained, initializer, num_vectors) if start_vectors is None else {}
+    initial: dict[str, torch.Tensor] = {}
+    for part in trained:
+        check_new_token(part.tokenizer, token, counts.get(part.name, num_vectors))
+    for part in trained:
         weight = part.text_encoder.get_input_embeddings().weight
         if start_vectors is not None:
-            vectors = start_vectors[part.name]
+            vectors = start_vectors[part.role]
             if vectors.shape[1] != weight.shape[1]:
                 raise UserError(
-                    f"--init_embeddings {start_source!r} has {vectors.shape[1]}-dim vectors for {part.name} but the model's "
-                    f"{part.name} uses {weight.shape[1]}; give an embedding made for this model family"
+                    f"--init_embeddings {start_source!r} has {vectors.shape[1]}-dim vectors for {part.role} but the "
+                    f"model's {part.role} uses {weight.shape[1]}; give an embedding made for this model family"
                 )
             initial[part.name] = vectors.detach().to(torch.float32).clone()  # exact, whatever the frozen dtype
         else:
-            if initializer is None:
-                raise UserError("--initializer_token is required: a one-token word the vectors start from, e.g. 'toy'")
-            initial[part.name] = weight[initializer_ids(part.tokenizer, initializer, num_vectors)].detach().clone()
+            ids = initializer_ids(part.tokenizer, initializer, counts[part.name])  # type: ignore[arg-type]
+            initial[part.name] = weight[ids].detach().clone()
     trainables = {}
-    for part in parts.text_encoders:
+    for part in trained:
         ids = add_placeholder_token(part.tokenizer, part.text_encoder, token, initial[part.name])
         trainables[part.name] = TrainableTokens(part.text_encoder, ids[0], initial[part.name])
-        logger.debug("%s: %s is id %d (%d vector(s))", part.name, token, ids[0], len(ids))
-    return TrainableTextEncoders(parts, trainables)
+        logger.debug("%s: %s is id %d (%d vector(s))", part.role, token, ids[0], len(ids))
+    return TrainableTextEncoders(parts, trainables, token, num_vectors)
 
 
-def tokenize(tokenizer: Any, captions: Sequence[str]) -> Any:
-    """A batch of captions as the pipelines tokenize prompts: padded to model_max_length, truncated."""
+def _vector_counts(trained: Sequence[TextEncoderPart], initializer: Optional[str], num_vectors: int) -> dict[str, int]:
+    """Vectors per trained encoder (see :func:`add_placeholder`)."""
+    counts = {part.name: num_vectors for part in trained}
+    if num_vectors != 1 or initializer is None or len(trained) < 2:
+        return counts
+    pieces = {part.name: len(word_ids(part.tokenizer, initializer)) for part in trained}
+    if any(count == 1 for count in pieces.values()):
+        counts.update({name: count for name, count in pieces.items() if count > 1})
+    return counts
+
+
+def tokenize(tokenizer: Any, captions: Sequence[str], max_length: Optional[int] = None) -> Any:
+    """A batch of captions as the pipelines tokenize prompts: padded to the encoder's length, truncated."""
     return tokenizer(
         list(captions),
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )
@@ -179,28 +240,6 @@ def tokenize(tokenizer: Any, captions: Sequence[str]) -> Any:
 
 def uses_attention_mask(text_encoder: Any) -> bool:
     return bool(getattr(getattr(text_encoder, "config", None), "use_attention_mask", False))
-
-
-def sdxl_time_ids(noisy_latents: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
-    """[batch, 6] (original h, w, crop top, left, target h, w) for latents of this size, in pixels."""
-    height, width = (int(side) * vae_scale_factor for side in noisy_latents.shape[-2:])
-    row = torch.tensor([height, width, *SDXL_CROP_TOP_LEFT, height, width], dtype=torch.float32)
-    return row.repeat(noisy_latents.shape[0], 1)
-
-
-def bucket_time_ids(
-    original_sizes: Sequence[Optional[tuple[int, int]]], noisy_latents: torch.Tensor, vae_scale_factor: int
-) -> Optional[torch.Tensor]:
-    """SDXL's time ids for examples that carry their image's original (height, width): (original size,
-    crop (0, 0), target = the latent's size in pixels); None when none carries one (the default ids)."""
-    if all(size is None for size in original_sizes):
-        return None
-    default = sdxl_time_ids(noisy_latents, vae_scale_factor)
-    rows = [
-        row if size is None else torch.tensor([*size, *SDXL_CROP_TOP_LEFT, *row[4:].tolist()], dtype=torch.float32)
-        for row, size in zip(default, original_sizes)
-    ]
-    return torch.stack(rows)
 
 
 def predict(
@@ -213,36 +252,29 @@ def predict(
     tokenizer: Any = None,
     time_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The UNet's prediction for noisy latents captioned with ``captions``.
+    """The denoiser's prediction for noisy latents captioned with ``captions``, at the denoiser's ``timesteps``.
 
-    ``model`` is the (possibly DDP-wrapped) :class:`TrainableTextEncoders`; a plain callable from
-    input ids to hidden states also works, with ``tokenizer`` (for stand-ins in tests). ``time_ids``
-    ([batch, 6], SDXL only) replaces the default of :func:`sdxl_time_ids`.
+    ``model`` is the (possibly DDP-wrapped) :class:`TrainableTextEncoders`; a plain callable from input ids to
+    hidden states also works, with ``tokenizer`` (for stand-ins in tests). ``time_ids`` ([batch, 6], SDXL's buckets)
+    replaces the family's default.
     """
     encoders = getattr(parts, "text_encoders", None)
-    pairs = [(part.tokenizer, part.text_encoder) for part in encoders] if encoders else [(tokenizer, None)]
-    input_ids, masks = [], []
-    for each_tokenizer, text_encoder in pairs:
-        batch = tokenize(each_tokenizer, captions)
+    trainable = getattr(model, "module", model)
+    input_ids: list[torch.Tensor] = []
+    masks: list[Optional[torch.Tensor]] = []
+    for part in encoders or [None]:
+        if part is None:
+            batch = tokenize(tokenizer, captions)
+            input_ids.append(batch.input_ids.to(device))
+            masks.append(None)
+            continue
+        spelled = [trainable.caption_for(part, c) for c in captions] if hasattr(trainable, "caption_for") else captions
+        batch = tokenize(part.tokenizer, spelled, part.max_length)
         input_ids.append(batch.input_ids.to(device))
-        masks.append(batch.attention_mask.to(device) if uses_attention_mask(text_encoder) else None)
+        masks.append(batch.attention_mask.to(device) if uses_attention_mask(part.text_encoder) else None)
     extra = {"attention_masks": masks} if any(mask is not None for mask in masks) else {}
     conditioning = model(*input_ids, **extra)
     if isinstance(conditioning, torch.Tensor):
         conditioning = TextConditioning(conditioning)
-    unet = parts.unet
-    unet_dtype = unet.dtype
-    unet_inputs: dict[str, Any] = {}
-    if conditioning.pooled is not None:
-        unet_inputs["added_cond_kwargs"] = {
-            "text_embeds": conditioning.pooled.to(unet_dtype),
-            "time_ids": (time_ids if time_ids is not None else sdxl_time_ids(noisy_latents, parts.vae_scale_factor)).to(
-                device, unet_dtype
-            ),
-        }
-    return unet(
-        noisy_latents.to(device, unet_dtype),
-        timesteps.to(device),
-        conditioning.hidden_states.to(unet_dtype),
-        **unet_inputs,
-    ).sample
+    call = DenoiserCall(noisy_latents.to(device), timesteps.to(device), parts.vae_scale_factor, time_ids)
+    return parts.family.denoise(parts, conditioning, call)

@@ -11,65 +11,48 @@ from pathlib import Path
 from typing import Any, Optional
 
 from textinv.config import UserError, first_line
+from textinv.models.families import SUPPORTED_TEXT, TEXT_ENCODER_CLASSES, FolderLayout, declared, detect
+from textinv.models.families.base import SINGLE, EncoderRole, ModelFamily
 from textinv.models.quiet import quiet_loading
 
 logger = logging.getLogger(__name__)
 
 # A diffusion model's hub id is "owner/name"; anything else that does not exist locally is a mistyped folder.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-REQUIRED_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+REQUIRED_PARTS = ("tokenizer", "text_encoder", "vae", "scheduler")
 
 
-# Model families textinv trains (what :func:`inspect_pipeline` can name).
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "zh-bert", "zh-xlmr")
-# (text encoder attribute, its tokenizer's attribute) in a diffusers pipeline, in prompt-encoding order.
-ENCODER_SLOTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
-# Text encoder classes textinv can train with: class name (text_encoder/config.json "architectures",
-# else the class model_index.json names) -> (kind, module, class). Taiyi (IDEA-CCNL) Chinese SD uses
-# BertModel; AltDiffusion (BAAI) uses diffusers' RobertaSeriesModelWithTransformation (XLM-R), which
-# diffusers 0.42 keeps under pipelines.deprecated.alt_diffusion.
-TEXT_ENCODER_CLASSES: dict[str, tuple[str, str, str]] = {
-    "CLIPTextModel": ("clip", "transformers", "CLIPTextModel"),
-    "CLIPTextModelWithProjection": ("clip", "transformers", "CLIPTextModelWithProjection"),
-    "BertModel": ("bert", "transformers", "BertModel"),
-    "RobertaSeriesModelWithTransformation": (
-        "xlmr",
-        "diffusers.pipelines.deprecated.alt_diffusion.modeling_roberta_series",
-        "RobertaSeriesModelWithTransformation",
-    ),
-}
-SUPPORTED_TEXT = "SD 1.x, SD 2.x, SDXL, Taiyi (BERT) and AltDiffusion (XLM-R) pipelines"
-
-
-@dataclass(frozen=True)
-class EncoderSlot:
-    """One text encoder of a pipeline folder: where it and its tokenizer are, and its class."""
-
-    name: str  # pipeline attribute and folder: "text_encoder" / "text_encoder_2" (also the Embedding key)
-    tokenizer_name: str  # "tokenizer" / "tokenizer_2"
-    class_name: str
-    kind: str  # "clip", "bert" or "xlmr"
-
-
-@dataclass(frozen=True)
-class PipelineLayout:
-    """What a pipeline folder holds, as far as training cares (read from its JSON files only)."""
-
-    family: str
-    pipeline_class: str
-    encoders: tuple[EncoderSlot, ...]
-    prediction_type: str
+# Parts a pipeline may declare that training then needs: text encoders, tokenizers, the denoiser.
+ENCODER_AND_DENOISER_SLOTS = (
+    "text_encoder_2",
+    "tokenizer_2",
+    "text_encoder_3",
+    "tokenizer_3",
+    "unet",
+    "transformer",
+)
 
 
 @dataclass
 class TextEncoderPart:
     """A loaded tokenizer and its frozen text encoder."""
 
-    name: str  # "text_encoder" / "text_encoder_2": the pipeline attribute, folder and Embedding key
-    tokenizer_name: str  # "tokenizer" / "tokenizer_2"
+    name: str  # "text_encoder" / "text_encoder_2" / "text_encoder_3": the pipeline attribute and folder
+    tokenizer_name: str  # "tokenizer" / "tokenizer_2" / "tokenizer_3"
     tokenizer: Any
     text_encoder: Any
-    kind: str  # "clip", "bert" or "xlmr"
+    kind: str  # "clip", "t5", "bert" or "xlmr"
+    spec: EncoderRole = None  # type: ignore[assignment]  # what the family says of it (None: a single encoder)
+    max_length: Optional[int] = None  # tokens per prompt, as the family's pipeline pads them
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = EncoderRole(SINGLE, self.name, self.tokenizer_name, kind=self.kind)
+
+    @property
+    def role(self) -> str:
+        """The family's name for it, also its key in embedding files: text_encoder; clip_l, clip_g, t5xxl."""
+        return self.spec.role
 
 
 @dataclass
@@ -77,13 +60,28 @@ class ModelParts:
     """What training needs from a pipeline. Frozen modules are in eval mode with no gradients."""
 
     source: str  # the local folder the parts came from (resolved snapshot for hub ids)
-    family: str
-    text_encoders: list[TextEncoderPart]  # one per text encoder, in the pipeline's order (SDXL: two)
-    unet: Any
+    family: ModelFamily
+    text_encoders: list[TextEncoderPart]  # one per text encoder, in the pipeline's order (SDXL: two, SD3: three)
+    denoiser: Any  # the UNet, or SD3's / Flux's transformer
     vae: Any
-    noise_scheduler: Any  # a DDPMScheduler built from the pipeline's scheduler config
+    noise_scheduler: Any  # DDPMScheduler (or FlowMatchEulerDiscreteScheduler) from the pipeline's scheduler config
     pipeline_class: str = "StableDiffusionPipeline"
     vae_scale_factor: int = 8  # pixels per latent pixel (SDXL's time ids are in pixels)
+
+    @property
+    def unet(self) -> Any:
+        """The denoiser (a UNet for SD 1.x/2.x/XL; the name older code and benches use)."""
+        return self.denoiser
+
+    @unet.setter
+    def unet(self, module: Any) -> None:
+        self.denoiser = module
+
+    def encoder_part(self, role: str) -> TextEncoderPart:
+        for part in self.text_encoders:
+            if part.role == role:
+                return part
+        raise KeyError(role)
 
     @property
     def tokenizer(self) -> Any:
@@ -96,6 +94,9 @@ class ModelParts:
 
     @property
     def prediction_type(self) -> str:
+        """epsilon / v_prediction (the DDPM families), or flow_matching (SD3, Flux)."""
+        if self.family.objective == "flow":
+            return "flow_matching"
         return str(self.noise_scheduler.config.prediction_type)
 
 
@@ -154,21 +155,18 @@ def check_pipeline_dir(path: Path) -> dict[str, Any]:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise UserError(f"{str(index_file)!r} is not valid JSON ({error}); the model folder is damaged") from None
+    if not isinstance(index, dict):
+        raise UserError(f"{str(index_file)!r} is not a JSON object; the model folder is damaged")
     _check_supported_components(path, index)
-    declared = [name for pair in ENCODER_SLOTS for name in pair if _declared(index, name)]
-    missing = [part for part in REQUIRED_PARTS + tuple(declared) if not (path / part).is_dir()]
+    declared_parts = [name for name in ENCODER_AND_DENOISER_SLOTS if declared(index, name)]
+    missing = [part for part in REQUIRED_PARTS + tuple(declared_parts) if not (path / part).is_dir()]
     missing = list(dict.fromkeys(missing))
     if missing:
         raise UserError(
             f"model folder {str(path)!r} is missing {', '.join(missing)}; "
-            "textinv needs a complete Stable Diffusion pipeline folder"
+            "textinv needs a complete diffusion pipeline folder"
         )
     return index
-
-
-def _declared(index: dict[str, Any], name: str) -> bool:
-    spec = index.get(name)
-    return isinstance(spec, list) and len(spec) == 2 and spec[1] is not None
 
 
 def _components_text(index: dict[str, Any]) -> str:
@@ -182,92 +180,27 @@ def _components_text(index: dict[str, Any]) -> str:
 
 
 def _check_supported_components(path: Path, index: dict[str, Any]) -> None:
-    """A pipeline without a UNet or without a first text encoder is another kind of model (SD3, Flux, a refiner...)."""
+    """A pipeline without a denoiser or without a first text encoder is another kind of model (a refiner, a VAE...)."""
     pipeline_class = index.get("_class_name", "an unnamed pipeline")
-    if not _declared(index, "unet"):
+    if not declared(index, "unet") and not declared(index, "transformer"):
         raise UserError(
-            f"model {str(path)!r} is a {pipeline_class} with no UNet ({_components_text(index)}); "
+            f"model {str(path)!r} is a {pipeline_class} with no UNet or transformer ({_components_text(index)}); "
             f"textinv trains {SUPPORTED_TEXT}"
         )
-    if not _declared(index, "text_encoder") or not _declared(index, "tokenizer"):
+    if not declared(index, "text_encoder") or not declared(index, "tokenizer"):
         raise UserError(
             f"model {str(path)!r} is a {pipeline_class} without a first text encoder and tokenizer "
             f"({_components_text(index)}; an SDXL refiner?); textinv trains {SUPPORTED_TEXT}"
         )
 
 
-def inspect_pipeline(path: Path) -> PipelineLayout:
-    """Name the model family from what the folder holds: model_index.json, the text encoders'
-    classes and widths, the UNet's conditioning inputs and the scheduler's prediction type."""
-    index = check_pipeline_dir(path)
-    pipeline_class = str(index.get("_class_name", ""))
-    unet_config = _read_json(path / "unet" / "config.json")
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    prediction_type = str(scheduler_config.get("prediction_type", "epsilon"))
-    encoders = []
-    encoder_configs = []
-    for encoder_name, tokenizer_name in ENCODER_SLOTS:
-        if not _declared(index, encoder_name):
-            continue
-        config = _read_json(path / encoder_name / "config.json")
-        class_name = (config.get("architectures") or [index[encoder_name][1]])[0]
-        if class_name not in TEXT_ENCODER_CLASSES:
-            raise UserError(
-                f"model {str(path)!r} ({pipeline_class}) has a {class_name} {encoder_name}; textinv trains with "
-                "CLIP (SD 1.x/2.x/SDXL), BertModel (Taiyi) or RobertaSeriesModelWithTransformation (AltDiffusion) text encoders"
-            )
-        encoders.append(EncoderSlot(encoder_name, tokenizer_name, class_name, TEXT_ENCODER_CLASSES[class_name][0]))
-        encoder_configs.append(config)
-    _check_unet(path, pipeline_class, unet_config, len(encoders))
-    if len(encoders) == 2:
-        if any(slot.kind != "clip" for slot in encoders):
-            found = " + ".join(slot.class_name for slot in encoders)
-            raise UserError(
-                f"model {str(path)!r} ({pipeline_class}) has two text encoders ({found}); "
-                "textinv trains two-encoder pipelines only as SDXL (CLIPTextModel + CLIPTextModelWithProjection)"
-            )
-        family = "sdxl"
-    else:
-        kind, config = encoders[0].kind, encoder_configs[0]
-        if kind == "bert":
-            family = "zh-bert"
-        elif kind == "xlmr":
-            family = "zh-xlmr"
-        elif prediction_type == "v_prediction":
-            family = "sd2-v"
-        # OpenCLIP ViT-H (SD 2.x) is 1024 wide and uses gelu; OpenAI CLIP ViT-L (SD 1.x) quick_gelu.
-        elif int(config.get("hidden_size", 0)) == 1024 or config.get("hidden_act") == "gelu":
-            family = "sd2"
-        else:
-            family = "sd1"
-    return PipelineLayout(family, pipeline_class, tuple(encoders), prediction_type)
+def inspect_pipeline(path: Path) -> FolderLayout:
+    """The folder's family, pipeline class, text encoder classes and prediction type (its JSON files only)."""
+    return detect(path, check_pipeline_dir(path), _read_json)
 
 
-def _check_unet(path: Path, pipeline_class: str, unet_config: dict[str, Any], num_encoders: int) -> None:
-    """The UNet must be a text-to-image one whose extra inputs training can supply."""
-    where = f"model {str(path)!r} ({pipeline_class})"
-    unet_class = unet_config.get("_class_name", "UNet2DConditionModel")
-    if unet_class != "UNet2DConditionModel":
-        raise UserError(f"{where} has a {unet_class} denoiser; textinv trains {SUPPORTED_TEXT} (UNet2DConditionModel)")
-    in_channels = int(unet_config.get("in_channels", 4))
-    if in_channels != 4:
-        raise UserError(
-            f"{where} has a UNet with {in_channels} input channels (an inpainting, depth or upscaling model); "
-            "textinv trains text-to-image UNets (4 latent channels)"
-        )
-    extra = unet_config.get("addition_embed_type")
-    if unet_config.get("class_embed_type") is not None or extra not in (None, "text_time"):
-        what = unet_config.get("class_embed_type") or extra
-        raise UserError(f"{where} has a UNet conditioned on {what!r} inputs; textinv trains {SUPPORTED_TEXT}")
-    if (extra == "text_time") != (num_encoders == 2):
-        raise UserError(
-            f"{where} has {num_encoders} text encoder(s) and a UNet with addition_embed_type={extra!r}; "
-            "textinv knows this only as SDXL (two encoders, 'text_time')"
-        )
-
-
-def detect_family(path: Path) -> str:
-    """The model family of a pipeline folder: one of :data:`FAMILIES` (UserError for the rest)."""
+def detect_family(path: Path) -> ModelFamily:
+    """The model family of a pipeline folder (UserError for the kinds textinv does not train)."""
     return inspect_pipeline(path).family
 
 
@@ -279,14 +212,15 @@ def load_model_parts(
     dtype: Any = None,
     device: Any = None,
 ) -> ModelParts:
-    """Load tokenizer(s), text encoder(s), UNet, VAE and a training noise scheduler, all frozen.
+    """Load tokenizer(s), text encoder(s), the denoiser, the VAE and a training noise scheduler, all frozen.
 
-    ``check_tokenizer`` sees each tokenizer as soon as it loads (a refused placeholder costs no UNet load).
-    The text encoder(s) and UNet load directly in ``dtype`` (None: as diffusers/transformers default) and
+    ``check_tokenizer`` sees each tokenizer as soon as it loads (a refused placeholder costs no denoiser load).
+    The text encoder(s) and denoiser load directly in ``dtype`` (None: as diffusers/transformers default) and
     straight onto ``device`` (None: the CPU): never an fp32 copy first, nor one on the host for a GPU run.
     The VAE loads in float32 (it encodes each view once, and SDXL's overflows in fp16)."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer
 
     placed: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
@@ -294,47 +228,52 @@ def load_model_parts(
         placed["device_map"] = torch.device(device)
     path = resolve_model_dir(name_or_path, revision)
     layout = inspect_pipeline(path)
+    family = layout.family
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
     with quiet_loading():
         try:
             text_encoders = []
-            for position, slot in enumerate(layout.encoders):
+            for position, role in enumerate(family.encoders):
                 # --tokenizer_name replaces the first tokenizer only (as in ppdiffusers' script).
-                tokenizer_source = tokenizer_name if tokenizer_name and position == 0 else path / slot.tokenizer_name
+                tokenizer_source = tokenizer_name if tokenizer_name and position == 0 else path / role.tokenizer_slot
                 tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, revision=revision)
                 if check_tokenizer is not None:
                     check_tokenizer(tokenizer)
-                encoder = _text_encoder_class(slot.class_name).from_pretrained(path / slot.name, **placed)
-                text_encoders.append(TextEncoderPart(slot.name, slot.tokenizer_name, tokenizer, encoder, slot.kind))
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", **placed)
+                class_name = layout.encoder_classes[role.slot]
+                encoder = _text_encoder_class(class_name).from_pretrained(path / role.slot, **placed)
+                text_encoders.append(
+                    TextEncoderPart(role.slot, role.tokenizer_slot, tokenizer, encoder, role.kind, role)
+                )
+            denoiser_class = getattr(diffusers, family.denoiser_class)
+            denoiser = denoiser_class.from_pretrained(path / family.denoiser_slot, **placed)
             vae = AutoencoderKL.from_pretrained(path / "vae", **{**placed, "dtype": torch.float32})
-            # Training always adds noise the DDPM way, whatever sampler the pipeline ships with;
-            # from_config keeps the betas and prediction_type of the model's own scheduler.
-            noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+            if family.objective == "flow":
+                noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+            else:
+                # Training always adds noise the DDPM way, whatever sampler the pipeline ships with;
+                # from_config keeps the betas and prediction_type of the model's own scheduler.
+                noise_scheduler = DDPMScheduler.from_config(scheduler_config)
         except UserError:
             raise
         except (OSError, ValueError, KeyError) as error:
             raise UserError(f"could not load the pipeline in {str(path)!r}: {first_line(error)}") from None
-    for module in (*(part.text_encoder for part in text_encoders), unet, vae):
+    for part in text_encoders:
+        part.max_length = family.max_length(part.spec, denoiser)
+    for module in (*(part.text_encoder for part in text_encoders), denoiser, vae):
         module.requires_grad_(False)
         module.eval()
-    logger.info(
-        "loaded %s pipeline (%s) from %s (prediction_type=%s)",
-        layout.family,
-        layout.pipeline_class,
-        path,
-        noise_scheduler.config.prediction_type,
-    )
-    return ModelParts(
+    parts = ModelParts(
         source=str(path),
-        family=layout.family,
+        family=family,
         text_encoders=text_encoders,
-        unet=unet,
+        denoiser=denoiser,
         vae=vae,
         noise_scheduler=noise_scheduler,
         pipeline_class=layout.pipeline_class,
         vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
     )
+    logger.info("loaded %s pipeline (%s) from %s (%s)", family.name, layout.pipeline_class, path, parts.prediction_type)
+    return parts
 
 
 def load_pipeline_folder(path: Path, dtype: Any = None) -> Any:
@@ -351,9 +290,8 @@ def load_pipeline_folder(path: Path, dtype: Any = None) -> Any:
     index = _read_json(path / "model_index.json")
     hand_loaded = [
         name
-        for name, _ in ENCODER_SLOTS
-        if _declared(index, name)
-        and TEXT_ENCODER_CLASSES.get(index[name][1], ("", "transformers"))[1] != "transformers"
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+        if declared(index, name) and TEXT_ENCODER_CLASSES.get(index[name][1], ("", "transformers"))[1] != "transformers"
     ]
     if not hand_loaded:
         with quiet_loading():
@@ -378,16 +316,21 @@ def load_pipeline_folder(path: Path, dtype: Any = None) -> Any:
     return getattr(diffusers, index["_class_name"])(**components)
 
 
-def pipeline_from_parts(parts: ModelParts, vae: Any, scheduler: Any, unet: Any = None) -> Any:
-    """A pipeline of the base model's class (SD, SDXL, AltDiffusion...) over modules already in memory:
-    training's frozen text encoder(s) and UNet (or ``unet``), with ``vae`` and ``scheduler``; no safety checker."""
+def pipeline_from_parts(parts: ModelParts, vae: Any, scheduler: Any, denoiser: Any = None) -> Any:
+    """A pipeline of the base model's class (SD, SDXL, SD3, Flux, AltDiffusion...) over modules already in memory:
+    training's frozen text encoder(s) and denoiser (or ``denoiser``), with ``vae`` and ``scheduler``; no safety
+    checker."""
     import inspect
 
     import diffusers
 
     with quiet_loading():  # importing a pipeline module logs transformers' image-processor notices
         pipeline_class = getattr(diffusers, parts.pipeline_class, None) or diffusers.StableDiffusionPipeline
-    components: dict[str, Any] = {"vae": vae, "unet": parts.unet if unet is None else unet, "scheduler": scheduler}
+    components: dict[str, Any] = {
+        "vae": vae,
+        parts.family.denoiser_slot: parts.denoiser if denoiser is None else denoiser,
+        "scheduler": scheduler,
+    }
     for part in parts.text_encoders:
         components[part.name] = part.text_encoder
         components[part.tokenizer_name] = part.tokenizer

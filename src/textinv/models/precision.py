@@ -257,3 +257,20 @@ def keep_less_for_backward(module: Any) -> dict[str, int]:
 def uncompiled(module: Any) -> Any:
     """The module ``torch.compile`` wrapped (sampling with it would compile again), or ``module`` itself."""
     return getattr(module, "_orig_mod", module)
+
+
+def apply_to_text_encoders(config: TrainConfig, trainable: Any) -> None:
+    """Gradient checkpointing in the text encoders that learn the word (T5-XXL's activations are the largest part of
+    an SD3/Flux step's memory once the denoiser checkpoints). transformers checkpoints only in training mode, so the
+    encoder is put in it with every dropout left off: the frozen encoder computes exactly what it does in eval mode."""
+    if not config.gradient_checkpointing:
+        return
+    for trainable_tokens in trainable.tokens.values():
+        encoder = trainable_tokens.text_encoder
+        if not getattr(encoder, "supports_gradient_checkpointing", False):
+            continue
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        encoder.train()
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.eval()

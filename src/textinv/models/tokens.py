@@ -13,6 +13,7 @@ A token of N vectors is spelled in prompts as ``tok tok_1 ... tok_{N-1}``: the n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,20 @@ def expand_placeholder(text: str, token: str, num_vectors: int) -> str:
     if num_vectors == 1:
         return text
     return text.replace(token, " ".join(token_names(token, num_vectors)))
+
+
+def expand_loaded_tokens(text: str, tokenizer: Any) -> str:
+    """``text`` with every multi-vector token ``tokenizer`` has loaded spelled out (``tok`` -> ``tok tok_1 ...``), as
+    diffusers' ``maybe_convert_prompt`` does for the pipelines that have it (SD3's has not)."""
+    added = set(tokenizer.get_added_vocab())
+    words = text.split(" ")
+    spelled = []
+    for word in words:
+        count = 1
+        while word in added and f"{word}_{count}" in added:
+            count += 1
+        spelled.append(expand_placeholder(word, word, count) if word in added else word)
+    return " ".join(spelled)
 
 
 def check_new_token(tokenizer: Any, token: str, num_vectors: int) -> None:
@@ -93,6 +108,19 @@ def check_words(tokenizer: Any, token: str, num_vectors: int, initializer: Optio
     check_new_token(tokenizer, token, num_vectors)
     if initializer is not None:
         initializer_ids(tokenizer, initializer, num_vectors)
+
+
+def tokenizer_check(token: str, num_vectors: int, initializer: Optional[str]) -> Callable[[Any], None]:
+    """What each tokenizer alone can tell, checked as it loads (before the denoiser): the placeholder is new to it,
+    and the initializer fits the first one. Later tokenizers may split the initializer otherwise (T5's SentencePiece),
+    which gives their encoder more vectors (textinv.models.conditioning.add_placeholder)."""
+    seen: list[Any] = []
+
+    def check(tokenizer: Any) -> None:
+        check_words(tokenizer, token, num_vectors, initializer if not seen else None)
+        seen.append(tokenizer)
+
+    return check
 
 
 def add_placeholder_token(

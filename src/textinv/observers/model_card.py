@@ -143,29 +143,48 @@ def render_model_card(
     return "\n".join(lines)
 
 
-def _diffusers_usage(family: str, base_shown: str, where: str, token: str, repo_id: Optional[str]) -> list[str]:
-    """Loading lines for the family: SDXL files hold clip_l/clip_g, one per text encoder."""
-    if family == "sdxl":
-        if repo_id:
-            fetch = [f'state = load_file(hf_hub_download("{repo_id}", "{EMBEDDING_FILE}"))']
-            imports = ["from huggingface_hub import hf_hub_download"]
-        else:
-            fetch, imports = [f'state = load_file("{Path(where) / EMBEDDING_FILE}")'], []
+def _diffusers_usage(family_name: str, base_shown: str, where: str, token: str, repo_id: Optional[str]) -> list[str]:
+    """Loading lines for the family: multi-encoder files hold one tensor per encoder role (clip_l, clip_g, t5xxl),
+    each loaded into its encoder; SD3's pipeline has no diffusers loader, so textinv's loads it."""
+    from textinv.models.families import FAMILIES
+
+    family = FAMILIES.get(family_name, FAMILIES["sd1"])
+    pipeline = family.pipeline_class
+    if not family.multi_encoder:
         return [
-            "from diffusers import StableDiffusionXLPipeline",
-            *imports,
-            "from safetensors.torch import load_file",
+            "from diffusers import DiffusionPipeline",
             "",
-            f'pipe = StableDiffusionXLPipeline.from_pretrained("{base_shown}")',
-            *fetch,
-            f'pipe.load_textual_inversion(state["clip_l"], token="{token}", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
-            f'pipe.load_textual_inversion(state["clip_g"], token="{token}", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)',
+            f'pipe = DiffusionPipeline.from_pretrained("{base_shown}")',
+            f'pipe.load_textual_inversion("{where}")  # reads {EMBEDDING_FILE}',
         ]
+    if repo_id:
+        file_line = f'hf_hub_download("{repo_id}", "{EMBEDDING_FILE}")'
+        imports = ["from huggingface_hub import hf_hub_download"]
+    else:
+        file_line, imports = f'"{Path(where) / EMBEDDING_FILE}"', []
+    if not family.diffusers_loader:
+        return [
+            f"from diffusers import {pipeline}",
+            *imports,
+            "from textinv import load_embeddings  # diffusers has no textual-inversion loader for this pipeline",
+            "",
+            f'pipe = {pipeline}.from_pretrained("{base_shown}")',
+            f"load_embeddings(pipe, {file_line})  # every encoder the file has vectors for",
+        ]
+    loads = [
+        f'pipe.load_textual_inversion(state["{encoder.role}"], token="{token}", '
+        f"text_encoder=pipe.{encoder.slot}, tokenizer=pipe.{encoder.tokenizer_slot})"
+        for encoder in family.encoders
+    ]
     return [
-        "from diffusers import DiffusionPipeline",
+        f"from diffusers import {pipeline}",
+        *imports,
+        "from safetensors.torch import load_file",
         "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base_shown}")',
-        f'pipe.load_textual_inversion("{where}")  # reads {EMBEDDING_FILE}',
+        f'pipe = {pipeline}.from_pretrained("{base_shown}")',
+        f"state = load_file({file_line})",
+        "# one tensor per text encoder; a run that trained only some of them has only those keys",
+        *loads,
     ]
 
 

@@ -208,16 +208,16 @@ def build_validation_pipeline(run: RunContext) -> Any:
     source = Path(parts.source)
     # The VAE left memory once the latents were cached; validation alone needs it back.
     with quiet_loading():
-        vae = AutoencoderKL.from_pretrained(source / "vae", dtype=parts.unet.dtype)
+        vae = AutoencoderKL.from_pretrained(source / "vae", dtype=parts.denoiser.dtype)
     vae.requires_grad_(False)
     vae.eval()
     # The base model's own sampler, so a validation image equals `textinv generate` of the saved result.
     index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
     scheduler_class = getattr(diffusers, index["scheduler"][1])
     scheduler = scheduler_class.from_pretrained(source / "scheduler")
-    # The base model's pipeline class over every text encoder (SDXL has two; issue 7), with the UNet as it
-    # was before torch.compile (--compile): sampling shapes and no-grad mode would compile it again.
-    pipeline = pipeline_from_parts(parts, vae, scheduler, unet=uncompiled(parts.unet))
+    # The base model's pipeline class over every text encoder (SDXL has two, SD3 three; issues 7, 25), with the
+    # denoiser as it was before torch.compile (--compile): sampling shapes and no-grad mode would compile it again.
+    pipeline = pipeline_from_parts(parts, vae, scheduler, denoiser=uncompiled(parts.denoiser))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -54,7 +54,7 @@ class ExportFormat:
     writer_format: str  # textinv.embeddings.write_embedding's format name
     suffix: str
     label: str
-    two_encoders: bool = False  # SDXL's layout; the others hold one text encoder's vectors
+    two_encoders: bool = False  # a multi-encoder layout (SDXL, SD3, Flux); the others hold one text encoder's vectors
 
 
 EXPORT_FORMATS: dict[str, ExportFormat] = {
@@ -65,15 +65,21 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
         ExportFormat("a1111", "a1111", ".pt", "AUTOMATIC1111 .pt"),
         ExportFormat("a1111-safetensors", "a1111", ".safetensors", "AUTOMATIC1111 .safetensors"),
         ExportFormat("sdxl", "sdxl", ".safetensors", "SDXL .safetensors (clip_l + clip_g)", two_encoders=True),
+        # SD3 / Flux (issue 25): ComfyUI's keys, and OneTrainer's / diffusers' advanced scripts' (T5 as "t5").
+        ExportFormat("comfyui", "comfyui", ".safetensors", "ComfyUI .safetensors (clip_l, clip_g, t5xxl)", True),
+        ExportFormat("onetrainer", "onetrainer", ".safetensors", "OneTrainer .safetensors (clip_l, clip_g, t5)", True),
         ExportFormat("pdparams", "pdparams", ".pdparams", "ppdiffusers .pdparams"),
     )
 }
 
 
 def export_formats_for(embedding: Any) -> list[ExportFormat]:
-    """The formats that can hold this embedding: SDXL's for two text encoders, the others for one."""
-    two = len(embedding.vectors) == 2
-    return [f for f in EXPORT_FORMATS.values() if f.two_encoders == two]
+    """The formats that can hold this embedding: the multi-encoder layouts for role-keyed vectors (SDXL's only for
+    exactly clip_l + clip_g), the others for one text encoder's."""
+    roles = set(embedding.vectors)
+    if roles == {"text_encoder"}:
+        return [f for f in EXPORT_FORMATS.values() if not f.two_encoders]
+    return [f for f in EXPORT_FORMATS.values() if f.two_encoders and (f.key != "sdxl" or roles == {"clip_l", "clip_g"})]
 
 
 # --- the server's state: one job at a time, exports, generation ------------------------------------

@@ -84,6 +84,24 @@ def image_data(config: TrainConfig, image_paths: Sequence[Path]) -> ImageData:
     return ImageData(captioner, sizes, [distinct.index(size) for size in sizes], originals, masks)
 
 
+def check_sizes_for_family(config: TrainConfig, family: Any, data: Optional[ImageData]) -> None:
+    """Image sides must be multiples of what the family's denoiser can take (SD3's and Flux's 2x2 latent patches
+    make it 16 px); training sizes and every bucket are checked before any image is encoded."""
+    multiple = family.resolution_multiple
+    sizes = {(config.image_height, config.image_width)} | set(data.sizes if data is not None else [])
+    for height, width in sorted(sizes):
+        if height % multiple or width % multiple:
+            fix = (
+                "--bucket_reso_steps 64"
+                if config.enable_bucket
+                else f"--resolution {max(multiple, height // multiple * multiple)}"
+            )
+            raise UserError(
+                f"a {family.title} model needs image sides that are multiples of {multiple} px, and this run has "
+                f"{width}x{height}; use {fix}"
+            )
+
+
 def load_latents(
     config: TrainConfig, parts: ModelParts, image_paths: Sequence[Path], device: torch.device, data: ImageData
 ) -> Any:

@@ -37,7 +37,8 @@ def embedding_of(config: TrainConfig, trainable: Any, step: int) -> Embedding:
     """The trained vectors as an :class:`Embedding` (float32, on the CPU)."""
     return Embedding(
         token=config.placeholder_token,
-        vectors={name: v.detach().float().cpu().clone() for name, v in trainable.vectors_by_encoder().items()},
+        # Keyed by role (text_encoder; clip_l, clip_g, t5xxl), the keys of the files other tools read.
+        vectors={role: v.detach().float().cpu().clone() for role, v in trainable.vectors_by_role().items()},
         step=step,
     )
 
@@ -52,7 +53,7 @@ def formats_for_model(config: TrainConfig, parts: ModelParts) -> TrainConfig:
     (the root script's pdparams) that cannot hold two encoders' vectors are left out for SDXL, with a
     log line; formats the user named are checked (:func:`check_embedding_formats`)."""
     formats = config.embedding_formats
-    if config.extra.get("default_embedding_formats") and len(parts.text_encoders) > 1:
+    if config.extra.get("default_embedding_formats") and parts.family.multi_encoder:
         kept = [name for name in formats if name == "diffusers"]
         if kept != formats:
             logger.info(
@@ -68,12 +69,14 @@ def formats_for_model(config: TrainConfig, parts: ModelParts) -> TrainConfig:
 
 def check_embedding_formats(formats: Sequence[str], parts: ModelParts) -> None:
     """Refuse, before training, a format that cannot hold this model's vectors."""
-    if len(parts.text_encoders) > 1:
+    if parts.family.multi_encoder:
         single = [name for name in formats if name != "diffusers"]
         if single:
+            keys = "/".join(parts.family.roles)
             raise UserError(
-                f"--embedding_formats {' '.join(single)} holds one text encoder's vectors, but this {parts.family} "
-                "model has two; use diffusers (learned_embeds.safetensors is the clip_l/clip_g file SDXL tools read)"
+                f"--embedding_formats {' '.join(single)} holds one text encoder's vectors, but this {parts.family.title} "
+                f"model has {len(parts.text_encoders)}; use diffusers (learned_embeds.safetensors is the {keys} file "
+                "ComfyUI, A1111 and diffusers read)"
             )
 
 
@@ -128,9 +131,10 @@ def save_pipeline(
     """
     source = Path(parts.source)
     index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
-    # Every tokenizer and text encoder holds the new token (SDXL: both pairs).
-    tokenizers = {part.tokenizer_name: part.tokenizer for part in parts.text_encoders}
-    encoders = {part.name: part for part in parts.text_encoders}
+    # Every trained tokenizer and text encoder holds the new token (SDXL: both pairs); the others are copied.
+    trained = set(trainable.tokens) if trainable is not None else {part.name for part in parts.text_encoders}
+    tokenizers = {part.tokenizer_name: part.tokenizer for part in parts.text_encoders if part.name in trained}
+    encoders = {part.name: part for part in parts.text_encoders if part.name in trained}
     written, pytorch_only = [], []
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:

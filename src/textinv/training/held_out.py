@@ -29,9 +29,11 @@ import torch
 from textinv.config import TrainConfig
 from textinv.embeddings import Embedding, save_diffusers
 from textinv.events import BEST_EMBEDDING_FILE, RunContext
-from textinv.models.conditioning import bucket_time_ids, predict
+from textinv.models.conditioning import predict
+from textinv.models.families.sdxl import bucket_time_ids
+from textinv.models.objectives import ObjectiveSettings, make_objective
 from textinv.training.export import write_embedding
-from textinv.training.loss import loss_target
+from textinv.training.loss import LossSettings, ObjectiveFor
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class HeldOutSet:
     captions: list[str]
     noisy: Any  # [n, C, h, w]; with aspect-ratio buckets a list of [C, h, w] of their buckets' sizes
     target: Any  # as noisy
-    timesteps: torch.Tensor  # [n], one in each of n equal strata of [0, num_train_timesteps)
+    timesteps: torch.Tensor  # [n] the denoiser's timesteps, one in each of n equal strata of the objective's range
     weights: Optional[list[Optional[torch.Tensor]]] = (
         None  # per triple [1, h, w] mask weights (--alpha_mask, --mask_dir)
     )
@@ -58,7 +60,7 @@ class HeldOutSet:
 
 def build_held_out(
     latents: Any,
-    scheduler: Any,
+    objective_for: Any,
     templates: Sequence[str],
     placeholder_text: str,
     seed: int,
@@ -72,8 +74,13 @@ def build_held_out(
     each, a latent sample and noise each, and timesteps stratified over the range in a shuffled order.
     With a ``captioner`` (textinv.data.captions) each caption is the image's, as written (no tag shuffling
     or dropout); with ``weights`` (textinv.data.masks.LossWeights) each triple is weighted by its mask.
+    ``objective_for`` gives the training objective for a latent shape (textinv.training.loss.ObjectiveFor); a noise
+    scheduler stands for its DDPM objective. The triples' timesteps are what the denoiser is called with.
     """
-    num_timesteps = int(scheduler.config.num_train_timesteps)
+    if hasattr(objective_for, "config"):  # a scheduler
+        scheduler = objective_for
+        objective_for = lambda shape: make_objective(scheduler, ObjectiveSettings())  # noqa: E731
+    num_timesteps = int(objective_for((1, 1)).num_train_timesteps)
     strata = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, HELD_OUT_STREAM]))).permutation(count)
     flips = 2 if random_flip and latents.num_flips > 1 else 1
     captions, clean, noises, timesteps, masks = [], [], [], [], []
@@ -92,20 +99,26 @@ def build_held_out(
         latent = latents.sample(image_index, flip, generator).float()
         clean.append(latent)
         noises.append(torch.randn(latent.shape, generator=generator))
-    timestep_t = torch.tensor(timesteps, dtype=torch.long)
+    # One stratum index each; the objective puts it on its own scale (DDPM: the index; flow matching: the shifted
+    # noise level of that grid point). The midpoint keeps float rounding from moving an index.
+    fractions = (torch.tensor(timesteps, dtype=torch.float64) + 0.5) / num_timesteps
     sizes = [original_sizes[i % latents.num_images] for i in range(count)] if original_sizes is not None else None
     held_weights = masks if weights is not None else None
     if len({latent.shape for latent in clean}) == 1:
+        objective = objective_for(clean[0].shape)
+        timestep_t = objective.stratified_timesteps(fractions)
         latent_t, noise_t = torch.stack(clean), torch.stack(noises)
-        noisy = scheduler.add_noise(latent_t, noise_t, timestep_t)
-        target = loss_target(scheduler, latent_t, noise_t, timestep_t).float()
-        return HeldOutSet(captions, noisy, target, timestep_t, held_weights, sizes)
-    noisy_list, target_list = [], []  # buckets: each triple at its own size
-    for latent, noise, timestep in zip(clean, noises, timestep_t):
-        one = timestep.reshape(1)
-        noisy_list.append(scheduler.add_noise(latent[None], noise[None], one)[0])
-        target_list.append(loss_target(scheduler, latent[None], noise[None], one)[0].float())
-    return HeldOutSet(captions, noisy_list, target_list, timestep_t, held_weights, sizes)
+        noisy = objective.noisy(latent_t, noise_t, timestep_t)
+        target = objective.target(latent_t, noise_t, timestep_t).float()
+        return HeldOutSet(captions, noisy, target, objective.model_timesteps(timestep_t), held_weights, sizes)
+    noisy_list, target_list, model_steps = [], [], []  # buckets: each triple at its own size
+    for latent, noise, fraction in zip(clean, noises, fractions):
+        objective = objective_for(latent.shape)
+        one = objective.stratified_timesteps(fraction.reshape(1))
+        noisy_list.append(objective.noisy(latent[None], noise[None], one)[0])
+        target_list.append(objective.target(latent[None], noise[None], one)[0].float())
+        model_steps.append(objective.model_timesteps(one))
+    return HeldOutSet(captions, noisy_list, target_list, torch.cat(model_steps), held_weights, sizes)
 
 
 def _pick(values: Any, chunk: list[int]) -> torch.Tensor:
@@ -194,7 +207,7 @@ class HeldOutEvaluation:
             return None
         held = build_held_out(
             latents,
-            parts.noise_scheduler,
+            ObjectiveFor(parts, LossSettings.from_config(config)),
             stream.templates,
             stream.placeholder_text,
             stream.seed,

@@ -1,4 +1,5 @@
-"""The denoising loss: noise a latent, predict, compare with the scheduler's target.
+"""The denoising loss: noise a latent, predict, compare with the objective's target (textinv.models.objectives:
+the scheduler's epsilon / velocity, or flow matching's noise - x0).
 
 Each example's random draws (latent sample, noise, timestep) come from its own generator, so
 they depend only on the example, never on the batch layout or the number of processes.
@@ -6,50 +7,60 @@ they depend only on the example, never on the batch layout or the number of proc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from textinv.config import TrainConfig, UserError
+from textinv.config import TrainConfig
 from textinv.data.examples import Example
 from textinv.data.latents import LatentCache
 from textinv.data.masks import LossWeights
-from textinv.models.conditioning import bucket_time_ids, predict
+from textinv.models.conditioning import predict
+from textinv.models.families.sdxl import bucket_time_ids
 from textinv.models.loading import ModelParts
+from textinv.models.objectives import DenoisingDiffusion, Objective, ObjectiveSettings, make_objective
 
 
 @dataclass(frozen=True)
-class LossSettings:
-    """How :func:`denoising_loss` draws timesteps and weights examples (TrainConfig, issue 8)."""
+class LossSettings(ObjectiveSettings):
+    """How :func:`denoising_loss` draws timesteps and weights examples: the objective's settings (issues 8, 25)
+    and the offset noise (issue 15)."""
 
-    timestep_sampling: str = "uniform"
-    timestep_logit_mean: float = 0.0
-    timestep_logit_std: float = 1.0
-    snr_gamma: Optional[float] = None
-    noise_offset: float = 0.0  # issue 15
+    noise_offset: float = 0.0
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> LossSettings:
         return cls(
-            config.timestep_sampling,
-            config.timestep_logit_mean,
-            config.timestep_logit_std,
-            config.snr_gamma,
-            config.noise_offset,
+            timestep_sampling=config.timestep_sampling,
+            timestep_logit_mean=config.timestep_logit_mean,
+            timestep_logit_std=config.timestep_logit_std,
+            snr_gamma=config.snr_gamma,
+            weighting_scheme=config.weighting_scheme,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+            mode_scale=config.mode_scale,
+            flow_shift=config.flow_shift,
+            noise_offset=config.noise_offset,
         )
 
 
-def draw_timestep(generator: torch.Generator, num_train_timesteps: int, settings: LossSettings) -> torch.Tensor:
-    """One timestep, shape [1], drawn from ``generator`` as ``settings`` say (one draw from it either way)."""
-    if settings.timestep_sampling == "uniform":
-        return torch.randint(0, num_train_timesteps, (1,), generator=generator)
-    if settings.timestep_sampling == "logit_normal":
-        logit = torch.randn((1,), generator=generator) * settings.timestep_logit_std + settings.timestep_logit_mean
-        return (torch.sigmoid(logit) * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
-    raise UserError(f"--timestep_sampling {settings.timestep_sampling!r} is not one of: uniform, logit_normal")
+class ObjectiveFor:
+    """The family's objective for latents of a given shape (Flux's noise shift depends on the image size), made once
+    per shape. ``objective_for(latent_shape)``."""
+
+    def __init__(self, parts: Any, settings: ObjectiveSettings) -> None:
+        self.scheduler, self.settings = parts.noise_scheduler, settings
+        self._by_patches: dict[int, Objective] = {}
+
+    def __call__(self, latent_shape: Sequence[int]) -> Objective:
+        # Packed 2x2 latent patches: Flux's image sequence length (the DDPM objectives ignore it).
+        patches = (int(latent_shape[-2]) // 2) * (int(latent_shape[-1]) // 2)
+        if patches not in self._by_patches:
+            self._by_patches[patches] = make_objective(self.scheduler, self.settings, patches)
+        return self._by_patches[patches]
 
 
 def offset_noise(noise: torch.Tensor, generator: torch.Generator, noise_offset: float) -> torch.Tensor:
@@ -63,46 +74,23 @@ def offset_noise(noise: torch.Tensor, generator: torch.Generator, noise_offset: 
     return noise + noise_offset * offset
 
 
-def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-example loss weights of min-SNR-gamma (Hang et al. 2023), for the scheduler's target.
-
-    SNR(t) = alpha_bar / (1 - alpha_bar). The weight min(SNR, gamma) is for an x0 target; an epsilon
-    target's error is the x0 error times SNR, a velocity target's times (SNR + 1), hence the division.
-    """
-    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)[timesteps.long()]
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)
-    clipped = snr.clamp(max=gamma)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        weights = clipped / snr
-    elif prediction_type == "v_prediction":
-        weights = clipped / (snr + 1.0)
-    else:  # "sample": the target is x0 itself
-        weights = clipped
-    return weights.float()
-
-
 def loss_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet is trained to predict, by the scheduler's ``prediction_type``."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise UserError(f"the model's scheduler has prediction_type {kind!r}, which textinv cannot train")
+    """What a DDPM-trained UNet predicts, by the scheduler's ``prediction_type`` (the benches' planted teacher)."""
+    return DenoisingDiffusion(scheduler).target(latents, noise, timesteps)
 
 
 def example_draws(
-    example: Example, latent_cache: LatentCache, num_train_timesteps: int, settings: LossSettings
+    example: Example,
+    latent_cache: LatentCache,
+    objective_for: Callable[[Sequence[int]], Objective],
+    settings: LossSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One example's latent sample, noise and timestep ([1]), drawn from its own generator in that order;
     then, when ``settings.noise_offset`` is not 0, the offset (after the others: 0 leaves every draw as it was)."""
     generator = torch.Generator().manual_seed(example.noise_seed)
     latent = latent_cache.sample(example.image_index, example.flipped, generator)
     noise = torch.randn(latent.shape, generator=generator)
-    timestep = draw_timestep(generator, num_train_timesteps, settings)
+    timestep = objective_for(latent.shape).draw_timestep(generator, settings)
     if settings.noise_offset:
         noise = offset_noise(noise, generator, settings.noise_offset)
     return latent, noise, timestep
@@ -117,8 +105,11 @@ def denoising_loss(
     device: torch.device,
     settings: LossSettings = LossSettings(),
     weights: Optional[LossWeights] = None,
+    objective_for: Optional[ObjectiveFor] = None,
 ) -> torch.Tensor:
-    """Mean-squared error of the UNet's prediction for a batch of examples (min-SNR weighted if asked).
+    """Mean-squared error of the denoiser's prediction for a batch of examples, weighted as the objective says
+    (min-SNR-gamma; SD3's and Flux's weighting schemes). ``objective_for`` (:class:`ObjectiveFor`) is made here when
+    not given; the recipe keeps one for the run.
 
     Each example's random draws (latent sample, noise, timestep, then the noise offset when
     ``settings.noise_offset`` is not 0) come from its own generator, in that order, so they depend
@@ -126,31 +117,33 @@ def denoising_loss(
     weighted per latent pixel and divided by the batch's weight sum (issue 17): all-ones weights give
     the plain mean, and an example whose weights are all 0 adds exactly nothing, nor any gradient.
     """
-    scheduler = parts.noise_scheduler
-    steps = scheduler.config.num_train_timesteps
-    draws = [example_draws(example, latent_cache, steps, settings) for example in examples]
+    objective_for = objective_for or ObjectiveFor(parts, settings)
+    draws = [example_draws(example, latent_cache, objective_for, settings) for example in examples]
     latents_t = torch.stack([latent for latent, _, _ in draws])
     noise_t = torch.stack([noise for _, noise, _ in draws])
     timesteps_t = torch.cat([timestep for _, _, timestep in draws])
-    noisy = scheduler.add_noise(latents_t, noise_t, timesteps_t)
-    target = loss_target(scheduler, latents_t, noise_t, timesteps_t)
-    # Text conditioning and the UNet call, as the model family's pipeline does it (textinv.models.conditioning).
+    objective = objective_for(latents_t.shape)  # a batch is one bucket: one shape
+    noisy = objective.noisy(latents_t, noise_t, timesteps_t)
+    target = objective.target(latents_t, noise_t, timesteps_t)
+    # Text conditioning and the denoiser call, as the model family's pipeline does it (textinv.models.families).
     sizes = [example.original_size for example in examples]  # with aspect-ratio buckets: SDXL's time ids
     time_ids = bucket_time_ids(sizes, noisy, parts.vae_scale_factor) if any(sizes) else None
     captions = [example.caption for example in examples]
-    prediction = predict(model, parts, captions, noisy, timesteps_t, device, tokenizer, time_ids)
+    model_timesteps = objective.model_timesteps(timesteps_t)
+    prediction = predict(model, parts, captions, noisy, model_timesteps, device, tokenizer, time_ids)
+    example_weights = objective.loss_weights(timesteps_t, settings)  # min-SNR-gamma, SD3's cosmap...: or None
     per_pixel_weights = _batch_weights(weights, examples, noisy)
     if per_pixel_weights is not None:
         squared = F.mse_loss(prediction.float(), target.to(device).float(), reduction="none")
         weight = per_pixel_weights.to(device).expand_as(squared)
         per_example = (squared * weight).flatten(1).sum(1)
-        if settings.snr_gamma is not None:
-            per_example = per_example * min_snr_weights(scheduler, timesteps_t, settings.snr_gamma).to(device)
+        if example_weights is not None:
+            per_example = per_example * example_weights.to(device)
         return per_example.sum() / weight.sum().clamp_min(torch.finfo(torch.float32).tiny)
-    if settings.snr_gamma is None:
+    if example_weights is None:
         return F.mse_loss(prediction.float(), target.to(device).float())
     per_example = F.mse_loss(prediction.float(), target.to(device).float(), reduction="none").flatten(1).mean(1)
-    return (per_example * min_snr_weights(scheduler, timesteps_t, settings.snr_gamma).to(device)).mean()
+    return (per_example * example_weights.to(device)).mean()
 
 
 def _batch_weights(

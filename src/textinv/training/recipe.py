@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -27,9 +26,10 @@ from textinv.events import BEST_EMBEDDING_FILE, RUN_FILE, RunContext, StepState,
 from textinv.files import atomic_write_json
 from textinv.models import precision
 from textinv.models.conditioning import add_placeholder
+from textinv.models.families import check_text_encoders
 from textinv.models.loading import load_model_parts, resolve_model_dir
 from textinv.models.quiet import quiet_loading
-from textinv.models.tokens import check_words
+from textinv.models.tokens import tokenizer_check
 from textinv.training import builders, checkpoints, run_dir
 from textinv.training.export import (
     embedding_file_name,
@@ -41,7 +41,7 @@ from textinv.training.export import (
     write_snapshot,
 )
 from textinv.training.held_out import HeldOutEvaluation
-from textinv.training.loss import LossSettings, denoising_loss
+from textinv.training.loss import LossSettings, ObjectiveFor, denoising_loss
 from textinv.training.stopping import (
     DIVERGED_HINT,
     TrainingDiverged,
@@ -136,9 +136,7 @@ class TrainingRecipe:
                 config, num_vectors=int(next(iter(start_vectors.values())).shape[0])
             )
         initializer = None if start_vectors is not None else config.initializer_token
-        check_tokenizer = functools.partial(
-            check_words, token=config.placeholder_token, num_vectors=config.num_vectors, initializer=initializer
-        )
+        check_tokenizer = tokenizer_check(config.placeholder_token, config.num_vectors, initializer)
         with accelerator.local_main_process_first():  # one hub download per machine; the others then read its cache
             model_dir = resolve_model_dir(config.pretrained_model_name_or_path, config.revision)
         dtype = precision.frozen_dtype(config)  # the frozen parts load in it, straight onto the device
@@ -146,6 +144,8 @@ class TrainingRecipe:
             str(model_dir), config.revision, config.tokenizer_name, check_tokenizer, dtype, device
         )
         config = self.config = formats_for_model(config, parts)  # the root script's pdparams: not for SDXL
+        check_text_encoders(parts.family, config.text_encoders)
+        builders.check_sizes_for_family(config, parts.family, data)
         language = choose_language(config.language, config.pretrained_model_name_or_path, parts.family)
         identity = run_dir.run_identity(config, parts, image_paths, self.latent_cache)
         identity["language"] = language  # the templates change the examples, so a resume must keep them
@@ -165,8 +165,10 @@ class TrainingRecipe:
             config.initializer_token,
             start_vectors,
             config.init_embeddings or "",
+            config.text_encoders,
         )
-        parts.unet = precision.apply_to_unet(config, parts.unet, device)
+        parts.denoiser = precision.apply_to_unet(config, parts.denoiser, device)
+        precision.apply_to_text_encoders(config, trainable)
         trainable.to(device)
 
         # Schedule, optimizer, and the state of a resumed run.
@@ -223,6 +225,7 @@ class TrainingRecipe:
                 self.evaluation.evaluate(run, self.start_step)  # where the curve starts
         self.per_update = config.examples_per_update(num_processes)
         self.loss_settings = LossSettings.from_config(config)
+        self.objective_for = ObjectiveFor(parts, self.loss_settings)
         logger.info(
             "%d steps, %d example(s) per step (batch %d x accumulation %d x %d process(es)), lr %.3g, %s",
             max_steps,
@@ -311,6 +314,7 @@ class TrainingRecipe:
                     self.device,
                     self.loss_settings,
                     self.data.weights if self.data is not None else None,
+                    self.objective_for,
                 )
                 scaled = loss / accumulation
                 accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)

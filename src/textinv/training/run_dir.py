@@ -37,13 +37,14 @@ IDENTITY_KEYS = (
     "initializer_token",
     "init_embeddings",
     "images",
+    "text_encoders",
     "learnable_property",
     "language",
     "noise_offset",  # issue 15: another noise, another run
     "data",  # issue 17: captions, buckets, masks, latent sampling
 )
 # What a run.json written before a key existed meant by its absence.
-IDENTITY_DEFAULTS: dict[str, Any] = {"language": "en", "noise_offset": 0.0, "data": None}
+IDENTITY_DEFAULTS: dict[str, Any] = {"language": "en", "noise_offset": 0.0, "data": None, "text_encoders": None}
 
 
 def prepare_output_dir(config: TrainConfig, output_dir: Path, accelerator: Any) -> Optional[Path]:
@@ -94,6 +95,8 @@ def run_identity(
         "images": images,
         "learnable_property": config.learnable_property,
         "noise_offset": config.noise_offset,
+        # Which encoders learn the word (issue 25); every one of the model's when not given.
+        "text_encoders": sorted(config.text_encoders) or None,
     }
     return json.loads(json.dumps(identity))  # the form it takes in run.json (lists, not tuples)
 
@@ -173,7 +176,7 @@ def run_record(
         "config": config_record,
         "identity": identity,
         "seed": seed,
-        "model": {"source": parts.source, "family": parts.family, "prediction_type": parts.prediction_type},
+        "model": {"source": parts.source, "family": parts.family.name, "prediction_type": parts.prediction_type},
         "max_train_steps": max_steps,
         "effective_learning_rate": learning_rate,
         "device": str(device),

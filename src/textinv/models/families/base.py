@@ -1,0 +1,151 @@
+"""What a model family declares, in one place: its text encoders and tokenizers, how a prompt becomes the
+denoiser's inputs, its objective, its embedding-file keys per ecosystem, and its tiny builder.
+
+A family is a :class:`ModelFamily` instance in a module of its own (``sd1``, ``sd2``, ``sdxl``, ``sd3``,
+``flux``, ``zh``). The recipe, export, generation, validation and evaluation ask the family (``parts.family``)
+and never branch on its name.
+
+Encoders are known by their *role*, which is also the key of their vectors in an :class:`~textinv.embeddings.Embedding`
+and in ComfyUI's embedding files: ``clip_l`` (OpenAI CLIP ViT-L/14), ``clip_g`` (OpenCLIP bigG), ``t5xxl`` (T5 v1.1
+XXL). Families with one text encoder (SD 1.x/2.x, the Chinese ones) call it ``text_encoder``: their files name no
+encoder. The *slot* is the pipeline attribute (and folder) that holds the encoder, which differs by family: Flux's
+``text_encoder_2`` is T5, SDXL's is CLIP-G.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# What an encoder's output conditions: the token sequence, the pooled vector, or both.
+SEQUENCE, POOLED, BOTH = "sequence", "pooled", "sequence+pooled"
+# Role of the only text encoder of a single-encoder family (its files name no encoder).
+SINGLE = "text_encoder"
+CLIP_L, CLIP_G, T5XXL = "clip_l", "clip_g", "t5xxl"
+
+
+@dataclass(frozen=True)
+class EncoderRole:
+    """One text encoder of a family: its role (the embedding key), where the pipeline keeps it, what it conditions."""
+
+    role: str
+    slot: str  # pipeline attribute and folder: text_encoder, text_encoder_2, text_encoder_3
+    tokenizer_slot: str  # tokenizer, tokenizer_2, tokenizer_3
+    conditions: str = SEQUENCE
+    kind: str = "clip"  # clip, t5, bert or xlmr: how it is called and which classes may fill the slot
+    real_dim: Optional[int] = None  # its width in the released models (tells a file's family by its dims)
+
+
+@dataclass
+class EncoderOutput:
+    """What one text encoder gives for a batch of prompts, as the family's pipeline uses it."""
+
+    sequence: Any = None  # [batch, tokens, dim], or None
+    pooled: Any = None  # [batch, dim], or None
+
+
+@dataclass
+class TextConditioning:
+    """What the text encoders hand the denoiser for a batch of captions."""
+
+    hidden_states: Any  # [batch, tokens, dim]
+    pooled: Any = None  # [batch, dim]: SDXL's text_embeds, SD3's and Flux's pooled projections; or None
+
+
+@dataclass(frozen=True)
+class DenoiserCall:
+    """Everything beyond the conditioning that one denoiser call needs."""
+
+    noisy: Any  # [batch, C, h, w] latents
+    timesteps: Any  # [batch], what the objective says the denoiser is called with
+    vae_scale_factor: int = 8
+    time_ids: Optional[Any] = None  # SDXL with aspect-ratio buckets: [batch, 6]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family: everything textinv needs to know about it, declared once."""
+
+    name: str
+    title: str  # for messages: "SD 1.x", "Flux.1"
+    pipeline_class: str  # the diffusers pipeline it is trained and used with
+    encoders: tuple[EncoderRole, ...]
+    denoiser_slot: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    objective: str = "ddpm"  # "ddpm" (epsilon / v-prediction, the scheduler's prediction_type) or "flow"
+    latent_channels: int = 4
+    # Embedding-file keys per ecosystem: ecosystem -> role -> key. Single-encoder files name no encoder.
+    file_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Pixels an image side must be a multiple of (VAE factor x the denoiser's patch size).
+    resolution_multiple: int = 8
+    encode: Callable[[Any, Mapping[str, EncoderOutput]], TextConditioning] = field(default=None, repr=False)  # type: ignore[assignment]
+    call_encoder: Callable[[EncoderRole, Any, Any, Optional[Any]], EncoderOutput] = field(default=None, repr=False)  # type: ignore[assignment]
+    denoise: Callable[[Any, TextConditioning, DenoiserCall], Any] = field(default=None, repr=False)  # type: ignore[assignment]
+    build_tiny: Callable[[Any, Callable[[], Any]], Any] = field(default=None, repr=False)  # type: ignore[assignment]
+    # Tokens per prompt for an encoder, given the loaded denoiser's config (None: the tokenizer's model_max_length).
+    max_length: Callable[[EncoderRole, Any], Optional[int]] = field(default=lambda role, denoiser: None, repr=False)
+    # The caption language its text encoder reads, when not English: zh (Taiyi's BERT), zh_en (AltDiffusion's XLM-R).
+    language: Optional[str] = None
+    # Writes notes beside a saved tiny pipeline (the T5 tokenizer's README: its vocabulary is not T5's).
+    tiny_notes: Optional[Callable[[Any], None]] = field(default=None, repr=False)
+    # diffusers' load_textual_inversion works on this family's pipeline (SD3's has no TextualInversionLoaderMixin).
+    diffusers_loader: bool = True
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(encoder.role for encoder in self.encoders)
+
+    @property
+    def multi_encoder(self) -> bool:
+        return len(self.encoders) > 1
+
+    def encoder(self, role: str) -> EncoderRole:
+        for encoder in self.encoders:
+            if encoder.role == role:
+                return encoder
+        raise KeyError(role)
+
+    def role_of_slot(self, slot: str) -> str:
+        for encoder in self.encoders:
+            if encoder.slot == slot:
+                return encoder.role
+        raise KeyError(slot)
+
+    def real_dims(self) -> dict[str, int]:
+        return {encoder.role: encoder.real_dim for encoder in self.encoders if encoder.real_dim}
+
+
+def call_clip(role: EncoderRole, text_encoder: Any, input_ids: Any, attention_mask: Optional[Any]) -> EncoderOutput:
+    """A CLIP encoder as SDXL's and SD3's pipelines call it: the penultimate layer's states, and the first output
+    (CLIPTextModelWithProjection's projected ``text_embeds``; CLIPTextModel's pooled output) as the pooled vector."""
+    output = text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=role.conditions != POOLED)
+    pooled = output[0] if role.conditions != SEQUENCE else None
+    if role.conditions == POOLED:
+        return EncoderOutput(None, output.pooler_output)  # Flux: CLIPTextModel's pooled output alone
+    return EncoderOutput(output.hidden_states[-2], pooled)
+
+
+def call_last_hidden(
+    role: EncoderRole, text_encoder: Any, input_ids: Any, attention_mask: Optional[Any]
+) -> EncoderOutput:
+    """The encoder's first output as the sequence: SD 1.x/2.x's CLIP last layer, BERT's, AltDiffusion's projection,
+    T5's last hidden state."""
+    return EncoderOutput(text_encoder(input_ids, attention_mask=attention_mask)[0])
+
+
+def single_encoder(parts: Any, outputs: Mapping[str, EncoderOutput]) -> TextConditioning:
+    return TextConditioning(outputs[SINGLE].sequence)
+
+
+def unet_denoise(parts: Any, conditioning: TextConditioning, call: DenoiserCall) -> Any:
+    """A UNet2DConditionModel's prediction (no added conditioning)."""
+    unet = parts.denoiser
+    return unet(call.noisy.to(unet.dtype), call.timesteps, conditioning.hidden_states.to(unet.dtype)).sample
+
+
+def roles_text(roles: Sequence[str]) -> str:
+    return ", ".join(roles)

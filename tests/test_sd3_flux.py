@@ -64,8 +64,14 @@ def test_training_moves_only_the_placeholder_rows_and_writes_comfyui_keys(
     family: str, flow_models: dict[str, Path], train_images: Path, tmp_path: Path
 ) -> None:
     model = flow_models[family]
-    result = textinv.train(_config(model, train_images, tmp_path / "out"), show_progress=False)
+    validation = dict(validation_prompt=[f"a photo of {TOKEN}"], num_validation_images=1, validation_steps=4)
+    result = textinv.train(
+        _config(model, train_images, tmp_path / "out", validation_num_inference_steps=2, **validation),
+        show_progress=False,
+    )
     out = result.output_dir
+    # Validation images through the family's own pipeline over training's parts.
+    assert len(list((out / "validation" / "step-000004").glob("*.png"))) == 1
     with safe_open(str(out / "learned_embeds.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
         tensors = {key: handle.get_tensor(key) for key in keys}
@@ -254,3 +260,62 @@ def test_convert_offers_every_format_textinv_writes() -> None:
     from textinv.embeddings import WRITE_FORMATS
 
     assert sorted(CONVERT_FORMATS) == sorted(WRITE_FORMATS)
+
+
+def test_checkpointed_text_encoders_compute_what_they_compute_in_eval_mode(flow_models: dict[str, Path]) -> None:
+    """--gradient_checkpointing puts trained encoders in training mode; T5's functional attention dropout must stay off."""
+    from types import SimpleNamespace
+
+    from textinv.models.loading import load_model_parts
+    from textinv.models.precision import apply_to_text_encoders
+
+    parts = load_model_parts(str(flow_models["flux"]))
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    encoders = [part.text_encoder for part in parts.text_encoders]
+    with torch.no_grad():
+        before = [encoder(ids)[0] for encoder in encoders]
+    tokens = {str(i): SimpleNamespace(text_encoder=encoder) for i, encoder in enumerate(encoders)}
+    apply_to_text_encoders(SimpleNamespace(gradient_checkpointing=True), SimpleNamespace(tokens=tokens))
+    assert all(encoder.training for encoder in encoders)
+    for encoder, expected in zip(encoders, before):
+        assert torch.equal(encoder(ids)[0], expected)
+
+
+def test_untrained_encoders_keep_a_bounded_cache(flow_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from textinv.models import conditioning
+    from textinv.models.loading import load_model_parts
+
+    monkeypatch.setattr(conditioning, "FROZEN_CACHE_CAPTIONS", 3)
+    parts = load_model_parts(str(flow_models["flux"]))
+    trainable = conditioning.add_placeholder(parts, TOKEN, 1, "toy", text_encoders=["t5xxl"])
+    clip = parts.text_encoders[0]
+    outputs = []
+    for word in ("cat", "dog", "toy", "red", "beach", "cat"):
+        ids = conditioning.tokenize(clip.tokenizer, [f"a {word}"]).input_ids
+        outputs.append(trainable._frozen_output(clip, ids, None).pooled)
+        assert len(trainable._frozen_outputs) <= 3
+    with torch.no_grad():
+        again = clip.text_encoder(conditioning.tokenize(clip.tokenizer, ["a cat"]).input_ids).pooler_output
+    assert torch.equal(outputs[-1], again) and torch.equal(outputs[0], again)  # recomputed after eviction: the same
+
+
+def test_t5_vectors_train_at_a_rate_scaled_to_t5s_rows(flow_models: dict[str, Path]) -> None:
+    from textinv.models import conditioning
+    from textinv.models.loading import load_model_parts
+    from textinv.training.builders import make_optimizer, parameter_groups
+
+    parts = load_model_parts(str(flow_models["sd3"]))
+    trainable = conditioning.add_placeholder(parts, TOKEN, 1, "toy")
+    clip, t5 = parts.text_encoders[0], parts.text_encoders[2]
+    norms = [
+        part.text_encoder.get_input_embeddings().weight[: len(part.tokenizer) - 1].norm(dim=1).median()
+        for part in (t5, clip)
+    ]
+    config = train_config(Path("m"), Path("i"), Path("o"), learning_rate=1e-3)
+    optimizer = make_optimizer(config, parameter_groups(config, trainable, None), 1)
+    assert [len(group["params"]) for group in optimizer.param_groups] == [2, 1]  # CLIP-L + CLIP-G, then T5
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-3 * float(norms[0] / norms[1]), rel=1e-6)
+    assert optimizer.param_groups[1]["params"][0] is trainable.tokens["text_encoder_3"].vectors
+    given = train_config(Path("m"), Path("i"), Path("o"), learning_rate=1e-3, t5_learning_rate=0.5)
+    assert make_optimizer(given, parameter_groups(given, trainable, None), 1).param_groups[1]["lr"] == 0.5

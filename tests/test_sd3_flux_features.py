@@ -116,10 +116,8 @@ def test_an_encoder_without_vectors_runs_once_per_caption(
     """SD3 trained in T5 alone: each CLIP encoder sees each distinct caption once, T5 every step."""
     import dataclasses
 
-    from textinv.models.families import sd3
-
     calls: dict[str, list[bytes]] = {"clip_l": [], "clip_g": [], "t5xxl": []}
-    real = sd3.call_encoder
+    real = get_family("sd3").call_encoder
 
     def counting(role: Any, encoder: Any, ids: torch.Tensor, mask: Any) -> Any:
         calls[role.role].extend(row.numpy().tobytes() for row in ids)

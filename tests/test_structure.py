@@ -94,6 +94,7 @@ def test_dependencies_point_one_way() -> None:
         "textinv.loss_options",
     }, "config imports nothing of textinv but its exceptions, option(), the data options and the loss options"
     assert graph["textinv.loss_options"] <= {"textinv.errors", "textinv.fields"}
+    assert graph["textinv.lora_options"] <= {"textinv.errors", "textinv.fields"}
     assert graph["textinv.data.options"] <= {"textinv.errors", "textinv.fields", "textinv.data.buckets"}
     importers_of_cli = sorted(name for name, deps in graph.items() if "textinv.cli" in deps)
     assert importers_of_cli == []
@@ -104,7 +105,9 @@ def test_dependencies_point_one_way() -> None:
     assert not any(d.startswith("textinv.embeddings") for n in models for d in graph[n])
 
 
-@pytest.mark.parametrize("module", ["config.py", "fields.py", "data/options.py", "data/buckets.py", "loss_options.py"])
+@pytest.mark.parametrize(
+    "module", ["config.py", "fields.py", "data/options.py", "data/buckets.py", "loss_options.py", "lora_options.py"]
+)
 def test_config_does_not_import_torch(module: str) -> None:
     # The CLI validates a config (data options included) before paying for torch's import.
     tree = ast.parse((PACKAGE / module).read_text(encoding="utf-8"))

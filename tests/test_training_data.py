@@ -169,12 +169,24 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorded]:
         seen.examples.extend(examples)
         return real_loss(model, parts, tokenizer, latents, examples, *rest)
 
+    from diffusers import UNet2DConditionModel
+
+    real_unet_forward = UNet2DConditionModel.forward
+    in_training_step = [False]
+
+    def recording_unet(unet: Any, *args: Any, added_cond_kwargs: Any = None, **kwargs: Any) -> Any:
+        # SDXL's time ids as the UNet receives them, in training steps only (not held-out evaluation's calls).
+        if in_training_step[0] and added_cond_kwargs is not None:
+            seen.time_ids.append(added_cond_kwargs["time_ids"])
+        return real_unet_forward(unet, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
     def recording_predict(model: Any, parts: Any, captions: Any, noisy: torch.Tensor, *rest: Any, **kw: Any) -> Any:
         seen.latent_shapes.append(tuple(noisy.shape))
-        time_ids = rest[3] if len(rest) > 3 else kw.get("time_ids")
-        if time_ids is not None:
-            seen.time_ids.append(time_ids)
-        return real_predict(model, parts, captions, noisy, *rest, **kw)
+        in_training_step[0] = True
+        try:
+            return real_predict(model, parts, captions, noisy, *rest, **kw)
+        finally:
+            in_training_step[0] = False
 
     def recording_tokenize(tokenizer: Any, captions: Any, *rest: Any) -> Any:
         seen.tokenized.setdefault(id(tokenizer), []).extend(captions)
@@ -183,6 +195,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorded]:
     monkeypatch.setattr(recipe, "denoising_loss", recording_loss)
     monkeypatch.setattr(loss, "predict", recording_predict)
     monkeypatch.setattr(conditioning, "tokenize", recording_tokenize)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_unet)
     yield seen
 
 

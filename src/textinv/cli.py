@@ -104,6 +104,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         replace=args.replace,
         token=args.token,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
     )
     for path in result.paths:
         print(path)
@@ -231,6 +233,14 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     gen.add_argument("--replace", action="store_true", help="let an embedding replace a token the model already has")
     gen.add_argument(
         "--token", help="load the (one) --embeddings file's token under this name, e.g. when the model has it already"
+    )
+    gen.add_argument(
+        "--lora",
+        help="a LoRA to add (pivotal tuning): a run folder (its pytorch_lora_weights.safetensors and word), "
+        "pytorch_lora_weights.safetensors, or learned_embeds_lora.safetensors (kohya's layout, the word inside)",
+    )
+    gen.add_argument(
+        "--lora_scale", type=_typed(float, "--lora_scale"), default=1.0, help="the LoRA's weight (default: 1.0)"
     )
     gen.set_defaults(handler=cmd_generate)
 

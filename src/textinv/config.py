@@ -25,6 +25,7 @@ from textinv.errors import (  # noqa: F401 (the exceptions' old home)
     require_text,
 )
 from textinv.fields import option  # noqa: F401 (re-exported: TrainConfig fields are declared with it)
+from textinv.lora_options import LoraOptions
 from textinv.loss_options import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, LossOptions  # noqa: F401 (re-exported)
 
 LEARNABLE_PROPERTIES = ("object", "style")
@@ -51,7 +52,7 @@ _HUB_REPO_ID = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 
 
 @dataclass
-class TrainConfig(DataOptions, LossOptions):
+class TrainConfig(DataOptions, LossOptions, LoraOptions):
     """Every training option. The training-data options (captions, buckets, masks) are DataOptions' fields
     (textinv.data.options) and the loss's (timesteps, weighting, offset noise, flow matching) LossOptions'
     (textinv.loss_options), keyword-only, so the positional order here stays as it was."""
@@ -82,6 +83,13 @@ class TrainConfig(DataOptions, LossOptions):
         help="text encoders that learn the word, by role: clip_l clip_g (SDXL), clip_l clip_g t5xxl (SD3), "
         "clip_l t5xxl (Flux); default: all of the model's",
         choices=ENCODER_ROLES,
+    )
+    # T5's vocabulary rows are tens of times larger than CLIP's, and AdamW moves a vector by about the rate each
+    # step whatever its size: at CLIP's rate T5's vectors barely move (bench/encoders.py, docs/encoders.md).
+    t5_learning_rate: Optional[float] = option(
+        None,
+        help="learning rate of T5's vectors (SD3, Flux); default: --learning_rate x (T5's median vocabulary-row norm "
+        "/ CLIP-L's)",
     )
 
     # --- images ------------------------------------------------------------------------------
@@ -338,6 +346,10 @@ class TrainConfig(DataOptions, LossOptions):
             raise UserError(f"--adam_weight_decay {self.adam_weight_decay} must be >= 0")
         if self.lr_power <= 0:
             raise UserError(f"--lr_power {self.lr_power} must be > 0, e.g. 1.0")
+        if self.t5_learning_rate is not None and not self.t5_learning_rate > 0:
+            raise UserError(
+                f"--t5_learning_rate {self.t5_learning_rate} must be > 0, e.g. 4e-2; leave it out for the scaled default"
+            )
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise UserError(f"--seed {self.seed} must be in [0, 2**63)")
         require_text("--output_dir", self.output_dir)
@@ -382,6 +394,7 @@ class TrainConfig(DataOptions, LossOptions):
         # Model families and languages (issue 7)
 
         self.validate_loss_options()  # issues 8, 15, 25
+        self.validate_lora_options()  # issue 26
         if isinstance(self.text_encoders, str):  # one encoder given as text from Python
             self.text_encoders = [self.text_encoders]
 

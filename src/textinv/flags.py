@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from textinv.config import TrainConfig
 from textinv.data.options import data_option_names
+from textinv.lora_options import LoraOptions
 from textinv.loss_options import LossOptions
 
 # ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
@@ -73,7 +74,7 @@ def train_options() -> list[dataclasses.Field[Any]]:
     (textinv.data.options, a base of TrainConfig) placed after the image options, the loss options
     (textinv.loss_options, another base) before the held-out evaluation's."""
     fields = [spec for spec in dataclasses.fields(TrainConfig) if "help" in spec.metadata]
-    loss_names = {spec.name for spec in dataclasses.fields(LossOptions)}
+    loss_names = {spec.name for spec in (*dataclasses.fields(LossOptions), *dataclasses.fields(LoraOptions))}
     data = [spec for spec in fields if spec.name in data_option_names()]
     loss = [spec for spec in fields if spec.name in loss_names]
     own = [spec for spec in fields if spec.name not in data_option_names() and spec.name not in loss_names]

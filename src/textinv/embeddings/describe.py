@@ -33,7 +33,15 @@ def describe(path: str | Path) -> dict[str, Any]:
                 },
             }
         )
-    return {"file": str(resolved), "format": fmt, "bytes": resolved.stat().st_size, "tokens": tokens}
+    info = {"file": str(resolved), "format": fmt, "bytes": resolved.stat().st_size, "tokens": tokens}
+    if fmt == "lora-bundle":
+        from safetensors import safe_open
+
+        from textinv.embeddings.bundle import lora_summary
+
+        with safe_open(str(resolved), framework="pt") as handle:  # the bundle reader only accepts safetensors
+            info["lora"] = lora_summary({k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {}))
+    return info
 
 
 def convert(
@@ -77,4 +85,10 @@ def description_table(info: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    lora = info.get("lora")
+    if lora:  # a LoRA with the words bundled (issue 26)
+        lines.append(
+            f"LoRA: rank {lora['rank']}, alpha {lora['alpha']}, {lora['modules']} modules of "
+            f"{', '.join(lora['components'])}" + (f" ({lora['targets']})" if lora["targets"] else "")
+        )
     return "\n".join(lines)

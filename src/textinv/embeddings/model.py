@@ -27,7 +27,17 @@ FOLDER_FILE_NAMES = DIFFUSERS_FILE_NAMES + ("learned_embeds.pdparams",)
 MULTI_ENCODER_FORMATS = ("sdxl", "comfyui", "onetrainer", "diffusers-advanced")
 WRITE_FORMATS = ("diffusers", "a1111", *MULTI_ENCODER_FORMATS, "pdparams")
 # Reading cannot tell diffusers-advanced from onetrainer (same keys): such files are named "onetrainer".
-READ_FORMATS = ("diffusers", "a1111", "a1111-emb_params", "sdxl", "comfyui", "onetrainer", "pdparams", "a1111-png")
+READ_FORMATS = (
+    "diffusers",
+    "a1111",
+    "a1111-emb_params",
+    "sdxl",
+    "comfyui",
+    "onetrainer",
+    "pdparams",
+    "a1111-png",
+    "lora-bundle",  # a LoRA with bundled words (issue 26): read for its words
+)
 SUFFIX_FORMATS = {".safetensors": "diffusers", ".bin": "diffusers", ".pt": "a1111", ".pdparams": "pdparams"}
 
 MAX_FILE_BYTES = 64 * 1024 * 1024  # embeddings are kilobytes; anything this big is something else

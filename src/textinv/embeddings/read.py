@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from textinv.embeddings.bundle import bundled_words, is_bundle
 from textinv.embeddings.layouts import classify_keys, is_multi_encoder, token_from_file_name
 from textinv.embeddings.model import (
     FOLDER_FILE_NAMES,
@@ -134,6 +135,8 @@ def _classify(
         state = {k: v for k, v in state.items() if not (k == PADDLE_NAME_TABLE and isinstance(v, dict))}
     if not state:
         raise UserError(f"{where!r} holds no embedding (an empty dictionary)")
+    if is_bundle(state):  # a LoRA with the word inside (issue 26): the words are its embeddings
+        return "lora-bundle", _from_bundle(state, path)
     if "string_to_param" in state:
         return ("a1111-png" if origin == "png" else "a1111"), [_from_a1111(state, path)]
     if set(state) == {"emb_params"}:
@@ -148,6 +151,16 @@ def _classify(
     if origin == "safetensors" and len(embeddings) == 1:
         embeddings[0].step = _int_or_none(metadata.get("step"))
     return ("pdparams" if origin == "numpy-pickle" else "diffusers"), embeddings
+
+
+def _from_bundle(state: dict[str, Any], path: Path) -> list[Embedding]:
+    embeddings = []
+    for word, by_role in bundled_words(state).items():
+        vectors, dtypes = {}, {}
+        for role, value in by_role.items():
+            vectors[role], dtypes[role] = _as_vectors(value, path, f"bundle_emb.{word}.{role}")
+        embeddings.append(Embedding(token=word, vectors=vectors, metadata={"dtype": dtypes}))
+    return embeddings
 
 
 def _from_a1111(state: dict[str, Any], path: Path) -> Embedding:

@@ -42,9 +42,11 @@ def load_pipeline(
     device: Optional[str] = None,
     replace: bool = False,
     token: Optional[str] = None,
+    lora: Optional[str | Path] = None,
+    lora_scale: float = 1.0,
 ) -> Any:
     """A diffusers pipeline from a folder or hub id, with each embedding file's token(s) added
-    (``token`` renames the token of a single embedding file)."""
+    (``token`` renames the token of a single embedding file) and a LoRA (``lora``, see :func:`load_lora`)."""
     from textinv.embeddings import load_embeddings
     from textinv.models.loading import load_pipeline_folder, resolve_model_dir
 
@@ -58,8 +60,48 @@ def load_pipeline(
         raise UserError(f"could not load the pipeline in {str(path)!r}: {first_line(error)}") from None
     for embedding_file in embeddings:
         load_embeddings(pipe, embedding_file, token=token, replace=replace)
+    if lora is not None:
+        load_lora(pipe, lora, lora_scale, load_words=not embeddings)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(target)
+
+
+def load_lora(pipe: Any, source: str | Path, scale: float = 1.0, load_words: bool = True) -> list[str]:
+    """Load a LoRA into ``pipe`` at weight ``scale`` (pivotal tuning, issue 26); returns the words it also loaded.
+
+    ``source`` is a run folder or a file: diffusers' ``pytorch_lora_weights.safetensors`` (the run folder's word
+    file ``learned_embeds.safetensors`` is loaded beside it when ``load_words``), or a kohya-layout file whose
+    ``bundle_emb.*`` words are loaded with it (``learned_embeds_lora.safetensors``)."""
+    from safetensors.torch import load_file
+
+    from textinv.embeddings import load_embeddings
+    from textinv.embeddings.bundle import is_bundle
+
+    path = Path(source).expanduser()
+    words: list[str] = []
+    if path.is_dir():
+        word_file, path = path / "learned_embeds.safetensors", path / "pytorch_lora_weights.safetensors"
+        if load_words and word_file.is_file():
+            words = load_embeddings(pipe, word_file)
+    if not path.is_file():
+        raise UserError(f"--lora {str(source)!r}: no such LoRA file; give a run folder or a .safetensors LoRA file")
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # not a safetensors file, truncated...
+        raise UserError(f"--lora {str(source)!r} is not a LoRA safetensors file ({first_line(error)})") from None
+    if is_bundle(state):
+        words = load_embeddings(pipe, path)
+        state = {key: value for key, value in state.items() if not key.startswith("bundle_emb.")}
+        beside = path.parent / "pytorch_lora_weights.safetensors"
+        if beside.is_file():  # the same adapters in diffusers' layout (a run folder): every pipeline reads that one
+            state = load_file(str(beside))
+    try:
+        pipe.load_lora_weights(state, adapter_name="textinv")
+        pipe.set_adapters(["textinv"], adapter_weights=[scale])
+    except (ValueError, KeyError, AttributeError) as error:
+        raise UserError(f"--lora {str(source)!r} does not fit this pipeline: {first_line(error)}") from None
+    logger.info("loaded the LoRA %s at weight %g%s", path, scale, f" with {', '.join(words)}" if words else "")
+    return words
 
 
 @dataclass
@@ -84,13 +126,16 @@ def generate(
     device: Optional[str] = None,
     replace: bool = False,
     token: Optional[str] = None,
+    lora: Optional[str | Path] = None,
+    lora_scale: float = 1.0,
 ) -> GenerationResult:
     """Generate ``num_images`` images; image ``i`` uses seed ``seed + i`` so each is reproducible alone.
 
     ``model`` is a pipeline folder / hub id, or an already loaded pipeline (SD 1.x/2.x/XL, SD3, Flux...;
     ``guidance_scale`` None keeps the pipeline's own default). With ``output_dir`` the
     images are written as PNG (never over an existing file). ``token`` loads the one embedding file's
-    token under that name (when the pipeline already has the file's own).
+    token under that name (when the pipeline already has the file's own). ``lora`` adds a LoRA at weight
+    ``lora_scale`` (:func:`load_lora`: a pivotal-tuning run's folder loads its word too).
     """
     if token is not None and len(embeddings) != 1:
         raise UserError(f"--token renames the token of one embedding file; {len(embeddings)} --embeddings given")
@@ -106,13 +151,17 @@ def generate(
     pipe = (
         model
         if not isinstance(model, (str, Path))
-        else load_pipeline(str(model), embeddings, device, replace=replace, token=token)
+        else load_pipeline(
+            str(model), embeddings, device, replace=replace, token=token, lora=lora, lora_scale=lora_scale
+        )
     )
     if not isinstance(model, (str, Path)):
         from textinv.embeddings import load_embeddings
 
         for embedding_file in embeddings:
             load_embeddings(pipe, embedding_file, token=token, replace=replace)
+        if lora is not None:
+            load_lora(pipe, lora, lora_scale, load_words=not embeddings)
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     seeds = [seed + index for index in range(num_images)]

@@ -17,6 +17,7 @@ output for the same caption, so each caption runs through them once, without gra
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -38,6 +39,8 @@ from textinv.models.tokens import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["TextConditioning", "TrainableTextEncoders", "add_placeholder", "predict", "tokenize"]
+# Captions whose untrained encoders' outputs are kept: the templates (27 object, 21 style) times a few images fit.
+FROZEN_CACHE_CAPTIONS = 256
 
 
 class TrainableTextEncoders(nn.Module):
@@ -55,7 +58,9 @@ class TrainableTextEncoders(nn.Module):
         self.num_vectors = num_vectors  # --num_vectors: how the captions spell the placeholder
         # Not a submodule: the frozen encoders are not ours to move, save or sync.
         self._parts = [parts]
-        self._frozen_outputs: dict[tuple[str, bytes], EncoderOutput] = {}
+        # Least recently used first; at most FROZEN_CACHE_CAPTIONS entries (captions with shuffled or dropped tags
+        # are mostly new, and a real T5-XXL output is ~4 MiB).
+        self._frozen_outputs: OrderedDict[tuple[str, bytes], EncoderOutput] = OrderedDict()
 
     @property
     def parts(self) -> ModelParts:
@@ -136,11 +141,15 @@ class TrainableTextEncoders(nn.Module):
         rows: list[EncoderOutput] = []
         for index in range(ids.shape[0]):
             key = (part.name, ids[index].cpu().numpy().tobytes())
-            if key not in self._frozen_outputs:
+            if key in self._frozen_outputs:
+                self._frozen_outputs.move_to_end(key)
+            else:
                 one_mask = None if mask is None else mask[index : index + 1]
                 with torch.no_grad():
                     one = self.parts.family.call_encoder(part.spec, part.text_encoder, ids[index : index + 1], one_mask)
                 self._frozen_outputs[key] = one
+                if len(self._frozen_outputs) > FROZEN_CACHE_CAPTIONS:
+                    self._frozen_outputs.popitem(last=False)
             rows.append(self._frozen_outputs[key])
         return EncoderOutput(
             torch.cat([row.sequence for row in rows]) if rows[0].sequence is not None else None,
@@ -250,13 +259,13 @@ def predict(
     timesteps: torch.Tensor,
     device: torch.device,
     tokenizer: Any = None,
-    time_ids: Optional[torch.Tensor] = None,
+    original_sizes: Optional[Sequence[Optional[tuple[int, int]]]] = None,
 ) -> torch.Tensor:
     """The denoiser's prediction for noisy latents captioned with ``captions``, at the denoiser's ``timesteps``.
 
     ``model`` is the (possibly DDP-wrapped) :class:`TrainableTextEncoders`; a plain callable from input ids to
-    hidden states also works, with ``tokenizer`` (for stand-ins in tests). ``time_ids`` ([batch, 6], SDXL's buckets)
-    replaces the family's default.
+    hidden states also works, with ``tokenizer`` (for stand-ins in tests). ``original_sizes``: each example's image
+    size before aspect-ratio bucketing, or None (SDXL's time ids carry it).
     """
     encoders = getattr(parts, "text_encoders", None)
     trainable = getattr(model, "module", model)
@@ -276,5 +285,5 @@ def predict(
     conditioning = model(*input_ids, **extra)
     if isinstance(conditioning, torch.Tensor):
         conditioning = TextConditioning(conditioning)
-    call = DenoiserCall(noisy_latents.to(device), timesteps.to(device), parts.vae_scale_factor, time_ids)
+    call = DenoiserCall(noisy_latents.to(device), timesteps.to(device), parts.vae_scale_factor, original_sizes)
     return parts.family.denoise(parts, conditioning, call)

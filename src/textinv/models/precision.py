@@ -262,15 +262,23 @@ def uncompiled(module: Any) -> Any:
 def apply_to_text_encoders(config: TrainConfig, trainable: Any) -> None:
     """Gradient checkpointing in the text encoders that learn the word (T5-XXL's activations are the largest part of
     an SD3/Flux step's memory once the denoiser checkpoints). transformers checkpoints only in training mode, so the
-    encoder is put in it with every dropout left off: the frozen encoder computes exactly what it does in eval mode."""
+    encoder is put in it with every dropout off, the modules' and the functional ones' rates (T5's attention reads
+    ``self.dropout`` and ``self.training``): the frozen encoder then computes exactly what it does in eval mode."""
     if not config.gradient_checkpointing:
         return
     for trainable_tokens in trainable.tokens.values():
         encoder = trainable_tokens.text_encoder
         if not getattr(encoder, "supports_gradient_checkpointing", False):
             continue
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(encoder, "activation_checkpointing_enable", None)  # transformers 5's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder.train()
         for module in encoder.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.eval()
+            for name in ("dropout", "attention_dropout", "dropout_rate"):
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, 0.0)

@@ -180,9 +180,45 @@ def schedule_length(config: TrainConfig, epoch_length: int, num_processes: int) 
     return config.max_train_steps or math.ceil(config.num_train_epochs * epoch_length / per_update)
 
 
+def parameter_groups(config: TrainConfig, trainable: Any, lora: Any) -> Any:
+    """What AdamW trains: the token vectors; T5's (SD3, Flux) in a group of their own at --t5_learning_rate; with
+    --lora_rank the adapters at --lora_learning_rate. The first group's rate is the one logged as the run's."""
+    t5_parts = [p for p in trainable.parts.text_encoders if p.kind == "t5" and p.name in trainable.tokens]
+    if lora is None and not t5_parts:
+        return trainable.parameters()  # one group, as before T5 and LoRA existed
+    t5_vectors = [trainable.tokens[part.name].vectors for part in t5_parts]
+    others = [vectors for vectors in trainable.parameters() if all(vectors is not t5 for t5 in t5_vectors)]
+    groups: list[dict[str, Any]] = [{"params": others}] if others else []
+    if t5_parts:
+        groups.append({"params": t5_vectors, "lr": t5_learning_rate(config, trainable, t5_parts[0]), "name": "t5"})
+    if lora is not None:
+        groups.append({"params": list(lora.parameters()), "lr": lora.settings["learning_rate"], "name": "lora"})
+    return groups
+
+
+def t5_learning_rate(config: TrainConfig, trainable: Any, t5_part: Any) -> float:
+    """--t5_learning_rate, else --learning_rate scaled by the ratio of T5's and the first encoder's (CLIP-L's)
+    median vocabulary-row norms: a step then moves a T5 vector as far, relative to T5's words, as a CLIP one."""
+    if config.t5_learning_rate is not None:
+        return config.t5_learning_rate
+    rows = {}
+    for name, part in (("t5", t5_part), ("clip", trainable.parts.text_encoders[0])):
+        # The vocabulary's rows: up to the placeholder's first id where it was added, the tokenizer's size elsewhere.
+        known = trainable.tokens[part.name].first_id if part.name in trainable.tokens else len(part.tokenizer)
+        rows[name] = part.text_encoder.get_input_embeddings().weight[:known].detach().float()
+    ratio = float(rows["t5"].norm(dim=1).median() / rows["clip"].norm(dim=1).median())
+    rate = config.learning_rate * ratio
+    logger.info("T5's vectors: learning rate %.3g (--learning_rate x %.1f, T5's vs CLIP-L's row norms)", rate, ratio)
+    return rate
+
+
 def make_optimizer(config: TrainConfig, parameters: Any, num_processes: int) -> torch.optim.Optimizer:
-    """AdamW on the token vectors; ``--scale_lr`` multiplies the rate by the examples per update."""
-    learning_rate = config.learning_rate * (config.examples_per_update(num_processes) if config.scale_lr else 1)
+    """AdamW on the token vectors (and LoRA adapters); ``--scale_lr`` multiplies every rate by the examples per
+    update."""
+    scale = config.examples_per_update(num_processes) if config.scale_lr else 1
+    learning_rate = config.learning_rate * scale
+    if isinstance(parameters, list) and parameters and isinstance(parameters[0], dict):
+        parameters = [{**group, "lr": group["lr"] * scale} if "lr" in group else group for group in parameters]
     return torch.optim.AdamW(
         parameters,
         lr=learning_rate,

@@ -57,6 +57,8 @@ class CheckpointState:
     held_out: dict[str, Any] = field(default_factory=dict)
     # fp16's torch.amp.GradScaler state_dict(); empty in fp32/bf16 and in older checkpoints.
     grad_scaler: dict[str, Any] = field(default_factory=dict)
+    # The LoRA adapters by component (--lora_rank; textinv.training.lora); empty without them.
+    lora: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.vectors_by_encoder:
@@ -136,6 +138,7 @@ def write_state(folder: Path, state: CheckpointState) -> None:
             "seed": state.seed,
             "held_out": state.held_out,
             "grad_scaler": state.grad_scaler,
+            "lora": state.lora,
         },
         folder / STATE_FILE,
     )
@@ -165,6 +168,7 @@ def read_checkpoint(folder: Path, rank: int = 0) -> tuple[CheckpointState, Optio
         vectors_by_encoder=dict(data.get("vectors_by_encoder") or {}),  # absent in older checkpoints
         held_out=dict(data.get("held_out") or {}),
         grad_scaler=dict(data.get("grad_scaler") or {}),
+        lora=dict(data.get("lora") or {}),
     )
     return state, rng
 
@@ -202,6 +206,7 @@ def save_checkpoint(
     embedding: Any,
     held_out: Optional[dict[str, Any]] = None,
     grad_scaler: Optional[dict[str, Any]] = None,
+    lora: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write ``checkpoint-{step}``: every process adds its RNG state to a staging folder, the main process
     renames it into place, then prunes the oldest beyond ``--checkpoints_total_limit``.
@@ -230,6 +235,7 @@ def save_checkpoint(
             seed=run.seed,
             held_out=held_out or {},
             grad_scaler=grad_scaler or {},
+            lora=lora or {},
         )
         with atomic_dir(target) as folder:
             for rng_file in staging.iterdir():

@@ -118,6 +118,24 @@ def write_snapshot(run: RunContext, step: int) -> list[Path]:
     return save_embedding_files(run.config.embedding_formats, embedding, run.output_dir, step)
 
 
+def write_final_files(run: RunContext, embedding: Embedding, lora: Any = None) -> list[Path]:
+    """What a completed run leaves (main process): the embedding files, the LoRA files with --lora_rank, and the
+    full pipeline unless --only_save_embeds."""
+    from textinv.models.quiet import quiet_loading
+    from textinv.training.lora import save_lora_files
+
+    config, parts = run.config, run.parts
+    written = save_embedding_files(config.embedding_formats, embedding, run.output_dir)
+    if lora is not None:
+        written.extend(save_lora_files(parts, lora, embedding, run.output_dir))
+    if not config.only_save_embeds:
+        # The text encoder(s) saved are the base model's as stored plus the learned rows, whatever
+        # precision training's copies ran in (bf16/fp16 would round every weight).
+        with quiet_loading():  # no "Writing model shards" bars
+            written.extend(save_pipeline(parts, run.output_dir, config.ppdiffusers_weights, run.trainable))
+    return written
+
+
 def save_pipeline(
     parts: ModelParts, output_dir: Path, paddle_weights: bool = False, trainable: Any = None
 ) -> list[Path]:

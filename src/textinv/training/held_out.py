@@ -30,7 +30,6 @@ from textinv.config import TrainConfig
 from textinv.embeddings import Embedding, save_diffusers
 from textinv.events import BEST_EMBEDDING_FILE, RunContext
 from textinv.models.conditioning import predict
-from textinv.models.families.sdxl import bucket_time_ids
 from textinv.models.objectives import ObjectiveSettings, make_objective
 from textinv.training.export import write_embedding
 from textinv.training.loss import LossSettings, ObjectiveFor
@@ -147,9 +146,10 @@ def held_out_sum(
     for chunk in _same_shape_chunks(held, mine, batch_size):
         noisy = _pick(held.noisy, chunk)
         sizes = [held.original_sizes[i] for i in chunk] if held.original_sizes else []
-        time_ids = bucket_time_ids(sizes, noisy, parts.vae_scale_factor) if any(sizes) else None
         captions = [held.captions[i] for i in chunk]
-        prediction = predict(model, parts, captions, noisy, held.timesteps[chunk], device, time_ids=time_ids)
+        prediction = predict(
+            model, parts, captions, noisy, held.timesteps[chunk], device, original_sizes=sizes if any(sizes) else None
+        )
         squared = (prediction.float() - _pick(held.target, chunk).to(device)).pow(2)
         weights = [held.weights[i] for i in chunk] if held.weights is not None else []
         if any(weight is not None for weight in weights):  # each triple's mask-weighted mean (0 when all masked)

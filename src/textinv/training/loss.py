@@ -19,7 +19,6 @@ from textinv.data.examples import Example
 from textinv.data.latents import LatentCache
 from textinv.data.masks import LossWeights
 from textinv.models.conditioning import predict
-from textinv.models.families.sdxl import bucket_time_ids
 from textinv.models.loading import ModelParts
 from textinv.models.objectives import DenoisingDiffusion, Objective, ObjectiveSettings, make_objective
 
@@ -127,10 +126,11 @@ def denoising_loss(
     target = objective.target(latents_t, noise_t, timesteps_t)
     # Text conditioning and the denoiser call, as the model family's pipeline does it (textinv.models.families).
     sizes = [example.original_size for example in examples]  # with aspect-ratio buckets: SDXL's time ids
-    time_ids = bucket_time_ids(sizes, noisy, parts.vae_scale_factor) if any(sizes) else None
     captions = [example.caption for example in examples]
     model_timesteps = objective.model_timesteps(timesteps_t)
-    prediction = predict(model, parts, captions, noisy, model_timesteps, device, tokenizer, time_ids)
+    prediction = predict(
+        model, parts, captions, noisy, model_timesteps, device, tokenizer, sizes if any(sizes) else None
+    )
     example_weights = objective.loss_weights(timesteps_t, settings)  # min-SNR-gamma, SD3's cosmap...: or None
     per_pixel_weights = _batch_weights(weights, examples, noisy)
     if per_pixel_weights is not None:

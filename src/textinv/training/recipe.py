@@ -1,8 +1,6 @@
 """The training recipe: :meth:`TrainingRecipe.setup`, then :meth:`~TrainingRecipe.loop`, then
-:meth:`~TrainingRecipe.finish`. Read the loop top to bottom; each line calls one named step.
-
-Observers (:class:`textinv.events.TrainObserver`) see the run start, every step and the end;
-the caller chooses them (``textinv.observers.observers_from_config`` builds the configured ones).
+:meth:`~TrainingRecipe.finish`. Read the loop top to bottom; each line calls one named step. Observers
+(:class:`textinv.events.TrainObserver`) see the run start, every step and the end; the caller chooses them.
 """
 
 from __future__ import annotations
@@ -28,19 +26,18 @@ from textinv.models import precision
 from textinv.models.conditioning import add_placeholder
 from textinv.models.families import check_text_encoders
 from textinv.models.loading import load_model_parts, resolve_model_dir
-from textinv.models.quiet import quiet_loading
 from textinv.models.tokens import tokenizer_check
 from textinv.training import builders, checkpoints, run_dir
 from textinv.training.export import (
     embedding_file_name,
     embedding_of,
     formats_for_model,
-    save_embedding_files,
-    save_pipeline,
     write_embedding_files,
+    write_final_files,
     write_snapshot,
 )
 from textinv.training.held_out import HeldOutEvaluation
+from textinv.training.lora import PivotalModule, add_lora, embedding_frozen_after
 from textinv.training.loss import LossSettings, ObjectiveFor, denoising_loss
 from textinv.training.stopping import (
     DIVERGED_HINT,
@@ -167,7 +164,6 @@ class TrainingRecipe:
             config.init_embeddings or "",
             config.text_encoders,
         )
-        parts.denoiser = precision.apply_to_unet(config, parts.denoiser, device)
         precision.apply_to_text_encoders(config, trainable)
         trainable.to(device)
 
@@ -180,7 +176,12 @@ class TrainingRecipe:
         stream = builders.example_stream(config, self.latent_cache, templates, data, seed)
         num_processes = accelerator.num_processes
         max_steps = builders.schedule_length(config, stream.epoch_length, num_processes)
-        self.optimizer = builders.make_optimizer(config, trainable.parameters(), num_processes)
+        # Pivotal tuning (--lora_rank): adapters on the frozen denoiser, before it is compiled or checkpointed.
+        self.lora = add_lora(config, parts, trainable, seed)
+        parts.denoiser = precision.apply_to_unet(config, parts.denoiser, device)
+        self.trained_parameters = [*trainable.parameters(), *(self.lora.parameters() if self.lora else [])]
+        groups = builders.parameter_groups(config, trainable, self.lora)
+        self.optimizer = builders.make_optimizer(config, groups, num_processes)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler = builders.make_lr_scheduler(config, self.optimizer, max_steps)
         self.scaler = precision.grad_scaler(config, device)  # fp16 only
@@ -188,6 +189,8 @@ class TrainingRecipe:
             trainable.load_vectors(resume_state.vectors_by_encoder)
             self.optimizer.load_state_dict(resume_state.optimizer)
             self.lr_scheduler.load_state_dict(resume_state.lr_scheduler)
+            if self.lora is not None:
+                self.lora.load_state_dict(resume_state.lora)
             if self.scaler is not None and resume_state.grad_scaler:
                 self.scaler.load_state_dict(resume_state.grad_scaler)  # the loss scale it had reached
             self.losses = list(resume_state.losses)
@@ -198,7 +201,8 @@ class TrainingRecipe:
             run_dir.warn_if_threads_differ(previous_record, device)
         else:
             torch.manual_seed(seed)  # only for anything a library draws; our draws use explicit generators
-        self.model = accelerator.prepare(trainable)
+        self.model = accelerator.prepare(PivotalModule(trainable, self.lora) if self.lora else trainable)
+        self.frozen_after = embedding_frozen_after(config, max_steps)  # --embedding_train_frac
 
         record = run_dir.run_record(config, seed, parts, identity, max_steps, learning_rate, device, num_processes)
         if previous_record is not None:
@@ -255,7 +259,7 @@ class TrainingRecipe:
                 mean_loss = self.accumulate_gradients(step)
                 if not math.isfinite(mean_loss):
                     self.stop_diverged(f"the loss became {mean_loss} at step {step}", step - 1)
-                self.optimizer_step()
+                self.optimizer_step(step)
                 if not trainable.all_finite():
                     trainable.load_vectors(last_good)
                     self.stop_diverged(f"the token vectors became non-finite at step {step}", step - 1)
@@ -321,13 +325,17 @@ class TrainingRecipe:
             step_loss += loss.detach() / accumulation
         return float(accelerator.reduce(step_loss, reduction="mean")) if num_processes > 1 else float(step_loss)
 
-    def optimizer_step(self) -> None:
-        """AdamW on the vectors (through fp16's loss scaler), then the LR schedule, unless the scaler skipped the step."""
+    def optimizer_step(self, step: int) -> None:
+        """AdamW on the vectors (and LoRA adapters; through fp16's loss scaler), then the LR schedule, unless the scaler
+        skipped the step. Past --embedding_train_frac the vectors have no gradient, so AdamW leaves them as they are."""
         scaler = self.scaler
+        if self.frozen_after is not None and step > self.frozen_after:
+            for vectors in self.trainable.parameters():
+                vectors.grad = None
         if self.config.max_grad_norm > 0:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)  # clip the true gradients
-            self.run.accelerator.clip_grad_norm_(self.trainable.parameters(), self.config.max_grad_norm)
+            self.run.accelerator.clip_grad_norm_(self.trained_parameters, self.config.max_grad_norm)
         if scaler is None:
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -360,8 +368,9 @@ class TrainingRecipe:
         embedding = embedding_of(self.config, self.trainable, step)
         held_out = self.evaluation.state_dict() if self.evaluation is not None else None
         scaler = self.scaler.state_dict() if self.scaler is not None else None
+        lora = self.lora.state_dict() if self.lora is not None else None
         return checkpoints.save_checkpoint(
-            self.run, step, self.optimizer, self.lr_scheduler, self.losses, embedding, held_out, scaler
+            self.run, step, self.optimizer, self.lr_scheduler, self.losses, embedding, held_out, scaler, lora
         )
 
     def stop_diverged(self, what: str, good_step: int) -> None:
@@ -404,17 +413,12 @@ class TrainingRecipe:
 
     # --- finish ----------------------------------------------------------------------------------
     def finish(self) -> TrainResult:
-        run, config, parts = self.run, self.config, self.parts
+        run, config = self.run, self.config
         elapsed = time.perf_counter() - self.started
         embedding = embedding_of(config, self.trainable, run.max_steps)
         embedding_path = run.output_dir / embedding_file_name(config.embedding_formats[0])
         if run.is_main_process:
-            self.saved.extend(save_embedding_files(config.embedding_formats, embedding, run.output_dir))
-            if not config.only_save_embeds:
-                # The text encoder(s) saved are the base model's as stored plus the learned rows, whatever
-                # precision training's copies ran in (bf16/fp16 would round every weight).
-                with quiet_loading():  # no "Writing model shards" bars
-                    self.saved.extend(save_pipeline(parts, run.output_dir, config.ppdiffusers_weights, self.trainable))
+            self.saved.extend(write_final_files(run, embedding, self.lora))
         run.record["vectors_sha256_by_rank"] = run_dir.vectors_digest_by_rank(run)
         run.record["stop_reason"] = self.stop_reason
         if self.evaluation is not None and self.evaluation.best_step is not None and run.is_main_process:
@@ -434,12 +438,9 @@ class TrainingRecipe:
             steps_here,
             self.stop_reason,
         )
-        why = (
-            f"; {self.evaluation.stop_text()}"
-            if self.stop_reason == "converged" and self.evaluation is not None
-            else ""
-        )
-        best = self.evaluation.best_text() if self.evaluation is not None else ""
+        evaluation = self.evaluation
+        why = f"; {evaluation.stop_text()}" if self.stop_reason == "converged" and evaluation is not None else ""
+        best = evaluation.best_text() if evaluation is not None else ""
         this_run = f"{steps_here} this run, " if steps_here != run.max_steps else ""
         result.summary = f"learned {config.placeholder_token} in {run.max_steps} steps ({this_run}{elapsed:.1f} s); wrote {embedding_path}{best}{why}"
         for observer in self.observers:

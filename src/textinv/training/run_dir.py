@@ -38,13 +38,20 @@ IDENTITY_KEYS = (
     "init_embeddings",
     "images",
     "text_encoders",
+    "lora",
     "learnable_property",
     "language",
     "noise_offset",  # issue 15: another noise, another run
     "data",  # issue 17: captions, buckets, masks, latent sampling
 )
 # What a run.json written before a key existed meant by its absence.
-IDENTITY_DEFAULTS: dict[str, Any] = {"language": "en", "noise_offset": 0.0, "data": None, "text_encoders": None}
+IDENTITY_DEFAULTS: dict[str, Any] = {
+    "language": "en",
+    "noise_offset": 0.0,
+    "data": None,
+    "text_encoders": None,
+    "lora": None,
+}
 
 
 def prepare_output_dir(config: TrainConfig, output_dir: Path, accelerator: Any) -> Optional[Path]:
@@ -97,6 +104,7 @@ def run_identity(
         "noise_offset": config.noise_offset,
         # Which encoders learn the word (issue 25); every one of the model's when not given.
         "text_encoders": sorted(config.text_encoders) or None,
+        "lora": config.lora_settings,  # pivotal tuning (issue 26): None for plain textual inversion
     }
     return json.loads(json.dumps(identity))  # the form it takes in run.json (lists, not tuples)
 

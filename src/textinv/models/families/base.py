@@ -23,6 +23,18 @@ SEQUENCE, POOLED, BOTH = "sequence", "pooled", "sequence+pooled"
 # Role of the only text encoder of a single-encoder family (its files name no encoder).
 SINGLE = "text_encoder"
 CLIP_L, CLIP_G, T5XXL = "clip_l", "clip_g", "t5xxl"
+# MMDiT's (SD3, Flux) joint-attention projections of both streams (image: to_*, text: add_*_proj, to_add_out): the
+# modules diffusers' advanced SD3/Flux scripts put LoRA on by default.
+JOINT_ATTENTION_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,8 @@ class DenoiserCall:
     noisy: Any  # [batch, C, h, w] latents
     timesteps: Any  # [batch], what the objective says the denoiser is called with
     vae_scale_factor: int = 8
-    time_ids: Optional[Any] = None  # SDXL with aspect-ratio buckets: [batch, 6]
+    # Each example's image (height, width) before aspect-ratio bucketing, or None (SDXL's time ids carry it).
+    original_sizes: Optional[Sequence[Optional[tuple[int, int]]]] = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,9 @@ class ModelFamily:
     build_tiny: Callable[[Any, Callable[[], Any]], Any] = field(default=None, repr=False)  # type: ignore[assignment]
     # Tokens per prompt for an encoder, given the loaded denoiser's config (None: the tokenizer's model_max_length).
     max_length: Callable[[EncoderRole, Any], Optional[int]] = field(default=lambda role, denoiser: None, repr=False)
+    # The denoiser's modules pivotal tuning puts LoRA adapters on (--lora_rank): a UNet's attention projections, as
+    # diffusers' train_dreambooth_lora.py targets them.
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # The caption language its text encoder reads, when not English: zh (Taiyi's BERT), zh_en (AltDiffusion's XLM-R).
     language: Optional[str] = None
     # Writes notes beside a saved tiny pipeline (the T5 tokenizer's README: its vocabulary is not T5's).
@@ -137,6 +153,16 @@ def call_last_hidden(
     return EncoderOutput(text_encoder(input_ids, attention_mask=attention_mask)[0])
 
 
+def call_clip_or_t5(
+    role: EncoderRole, text_encoder: Any, input_ids: Any, attention_mask: Optional[Any]
+) -> EncoderOutput:
+    """SD3's and Flux's encoders as their pipelines call them, without attention masks: T5's last hidden state,
+    CLIP as :func:`call_clip`."""
+    if role.kind == "t5":
+        return call_last_hidden(role, text_encoder, input_ids, None)
+    return call_clip(role, text_encoder, input_ids, None)
+
+
 def single_encoder(parts: Any, outputs: Mapping[str, EncoderOutput]) -> TextConditioning:
     return TextConditioning(outputs[SINGLE].sequence)
 
@@ -149,3 +175,26 @@ def unet_denoise(parts: Any, conditioning: TextConditioning, call: DenoiserCall)
 
 def roles_text(roles: Sequence[str]) -> str:
     return ", ".join(roles)
+
+
+def single_encoder_family(
+    name: str,
+    title: str,
+    encoder: EncoderRole,
+    build_tiny: Callable[[Any, Callable[[], Any]], Any],
+    pipeline_class: str = "StableDiffusionPipeline",
+    language: Optional[str] = None,
+) -> ModelFamily:
+    """A family of the SD 1.x shape: one text encoder whose first output conditions a UNet (SD 1.x/2.x, the Chinese
+    models)."""
+    return ModelFamily(
+        name=name,
+        title=title,
+        pipeline_class=pipeline_class,
+        encoders=(encoder,),
+        encode=single_encoder,
+        call_encoder=call_last_hidden,
+        denoise=unet_denoise,
+        build_tiny=build_tiny,
+        language=language,
+    )

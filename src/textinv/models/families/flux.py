@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 from textinv.models.families.base import (
     CLIP_L,
+    JOINT_ATTENTION_LORA_TARGETS,
     POOLED,
     SEQUENCE,
     T5XXL,
@@ -34,20 +35,13 @@ from textinv.models.families.base import (
     EncoderRole,
     ModelFamily,
     TextConditioning,
-    call_clip,
-    call_last_hidden,
+    call_clip_or_t5,
 )
 from textinv.models.families.tiny_parts import TinySpec
 
 TRAINING_GUIDANCE = 3.5  # diffusers' train_dreambooth_lora_flux.py and kohya's flux_train --guidance_scale default
 T5_MAX_LENGTH_DEV, T5_MAX_LENGTH_SCHNELL = 512, 256
 FILE_KEYS = {"comfyui": {CLIP_L: "clip_l", T5XXL: "t5xxl"}, "onetrainer": {CLIP_L: "clip_l", T5XXL: "t5"}}
-
-
-def call_encoder(role: EncoderRole, text_encoder: Any, input_ids: Any, attention_mask: Optional[Any]) -> EncoderOutput:
-    if role.kind == "t5":
-        return call_last_hidden(role, text_encoder, input_ids, None)
-    return call_clip(role, text_encoder, input_ids, None)
 
 
 def encode(parts: Any, outputs: Mapping[str, EncoderOutput]) -> TextConditioning:
@@ -117,9 +111,10 @@ FLUX = ModelFamily(
     file_keys=FILE_KEYS,
     resolution_multiple=16,  # the VAE's 8 x the 2x2 packing
     encode=encode,
-    call_encoder=call_encoder,
+    call_encoder=call_clip_or_t5,
     denoise=denoise,
     build_tiny=build_tiny,
     max_length=max_length,
+    lora_targets=JOINT_ATTENTION_LORA_TARGETS,
     tiny_notes=tiny_notes,
 )

@@ -9,42 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from textinv.models.families.base import (
-    SINGLE,
-    EncoderRole,
-    ModelFamily,
-    call_last_hidden,
-    single_encoder,
-    unet_denoise,
-)
-from textinv.models.families.tiny_parts import (
-    TinySpec,
-    clip_text_config,
-    clip_tokenizer,
-    sd_pipeline,
-    sd_scheduler,
-    tiny_unet,
-    tiny_vae,
-)
+from textinv.models.families.base import SINGLE, EncoderRole, single_encoder_family
+from textinv.models.families.tiny_parts import TinySpec, single_clip_pipeline
 
 
 def build_tiny(spec: TinySpec, seed: Callable[[], Any]) -> Any:
-    from transformers import CLIPTextModel
-
-    tokenizer = clip_tokenizer()
-    seed()
-    text_encoder = CLIPTextModel(clip_text_config(tokenizer, spec, spec.text_hidden_size, "quick_gelu"))
-    unet = tiny_unet(spec, spec.text_hidden_size)
-    return sd_pipeline(tokenizer, text_encoder, unet, tiny_vae(spec), sd_scheduler())
+    return single_clip_pipeline(spec, seed, "quick_gelu", "<|endoftext|>", "epsilon")
 
 
-SD1 = ModelFamily(
-    name="sd1",
-    title="SD 1.x",
-    pipeline_class="StableDiffusionPipeline",
-    encoders=(EncoderRole(SINGLE, "text_encoder", "tokenizer", real_dim=768),),
-    encode=single_encoder,
-    call_encoder=call_last_hidden,
-    denoise=unet_denoise,
-    build_tiny=build_tiny,
-)
+SD1 = single_encoder_family("sd1", "SD 1.x", EncoderRole(SINGLE, "text_encoder", "tokenizer", real_dim=768), build_tiny)

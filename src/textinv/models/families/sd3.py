@@ -24,6 +24,7 @@ from textinv.models.families.base import (
     BOTH,
     CLIP_G,
     CLIP_L,
+    JOINT_ATTENTION_LORA_TARGETS,
     SEQUENCE,
     T5XXL,
     DenoiserCall,
@@ -31,8 +32,7 @@ from textinv.models.families.base import (
     EncoderRole,
     ModelFamily,
     TextConditioning,
-    call_clip,
-    call_last_hidden,
+    call_clip_or_t5,
 )
 from textinv.models.families.tiny_parts import TinySpec
 
@@ -41,12 +41,6 @@ FILE_KEYS = {
     "comfyui": {CLIP_L: "clip_l", CLIP_G: "clip_g", T5XXL: "t5xxl"},
     "onetrainer": {CLIP_L: "clip_l", CLIP_G: "clip_g", T5XXL: "t5"},
 }
-
-
-def call_encoder(role: EncoderRole, text_encoder: Any, input_ids: Any, attention_mask: Optional[Any]) -> EncoderOutput:
-    if role.kind == "t5":
-        return call_last_hidden(role, text_encoder, input_ids, None)  # the pipeline passes T5 no mask
-    return call_clip(role, text_encoder, input_ids, None)
 
 
 def encode(parts: Any, outputs: Mapping[str, EncoderOutput]) -> TextConditioning:
@@ -104,10 +98,11 @@ SD3 = ModelFamily(
     file_keys=FILE_KEYS,
     resolution_multiple=16,  # the VAE's 8 x the transformer's 2x2 patches
     encode=encode,
-    call_encoder=call_encoder,
+    call_encoder=call_clip_or_t5,
     denoise=denoise,
     build_tiny=build_tiny,
     max_length=max_length,
+    lora_targets=JOINT_ATTENTION_LORA_TARGETS,
     tiny_notes=tiny_notes,
     diffusers_loader=False,
 )

@@ -84,7 +84,11 @@ def bucket_time_ids(
 
 def denoise(parts: Any, conditioning: TextConditioning, call: DenoiserCall) -> torch.Tensor:
     unet = parts.denoiser
-    time_ids = call.time_ids if call.time_ids is not None else sdxl_time_ids(call.noisy, call.vae_scale_factor)
+    time_ids = None
+    if call.original_sizes is not None:
+        time_ids = bucket_time_ids(call.original_sizes, call.noisy, call.vae_scale_factor)
+    if time_ids is None:
+        time_ids = sdxl_time_ids(call.noisy, call.vae_scale_factor)
     added = {
         "text_embeds": conditioning.pooled.to(unet.dtype),
         "time_ids": time_ids.to(call.noisy.device, unet.dtype),

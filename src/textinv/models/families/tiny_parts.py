@@ -8,6 +8,7 @@ too; only the widths are small. CLIP families use the real CLIP BPE vocabulary s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -178,3 +179,17 @@ def sdxl_pipeline(tokenizer: Any, tokenizer_2: Any, text_encoder: Any, text_enco
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
+
+
+def single_clip_pipeline(
+    spec: TinySpec, seed: Callable[[], Any], hidden_act: str, pad_token: str, prediction_type: str, **unet: Any
+) -> Any:
+    """SD 1.x's layout (quick_gelu, pads with the end token) or SD 2.x's (gelu, pads with "!", linear attention
+    projections in the UNet): one CLIPTextModel over the real CLIP vocabulary, a UNet and a VAE."""
+    from transformers import CLIPTextModel
+
+    tokenizer = clip_tokenizer(pad_token=pad_token)
+    seed()
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, spec, spec.text_hidden_size, hidden_act))
+    denoiser = tiny_unet(spec, spec.text_hidden_size, **unet)
+    return sd_pipeline(tokenizer, text_encoder, denoiser, tiny_vae(spec), sd_scheduler(prediction_type))

@@ -14,14 +14,7 @@ import string
 from collections.abc import Callable
 from typing import Any
 
-from textinv.models.families.base import (
-    SINGLE,
-    EncoderRole,
-    ModelFamily,
-    call_last_hidden,
-    single_encoder,
-    unet_denoise,
-)
+from textinv.models.families.base import SINGLE, EncoderRole, single_encoder_family
 from textinv.models.families.tiny_parts import (
     TINY_ENGLISH_WORDS,
     TinySpec,
@@ -157,25 +150,18 @@ def _build_zh_xlmr(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     )
 
 
-ZH_BERT = ModelFamily(
-    name="zh-bert",
-    title="Taiyi (Chinese BERT)",
-    pipeline_class="StableDiffusionPipeline",
-    encoders=(EncoderRole(SINGLE, "text_encoder", "tokenizer", kind="bert"),),
-    encode=single_encoder,
-    call_encoder=call_last_hidden,
-    denoise=unet_denoise,
-    build_tiny=_build_zh_bert,
+ZH_BERT = single_encoder_family(
+    "zh-bert",
+    "Taiyi (Chinese BERT)",
+    EncoderRole(SINGLE, "text_encoder", "tokenizer", kind="bert"),
+    _build_zh_bert,
     language="zh",
 )
-ZH_XLMR = ModelFamily(
-    name="zh-xlmr",
-    title="AltDiffusion (XLM-R)",
+ZH_XLMR = single_encoder_family(
+    "zh-xlmr",
+    "AltDiffusion (XLM-R)",
+    EncoderRole(SINGLE, "text_encoder", "tokenizer", kind="xlmr"),
+    _build_zh_xlmr,
     pipeline_class="AltDiffusionPipeline",
-    encoders=(EncoderRole(SINGLE, "text_encoder", "tokenizer", kind="xlmr"),),
-    encode=single_encoder,
-    call_encoder=call_last_hidden,
-    denoise=unet_denoise,
-    build_tiny=_build_zh_xlmr,
     language="zh_en",
 )

@@ -209,3 +209,108 @@ def test_a_family_without_the_target_modules_is_refused_in_one_line(
         "--lora_rank: this SD 1.x model's unet has none of the modules LoRA targets (no_such_projection); "
         "it cannot take a LoRA, train without --lora_rank"
     )
+
+
+def _denoiser_inputs(family: Any, denoiser: Any) -> tuple[Any, Any]:
+    """Random conditioning of the right shapes for the family's denoiser, and a call at two noise levels."""
+    from textinv.models.families.base import DenoiserCall, TextConditioning
+
+    generator = torch.Generator().manual_seed(0)
+    config = denoiser.config
+    if family.denoiser_slot == "unet":
+        pooled_dim = (config.projection_class_embeddings_input_dim or 0) - 6 * (config.addition_time_embed_dim or 0)
+        hidden = torch.randn((2, 77, config.cross_attention_dim), generator=generator)
+        pooled = torch.randn((2, pooled_dim), generator=generator) if pooled_dim > 0 else None
+        steps = torch.tensor([10, 700])
+    else:
+        hidden = torch.randn((2, 20, config.joint_attention_dim), generator=generator)
+        pooled = torch.randn((2, config.pooled_projection_dim), generator=generator)
+        steps = torch.tensor([100.0, 900.0])
+    noisy = torch.randn((2, family.latent_channels, 8, 8), generator=generator)
+    return TextConditioning(hidden, pooled), DenoiserCall(noisy, steps, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family_name", ["sdxl", "sd3", "flux"])
+def test_every_family_saves_a_lora_diffusers_loads_to_the_trained_denoiser(
+    family_name: str, train_images: Path, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from textinv.models.families import get_family
+    from textinv.models.loading import load_pipeline_folder
+    from textinv.tiny import build_tiny_pipeline
+
+    family = get_family(family_name)
+    model = build_tiny_pipeline(tmp_path / "model", family=family_name, seed=0)
+    captured: dict[str, Any] = {}
+
+    class Keep(textinv.events.TrainObserver):
+        def on_end(self, run: Any, result: Any) -> None:
+            captured["denoiser"] = run.parts.denoiser
+
+    config = train_config(model, train_images, tmp_path / "out", **{**PIVOTAL, "max_train_steps": 3}, lora_alpha=2.0)
+    result = textinv.train(config, show_progress=False, observers=[Keep()])
+    pipe = load_pipeline_folder(model)
+    pipe.load_lora_weights(result.output_dir)
+    theirs = getattr(pipe, family.denoiser_slot)
+    conditioning, call = _denoiser_inputs(family, theirs)
+    with torch.no_grad():
+        expected = family.denoise(SimpleNamespace(denoiser=captured["denoiser"]), conditioning, call)
+        got = family.denoise(SimpleNamespace(denoiser=theirs), conditioning, call)
+        plain = family.denoise(SimpleNamespace(denoiser=getattr(load_pipeline_folder(model), family.denoiser_slot)), conditioning, call)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(plain, expected, atol=1e-4)
+    with safe_open(str(result.output_dir / "learned_embeds_lora.safetensors"), "pt") as bundle:
+        keys = list(bundle.keys())
+    prefix = "lora_unet_" if family.denoiser_slot == "unet" else "lora_transformer_"
+    assert any(key.startswith(prefix) for key in keys)
+    assert {key for key in keys if key.startswith("bundle_emb.")} == {f"bundle_emb.<cat-toy>.{role}" for role in family.roles}
+
+
+@pytest.mark.slow
+def test_generate_loads_the_lora_and_the_word_together(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    from textinv.inference.generation import generate, load_pipeline
+
+    result = textinv.train(train_config(tiny_model, train_images, tmp_path / "out", **PIVOTAL), show_progress=False)
+    settings: dict[str, Any] = dict(num_inference_steps=2, seed=0, height=64, width=64)
+    prompt = "a photo of <cat-toy>"
+    word_only = generate(load_pipeline(str(tiny_model), [result.embedding_path]), prompt, **settings).images[0]
+    # The run folder: its pytorch_lora_weights.safetensors and its word.
+    folder = load_pipeline(str(tiny_model), lora=result.output_dir)
+    assert "<cat-toy>" in folder.tokenizer.get_vocab()
+    full = generate(folder, prompt, **settings).images[0]
+    off = generate(load_pipeline(str(tiny_model), lora=result.output_dir, lora_scale=0.0), prompt, **settings).images[0]
+    assert off.tobytes() == word_only.tobytes()  # weight 0: the word alone
+    assert full.tobytes() != word_only.tobytes()
+    # The kohya bundle alone: the same adapters and the word inside.
+    bundle = tmp_path / "elsewhere" / "learned_embeds_lora.safetensors"
+    bundle.parent.mkdir()
+    bundle.write_bytes((result.output_dir / "learned_embeds_lora.safetensors").read_bytes())
+    from_bundle = generate(load_pipeline(str(tiny_model), lora=bundle), prompt, **settings).images[0]
+    assert from_bundle.tobytes() == full.tobytes()
+    with pytest.raises(UserError, match="no such LoRA file"):
+        load_pipeline(str(tiny_model), lora=tmp_path / "missing.safetensors")
+
+
+@pytest.mark.slow
+def test_convert_splits_a_bundle_and_joins_it_back_unchanged(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    result = textinv.train(train_config(tiny_model, train_images, tmp_path / "out", **PIVOTAL), show_progress=False)
+    bundle = result.output_dir / "learned_embeds_lora.safetensors"
+    word, lora, joined = tmp_path / "word.safetensors", tmp_path / "lora.safetensors", tmp_path / "joined.safetensors"
+    run = [sys.executable, "-m", "textinv.cli", "convert"]
+    split = subprocess.run([*run, str(bundle), str(word), "--lora_out", str(lora)], capture_output=True, text=True, cwd=REPO)
+    assert split.returncode == 0, split.stderr
+    assert not any(key.startswith("bundle_emb.") for key in load_file(str(lora)))
+    assert torch.equal(load_file(str(word))["<cat-toy>"], result.embedding.vectors["text_encoder"])
+    join = subprocess.run([*run, str(word), str(joined), "--lora", str(lora)], capture_output=True, text=True, cwd=REPO)
+    assert join.returncode == 0, join.stderr
+    original, back = load_file(str(bundle)), load_file(str(joined))
+    assert set(original) == set(back) and all(torch.equal(original[key], back[key]) for key in original)
+    info = json.loads(
+        subprocess.run([*run[:-1], "inspect", str(joined), "--json"], capture_output=True, text=True, cwd=REPO).stdout
+    )
+    assert info["format"] == "lora-bundle" and info["lora"]["rank"] == 4 and info["lora"]["alpha"] == 4.0
+    assert [entry["token"] for entry in info["tokens"]] == ["<cat-toy>"]

@@ -426,3 +426,23 @@ def test_stop_resume_export_and_generate(tmp_path: Path, tiny_model: Path) -> No
         GenerateRequest(prompt="a {token}", embedding=loaded, token="<my-toy>", num_inference_steps=2)
     )
     assert len(other.images) == 1 and "with <my-toy>" in other.message
+
+
+@pytest.mark.slow
+def test_the_lora_switch_trains_a_lora_and_generation_uses_it(tmp_path: Path, tiny_model: Path) -> None:
+    """Issue 26: "also train a small LoRA" with its rank; the page's generation loads the adapters with the word."""
+    state = ServerState(tmp_path / "work", default_model=tiny_model)
+    common = dict(images=demo_uploads(), initializer_token="toy", max_train_steps=3, validation_prompt="")
+    job = state.start(TrainRequest(placeholder_token="<cat-toy>", lora_rank=2, **common))  # type: ignore[arg-type]
+    assert job.join(300)
+    assert state.snapshot().status == "done"
+    assert (job.output_dir / "pytorch_lora_weights.safetensors").is_file()
+    request = GenerateRequest(prompt="a {token} backpack", num_inference_steps=2, num_images=1)
+    with_lora = state.generate(request)
+    assert "peft_config" in vars(state._pipeline.unet) or hasattr(state._pipeline.unet, "peft_config")
+    plain_state = ServerState(tmp_path / "plain", default_model=tiny_model)
+    plain_job = plain_state.start(TrainRequest(placeholder_token="<cat-toy>", **common))  # type: ignore[arg-type]
+    assert plain_job.join(300)
+    plain_state.generate(request)
+    assert not hasattr(plain_state._pipeline.unet, "peft_config")
+    assert with_lora.images

@@ -162,10 +162,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Write an embedding file's token in another format."""
-    from textinv.embeddings import convert, detect_format
+    from textinv.embeddings import convert, detect_format, read_embeddings
+    from textinv.embeddings.bundle import join_bundle, split_lora
 
-    written = convert(args.input, args.output, to=args.to, token=args.token, overwrite=args.overwrite)
+    if args.lora:  # join: the word in the input, the adapters in --lora, one bundled file out
+        if Path(args.output).exists() and not args.overwrite:
+            raise UserError(f"{args.output!r} already exists; pass --overwrite to replace it")
+        embeddings = read_embeddings(args.input)
+        if len(embeddings) != 1:
+            raise UserError(f"{args.input!r} holds {len(embeddings)} tokens; --lora bundles one")
+        if args.token:
+            embeddings[0].token = args.token
+        written = join_bundle(embeddings[0], args.lora, Path(args.output))
+    else:
+        written = convert(args.input, args.output, to=args.to, token=args.token, overwrite=args.overwrite)
     print(f"wrote {written} ({detect_format(written)})")
+    if args.lora_out:  # split: the adapters of a bundled input into their own file
+        print(f"wrote {split_lora(args.input, Path(args.lora_out))} (LoRA)")
     return 0
 
 
@@ -272,6 +285,14 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     conv = commands.add_parser("convert", help="convert an embedding file to another format")
     conv.add_argument("input", help="embedding file to read (any format)")
     conv.add_argument("output", help="file to write; its suffix picks the format unless --to is given")
+    conv.add_argument(
+        "--lora",
+        metavar="FILE",
+        help="join: write OUTPUT as this kohya-layout LoRA with the input's word bundled (A1111/ComfyUI's bundle_emb)",
+    )
+    conv.add_argument(
+        "--lora_out", metavar="FILE", help="split: also write the input bundle's LoRA adapters, without the word"
+    )
     conv.add_argument(
         "--to",
         # textinv.embeddings.WRITE_FORMATS (not imported here: it needs torch; tests/test_sd3_flux.py compares them)

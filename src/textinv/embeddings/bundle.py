@@ -50,3 +50,50 @@ def lora_summary(state: dict[str, Any], metadata: dict[str, str]) -> dict[str, A
         "components": components,
         "targets": metadata.get("textinv_lora_targets", ""),
     }
+
+
+def _load(path: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    from safetensors import safe_open
+
+    from textinv.errors import UserError, first_line
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    except Exception as error:
+        raise UserError(f"{str(path)!r} is not a safetensors LoRA file ({first_line(error)})") from None
+
+
+def split_lora(bundle: Any, lora_out: Any) -> Any:
+    """Write the LoRA part of a bundled file (its adapters and metadata, without the words) to ``lora_out``."""
+    from safetensors.torch import save_file
+
+    from textinv.errors import UserError
+    from textinv.files import atomic_write
+
+    state, metadata = _load(bundle)
+    adapters = {key: value for key, value in state.items() if not key.startswith(BUNDLE_PREFIX)}
+    if not adapters or len(adapters) == len(state) and not is_bundle(state):
+        raise UserError(f"--lora_out: {str(bundle)!r} is not a LoRA with bundled words; nothing to split")
+    metadata.pop("textinv_token", None)
+    return atomic_write(lora_out, lambda tmp: save_file(adapters, str(tmp), metadata))
+
+
+def join_bundle(embedding: Any, lora: Any, output: Any) -> Any:
+    """Write ``lora`` (a kohya-layout LoRA file) with ``embedding``'s word bundled (``bundle_emb.<word>.*``)."""
+    from safetensors.torch import save_file
+
+    from textinv.errors import UserError
+    from textinv.files import atomic_write
+
+    state, metadata = _load(lora)
+    if not any(key.endswith(".lora_down.weight") for key in state):
+        raise UserError(f"--lora {str(lora)!r} has no kohya-layout adapters (*.lora_down.weight); give such a file")
+    words = {f"{BUNDLE_PREFIX}{embedding.token}.{role}": tensor for role, tensor in embedding.vectors.items()}
+    if set(embedding.vectors) == {"text_encoder"}:
+        words = {f"{BUNDLE_PREFIX}{embedding.token}.string_to_param.*": embedding.vectors["text_encoder"]}
+    joined = {**{k: v for k, v in state.items() if not k.startswith(BUNDLE_PREFIX)}, **words}
+    contiguous = {key: value.contiguous() for key, value in joined.items()}
+    return atomic_write(
+        output, lambda tmp: save_file(contiguous, str(tmp), {**metadata, "textinv_token": embedding.token})
+    )

@@ -45,6 +45,7 @@ class TrainRequest:
     validation_num_inference_steps: int = 25
     seed: int = 0
     captions: str = ""  # one 'file name: caption' line per image; empty: caption files only, if any
+    lora_rank: int = 0  # "also train a small LoRA" (pivotal tuning, issue 26): its rank; 0 = the word alone
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def build_app(state: ServerState) -> Any:
     import pandas as pd
 
     def start(files: Any, captions: str, prop: str, placeholder: str, initializer: str, model: str, steps: Any,
-              lr: Any, vprompt: str, vsteps: Any, vsampling: Any, seed: Any) -> str:  # fmt: skip
+              lr: Any, vprompt: str, vsteps: Any, vsampling: Any, seed: Any, lora_rank: Any) -> str:  # fmt: skip
         def action() -> tuple[Any, ...]:
             request = TrainRequest(
                 images=_uploads(files),
@@ -53,6 +53,7 @@ def build_app(state: ServerState) -> Any:
                 validation_steps=int(vsteps or 0),
                 validation_num_inference_steps=int(vsampling or 25),
                 seed=int(seed or 0),
+                lora_rank=int(lora_rank or 0),
                 captions=captions or "",
             )
             job = state.start(request)
@@ -200,6 +201,13 @@ def build_app(state: ServerState) -> Any:
                         elem_id="validation-sampling-steps",
                     )
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
+                lora_rank = gr.Number(
+                    label="Also train a small LoRA: its rank (0 = the word alone; 4 is a common choice)",
+                    value=0,
+                    precision=0,
+                    minimum=0,
+                    elem_id="lora-rank",
+                )
         with gr.Row():
             start_button = gr.Button("Start training", variant="primary", elem_id="start")
             stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -254,7 +262,21 @@ def build_app(state: ServerState) -> Any:
         seen = gr.State({})  # what this tab already shows (plot, grid)
         timer = gr.Timer(0.5)  # progress, loss and grid refresh twice a second
 
-        form = [files, captions, prop, placeholder, initializer, model, steps, lr, vprompt, vsteps, vsampling, seed]
+        form = [
+            files,
+            captions,
+            prop,
+            placeholder,
+            initializer,
+            model,
+            steps,
+            lr,
+            vprompt,
+            vsteps,
+            vsampling,
+            seed,
+            lora_rank,
+        ]
         start_button.click(start, form, [train_message])
         stop_button.click(stop, None, [train_message])
         resume_button.click(resume, None, [train_message])

@@ -26,6 +26,7 @@ from textinv.serve.uploads import UploadLimits, safe_stem, store_embedding_file,
 logger = logging.getLogger(__name__)
 
 TINY_MODEL_DIR = "models/tiny-sd1"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # a pivotal-tuning run's adapters, beside its word (issue 26)
 MAX_STEPS = 100_000
 
 
@@ -251,6 +252,7 @@ class ServerState:
             validation_num_inference_steps=int(request.validation_num_inference_steps),
             # Captions are stored as NN-stem.txt beside the images; without any, TrainConfig's default (None).
             caption_extension=STORED_SUFFIX if captioned else None,
+            lora_rank=int(request.lora_rank or 0),
         )
 
     def stop(self) -> JobSnapshot:
@@ -359,7 +361,7 @@ class ServerState:
     def generate(self, request: GenerateRequest) -> GenerateOutcome:
         """Images from ``request.prompt`` with the uploaded embedding, else the trained one (if any)."""
         from textinv.embeddings import load_embeddings
-        from textinv.inference.generation import generate, load_pipeline
+        from textinv.inference.generation import generate, load_lora, load_pipeline
 
         if not request.prompt.strip():
             raise UserError("type a prompt")
@@ -377,12 +379,17 @@ class ServerState:
             if snap is not None and snap.embedding is not None:
                 embedding_path, rename = snap.embedding, None
         stamp = embedding_path.stat().st_mtime_ns if embedding_path is not None else None
-        key = (str(model_dir), str(embedding_path), stamp, rename, self.device)
+        # A trained run's LoRA (pivotal tuning) goes with its word; an uploaded embedding comes alone.
+        lora = embedding_path.parent / LORA_FILE if embedding_path is not None and request.embedding is None else None
+        lora = lora if lora is not None and lora.is_file() else None
+        key = (str(model_dir), str(embedding_path), stamp, rename, self.device, str(lora))
         with self._generate_lock:
             if key != self._pipeline_key:
                 self._pipeline, self._pipeline_key = None, None  # free the old one before loading
                 pipe = load_pipeline(str(model_dir), device=self.device)
                 tokens = load_embeddings(pipe, embedding_path, token=rename) if embedding_path is not None else []
+                if lora is not None:
+                    load_lora(pipe, lora, load_words=False)
                 self._pipeline, self._pipeline_key, self._tokens = pipe, key, tuple(tokens)
             tokens = list(self._tokens)
             # {token} in the prompt stands for the embedding's word, as in the validation prompt.

@@ -189,7 +189,6 @@ def save_lora_files(parts: Any, adapters: LoraAdapters, embedding: Any, output_d
     from pathlib import Path
 
     import diffusers
-    from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import save_file
 
     from textinv.files import atomic_write
@@ -200,7 +199,9 @@ def save_lora_files(parts: Any, adapters: LoraAdapters, embedding: Any, output_d
         pipeline_class = diffusers.StableDiffusionPipeline
     layers: dict[str, Any] = {}
     for component, weights in adapters.state_dict().items():
-        layers[f"{component}_lora_layers"] = convert_state_dict_to_diffusers(weights)
+        # PEFT's key names (lora_A/lora_B), as diffusers' SD3/Flux scripts save them; its older UNet names
+        # (convert_state_dict_to_diffusers) turn only some of a transformer's modules and break their loading.
+        layers[f"{component}_lora_layers"] = weights
         # The adapter's config (rank, alpha, targets) in the file's metadata: without it diffusers assumes
         # alpha = rank and a --lora_alpha run would load at the wrong scale.
         layers[f"{component}_lora_adapter_metadata"] = adapters.components[component].peft_config["default"].to_dict()

@@ -40,10 +40,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -176,16 +176,22 @@ def pretrain_teacher(model_dir: Path, recipe: TeacherRecipe) -> TeacherReport:
     return TeacherReport(time.perf_counter() - started, losses)
 
 
-def teacher(cache_dir: Path, recipe: TeacherRecipe = TeacherRecipe()) -> tuple[Path, TeacherReport]:
-    """The teacher pipeline folder for ``recipe`` under ``cache_dir`` (built and pre-trained once)."""
+def teacher(
+    cache_dir: Path,
+    recipe: Any = TeacherRecipe(),
+    folder_prefix: str = "teacher",
+    pretrain: Optional[Callable[[Path, Any], TeacherReport]] = None,
+) -> tuple[Path, TeacherReport]:
+    """The teacher pipeline folder for ``recipe`` under ``cache_dir`` (built and pre-trained once, by ``pretrain``:
+    this module's UNet teacher by default; bench/planted_flow.py passes its flow-matching one)."""
     from textinv.files import atomic_dir
 
-    folder = Path(cache_dir).expanduser() / f"teacher-{recipe.key()}"
+    folder = Path(cache_dir).expanduser() / f"{folder_prefix}-{recipe.key()}"
     record = folder / "teacher.json"
     if not record.is_file():
         with atomic_dir(folder) as tmp:
             model_dir = build_tiny_pipeline(tmp / "model", family=recipe.family, seed=recipe.seed, spec=recipe.spec)
-            report = pretrain_teacher(model_dir, recipe)
+            report = (pretrain or pretrain_teacher)(model_dir, recipe)
             (tmp / "teacher.json").write_text(
                 json.dumps({"recipe": dataclasses.asdict(recipe), **dataclasses.asdict(report)})
             )

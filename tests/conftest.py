@@ -131,3 +131,22 @@ def same_vectors(actual, expected, mixed_precision: str = "no") -> bool:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return vectors_agree(actual, expected, vector_tolerance(device, mixed_precision))
+
+
+def sigint_on_loss_call(monkeypatch, call_number: int) -> None:
+    """Deliver a real SIGINT while the call_number-th micro-batch loss is being computed (an interrupted run)."""
+    import signal
+
+    from textinv.training import loss as loss_module
+    from textinv.training import recipe
+
+    real = loss_module.denoising_loss
+    calls = {"count": 0}
+
+    def loss_with_signal(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == call_number:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "denoising_loss", loss_with_signal)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,8 @@ import torch
 from safetensors import safe_open
 
 import textinv
-from conftest import REPO, train_config
+from conftest import REPO, sigint_on_loss_call, train_config
 from textinv.config import TrainingInterrupted, UserError
-from textinv.training import loss as loss_module
 from textinv.training import recipe
 
 PIVOTAL = dict(lora_rank=4, lora_learning_rate=1e-2, max_train_steps=6, only_save_embeds=True, eval_steps=0)
@@ -130,16 +128,7 @@ def test_resume_with_lora_equals_an_uninterrupted_run(
 ) -> None:
     settings = {**PIVOTAL, "lr_scheduler": "cosine", "checkpointing_steps": 100, "seed": 5}
     full = textinv.train(train_config(tiny_model, train_images, tmp_path / "full", **settings), show_progress=False)
-    real = loss_module.denoising_loss
-    calls = {"count": 0}
-
-    def loss_with_signal(*args: Any, **kwargs: Any) -> Any:
-        calls["count"] += 1
-        if calls["count"] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "denoising_loss", loss_with_signal)
+    sigint_on_loss_call(monkeypatch, 3)
     with pytest.raises(TrainingInterrupted):
         textinv.train(train_config(tiny_model, train_images, tmp_path / "cut", **settings), show_progress=False)
     monkeypatch.undo()
@@ -258,14 +247,18 @@ def test_every_family_saves_a_lora_diffusers_loads_to_the_trained_denoiser(
     with torch.no_grad():
         expected = family.denoise(SimpleNamespace(denoiser=captured["denoiser"]), conditioning, call)
         got = family.denoise(SimpleNamespace(denoiser=theirs), conditioning, call)
-        plain = family.denoise(SimpleNamespace(denoiser=getattr(load_pipeline_folder(model), family.denoiser_slot)), conditioning, call)
+        plain = family.denoise(
+            SimpleNamespace(denoiser=getattr(load_pipeline_folder(model), family.denoiser_slot)), conditioning, call
+        )
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(plain, expected, atol=1e-4)
     with safe_open(str(result.output_dir / "learned_embeds_lora.safetensors"), "pt") as bundle:
         keys = list(bundle.keys())
     prefix = "lora_unet_" if family.denoiser_slot == "unet" else "lora_transformer_"
     assert any(key.startswith(prefix) for key in keys)
-    assert {key for key in keys if key.startswith("bundle_emb.")} == {f"bundle_emb.<cat-toy>.{role}" for role in family.roles}
+    assert {key for key in keys if key.startswith("bundle_emb.")} == {
+        f"bundle_emb.<cat-toy>.{role}" for role in family.roles
+    }
 
 
 @pytest.mark.slow
@@ -294,14 +287,18 @@ def test_generate_loads_the_lora_and_the_word_together(tiny_model: Path, train_i
 
 
 @pytest.mark.slow
-def test_convert_splits_a_bundle_and_joins_it_back_unchanged(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_convert_splits_a_bundle_and_joins_it_back_unchanged(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
     from safetensors.torch import load_file
 
     result = textinv.train(train_config(tiny_model, train_images, tmp_path / "out", **PIVOTAL), show_progress=False)
     bundle = result.output_dir / "learned_embeds_lora.safetensors"
     word, lora, joined = tmp_path / "word.safetensors", tmp_path / "lora.safetensors", tmp_path / "joined.safetensors"
     run = [sys.executable, "-m", "textinv.cli", "convert"]
-    split = subprocess.run([*run, str(bundle), str(word), "--lora_out", str(lora)], capture_output=True, text=True, cwd=REPO)
+    split = subprocess.run(
+        [*run, str(bundle), str(word), "--lora_out", str(lora)], capture_output=True, text=True, cwd=REPO
+    )
     assert split.returncode == 0, split.stderr
     assert not any(key.startswith("bundle_emb.") for key in load_file(str(lora)))
     assert torch.equal(load_file(str(word))["<cat-toy>"], result.embedding.vectors["text_encoder"])

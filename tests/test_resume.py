@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 import textinv
-from conftest import REPO, same_vectors, train_config
+from conftest import REPO, same_vectors, sigint_on_loss_call, train_config
 from textinv.config import TrainingInterrupted, UserError
-from textinv.training import loss as loss_module
-from textinv.training import recipe, stopping
+from textinv.training import stopping
 from textinv.training.checkpoints import list_checkpoints, read_checkpoint
 
 # 3 images x 2 repeats = 6 examples an epoch; batch 1 x accumulation 2 = 2 examples a step,
@@ -33,20 +32,6 @@ RESUME_SETTINGS = dict(
     checkpointing_steps=100,
     seed=11,
 )
-
-
-def _sigint_on_loss_call(monkeypatch: pytest.MonkeyPatch, call_number: int) -> None:
-    """Deliver a real SIGINT while the call_number-th micro-batch loss is being computed."""
-    real = loss_module.denoising_loss
-    calls = {"count": 0}
-
-    def loss_with_signal(*args, **kwargs):
-        calls["count"] += 1
-        if calls["count"] == call_number:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "denoising_loss", loss_with_signal)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +59,7 @@ def test_exact_resume(
     stopped_after: int,
 ) -> None:
     config = train_config(tiny_model, train_images, tmp_path / "out", **RESUME_SETTINGS)
-    _sigint_on_loss_call(monkeypatch, loss_call)
+    sigint_on_loss_call(monkeypatch, loss_call)
     # Whatever the launcher left (pytest: default_int_handler; a background job: SIG_IGN).
     handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stopped:

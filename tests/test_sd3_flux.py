@@ -16,12 +16,10 @@ import torch
 from safetensors import safe_open
 
 import textinv
-from conftest import REPO, train_config
+from conftest import REPO, sigint_on_loss_call, train_config
 from textinv.config import TrainingInterrupted
 from textinv.embeddings import load_embeddings, read_embeddings
 from textinv.models.loading import load_pipeline_folder
-from textinv.training import loss as loss_module
-from textinv.training import recipe
 
 FLOW_FAMILIES = ("sd3", "flux")
 # The roles each family's encoders have, and the slots that hold them (diffusers' StableDiffusion3Pipeline /
@@ -157,20 +155,9 @@ def test_diffusers_flux_loader_gives_textinvs_prompt_embeddings(
 def test_resume_equals_an_uninterrupted_run(
     family: str, flow_models: dict[str, Path], train_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import signal
-
     settings = dict(max_train_steps=6, lr_scheduler="cosine", only_save_embeds=True, checkpointing_steps=100, seed=3)
     full = textinv.train(_config(flow_models[family], train_images, tmp_path / "full", **settings), show_progress=False)
-    real = loss_module.denoising_loss
-    calls = {"count": 0}
-
-    def loss_with_signal(*args: Any, **kwargs: Any) -> Any:
-        calls["count"] += 1
-        if calls["count"] == 3:
-            signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "denoising_loss", loss_with_signal)
+    sigint_on_loss_call(monkeypatch, 3)
     with pytest.raises(TrainingInterrupted):
         textinv.train(_config(flow_models[family], train_images, tmp_path / "cut", **settings), show_progress=False)
     monkeypatch.undo()

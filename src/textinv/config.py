@@ -118,7 +118,9 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions):
     lr_power: float = option(1.0, help="power of the polynomial schedule")
     adam_beta1: float = option(0.9, help="AdamW beta1")
     adam_beta2: float = option(0.999, help="AdamW beta2")
-    adam_weight_decay: float = option(1e-2, help="AdamW decoupled weight decay on the token vectors")
+    adam_weight_decay: float = option(
+        1e-2, help="AdamW decoupled weight decay on the token vectors (and LoRA adapters)"
+    )
     adam_epsilon: float = option(1e-8, help="AdamW epsilon")
     # <= 0 turns clipping off
     max_grad_norm: float = option(-1.0, help="clip the gradient norm to this; <= 0 turns clipping off")

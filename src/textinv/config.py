@@ -88,8 +88,8 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions):
     # step whatever its size: at CLIP's rate T5's vectors barely move (bench/encoders.py, docs/encoders.md).
     t5_learning_rate: Optional[float] = option(
         None,
-        help="learning rate of T5's vectors (SD3, Flux); default: --learning_rate x (T5's median vocabulary-row norm "
-        "/ CLIP-L's)",
+        help="learning rate of T5's vectors (SD3, Flux); by default the word's learning rate times the ratio of T5's "
+        "and CLIP-L's median vocabulary-row norms",
     )
 
     # --- images ------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ def test_dependencies_point_one_way() -> None:
         "textinv.fields",
         "textinv.data.options",
         "textinv.loss_options",
-    }, "config imports nothing of textinv but its exceptions, option(), the data options and the loss options"
+        "textinv.lora_options",
+    }, "config imports nothing of textinv but its exceptions, option(), and its data, loss and LoRA options"
     assert graph["textinv.loss_options"] <= {"textinv.errors", "textinv.fields"}
     assert graph["textinv.lora_options"] <= {"textinv.errors", "textinv.fields"}
     assert graph["textinv.data.options"] <= {"textinv.errors", "textinv.fields", "textinv.data.buckets"}

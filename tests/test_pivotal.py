@@ -132,6 +132,13 @@ def test_resume_with_lora_equals_an_uninterrupted_run(
     with pytest.raises(TrainingInterrupted):
         textinv.train(train_config(tiny_model, train_images, tmp_path / "cut", **settings), show_progress=False)
     monkeypatch.undo()
+    # A stopped run leaves its LoRA beside its word, as it leaves the word.
+    stopped = {p.name for p in (tmp_path / "cut").iterdir()}
+    assert {
+        "pytorch_lora_weights.safetensors",
+        "learned_embeds_lora.safetensors",
+        "learned_embeds.safetensors",
+    } <= stopped
     resumed = textinv.train(
         train_config(tiny_model, train_images, tmp_path / "cut", **settings, resume_from_checkpoint="latest"),
         show_progress=False,

@@ -101,13 +101,18 @@ def write_embedding(run: RunContext, step: int, name: str = EMBEDDING_FILE) -> P
     return path
 
 
-def write_embedding_files(run: RunContext, step: int) -> list[Path]:
-    """Write the current vectors as ``output_dir/learned_embeds.*``, one per --embedding_formats (main process only)."""
+def write_embedding_files(run: RunContext, step: int, lora: Any = None) -> list[Path]:
+    """Write the current vectors as ``output_dir/learned_embeds.*``, one per --embedding_formats, and with ``lora``
+    (pivotal tuning) the LoRA files too (main process only)."""
     if not run.is_main_process:
         return []
-    return save_embedding_files(
-        run.config.embedding_formats, embedding_of(run.config, run.trainable, step), run.output_dir
-    )
+    embedding = embedding_of(run.config, run.trainable, step)
+    written = save_embedding_files(run.config.embedding_formats, embedding, run.output_dir)
+    if lora is not None:
+        from textinv.training.lora import save_lora_files
+
+        written.extend(save_lora_files(run.parts, lora, embedding, run.output_dir))
+    return written
 
 
 def write_snapshot(run: RunContext, step: int) -> list[Path]:

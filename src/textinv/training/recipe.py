@@ -360,7 +360,7 @@ class TrainingRecipe:
         if due or stop:
             checkpoint = self.save_checkpoint(step)
             if stop:
-                self.saved.extend(write_embedding_files(run, step))
+                self.saved.extend(write_embedding_files(run, step, self.lora))  # a stopped run keeps its LoRA too
                 run_dir.finish_record(run, "interrupted", step, self.losses, self.started, self.saved)
                 raise TrainingInterrupted(step, run.max_steps, stop, str(checkpoint))
 

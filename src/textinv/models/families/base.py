@@ -198,3 +198,24 @@ def single_encoder_family(
         build_tiny=build_tiny,
         language=language,
     )
+
+
+def flow_transformer_family(
+    name: str, title: str, encoders: tuple[EncoderRole, ...], denoiser_class: str, **declared: Any
+) -> ModelFamily:
+    """A family of the SD3/Flux shape: an MMDiT transformer on 16-channel latents in 2x2 patches (sides multiples of
+    16), trained by flow matching, its encoders called without masks, LoRA on the joint attention's projections.
+    ``declared`` holds the rest (pipeline class, encode, denoise, file keys...)."""
+    return ModelFamily(
+        name=name,
+        title=title,
+        encoders=encoders,
+        denoiser_slot="transformer",
+        denoiser_class=denoiser_class,
+        objective="flow",
+        latent_channels=16,
+        resolution_multiple=16,  # the VAE's 8 x the transformer's 2x2 patches
+        call_encoder=call_clip_or_t5,
+        lora_targets=JOINT_ATTENTION_LORA_TARGETS,
+        **declared,
+    )

@@ -26,16 +26,14 @@ if TYPE_CHECKING:
 
 from textinv.models.families.base import (
     CLIP_L,
-    JOINT_ATTENTION_LORA_TARGETS,
     POOLED,
     SEQUENCE,
     T5XXL,
     DenoiserCall,
     EncoderOutput,
     EncoderRole,
-    ModelFamily,
     TextConditioning,
-    call_clip_or_t5,
+    flow_transformer_family,
 )
 from textinv.models.families.tiny_parts import TinySpec
 
@@ -96,25 +94,19 @@ def build_tiny(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     return build_tiny_flux(spec, seed)
 
 
-FLUX = ModelFamily(
-    name="flux",
-    title="Flux.1",
-    pipeline_class="FluxPipeline",
-    encoders=(
+FLUX = flow_transformer_family(
+    "flux",
+    "Flux.1",
+    (
         EncoderRole(CLIP_L, "text_encoder", "tokenizer", conditions=POOLED, real_dim=768),
         EncoderRole(T5XXL, "text_encoder_2", "tokenizer_2", conditions=SEQUENCE, kind="t5", real_dim=4096),
     ),
-    denoiser_slot="transformer",
-    denoiser_class="FluxTransformer2DModel",
-    objective="flow",
-    latent_channels=16,
+    "FluxTransformer2DModel",
+    pipeline_class="FluxPipeline",
     file_keys=FILE_KEYS,
-    resolution_multiple=16,  # the VAE's 8 x the 2x2 packing
     encode=encode,
-    call_encoder=call_clip_or_t5,
     denoise=denoise,
     build_tiny=build_tiny,
     max_length=max_length,
-    lora_targets=JOINT_ATTENTION_LORA_TARGETS,
     tiny_notes=tiny_notes,
 )

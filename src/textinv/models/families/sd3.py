@@ -24,15 +24,13 @@ from textinv.models.families.base import (
     BOTH,
     CLIP_G,
     CLIP_L,
-    JOINT_ATTENTION_LORA_TARGETS,
     SEQUENCE,
     T5XXL,
     DenoiserCall,
     EncoderOutput,
     EncoderRole,
-    ModelFamily,
     TextConditioning,
-    call_clip_or_t5,
+    flow_transformer_family,
 )
 from textinv.models.families.tiny_parts import TinySpec
 
@@ -82,27 +80,21 @@ def build_tiny(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     return build_tiny_sd3(spec, seed)
 
 
-SD3 = ModelFamily(
-    name="sd3",
-    title="Stable Diffusion 3/3.5",
-    pipeline_class="StableDiffusion3Pipeline",
-    encoders=(
+SD3 = flow_transformer_family(
+    "sd3",
+    "Stable Diffusion 3/3.5",
+    (
         EncoderRole(CLIP_L, "text_encoder", "tokenizer", conditions=BOTH, real_dim=768),
         EncoderRole(CLIP_G, "text_encoder_2", "tokenizer_2", conditions=BOTH, real_dim=1280),
         EncoderRole(T5XXL, "text_encoder_3", "tokenizer_3", conditions=SEQUENCE, kind="t5", real_dim=4096),
     ),
-    denoiser_slot="transformer",
-    denoiser_class="SD3Transformer2DModel",
-    objective="flow",
-    latent_channels=16,
+    "SD3Transformer2DModel",
+    pipeline_class="StableDiffusion3Pipeline",
     file_keys=FILE_KEYS,
-    resolution_multiple=16,  # the VAE's 8 x the transformer's 2x2 patches
     encode=encode,
-    call_encoder=call_clip_or_t5,
     denoise=denoise,
     build_tiny=build_tiny,
     max_length=max_length,
-    lora_targets=JOINT_ATTENTION_LORA_TARGETS,
     tiny_notes=tiny_notes,
     diffusers_loader=False,
 )

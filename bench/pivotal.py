@@ -51,6 +51,7 @@ from planted import PLACEHOLDER, HeldOut, _captions  # noqa: E402
 from textinv import train  # noqa: E402
 from textinv.config import TrainConfig  # noqa: E402
 from textinv.events import TrainObserver  # noqa: E402
+from textinv.models.loading import load_model_parts  # noqa: E402
 from textinv.models.objectives import Objective, ObjectiveSettings  # noqa: E402
 from textinv.training.loss import ObjectiveFor  # noqa: E402
 
@@ -62,8 +63,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pivotal-lr1e-3": {"lora_rank": 4, "lora_learning_rate": 1e-3},
 }
 # Flow families: the CLIP encoders learn the word (docs/encoders.md: the tiny teachers read it best there).
+# The other families train the word in every encoder, textinv's default.
 FLOW_ROLES = {"sd3": ["clip_l", "clip_g"], "flux": ["clip_l"]}
-FAMILIES = ("sd2-v", "sd3", "flux")
+# sd2-v: bench/planted.py's teacher (the README's learning table). sd3/flux: bench/planted_flow.py's, one per seed
+# (as bench/encoders.py). The others: planted_flow.py's teacher on the family's own objective, one per family.
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "zh-bert", "zh-xlmr", "sd3", "flux")
+PER_SEED_TEACHER = ("sd3", "flux")
 AMPLITUDE = 1.0  # of the spatial offset, per element (the words' channel means have std 1 too)
 
 
@@ -137,12 +142,17 @@ def make_plant(
         target, draw_words, channels = planted.TARGET_WORD, planted.draw_concept_latents, 4
     else:
         steps = teacher_steps or planted_flow.FlowTeacherRecipe.steps
-        recipe = planted_flow.FlowTeacherRecipe(
-            family=family, seed=seed, steps=steps
-        )  # a teacher per seed, as encoders.py
+        if family in PER_SEED_TEACHER:
+            recipe = planted_flow.FlowTeacherRecipe(family=family, seed=seed, steps=steps)
+        else:  # one teacher per family, as planted.py's; no encoder dropout, as planted.py's UNet teacher
+            recipe = planted_flow.FlowTeacherRecipe(family=family, seed=0, steps=steps, clip_dropout=0.0)
         model_dir, _ = planted_flow.teacher(cache_dir, recipe)
         plain = planted_flow.plant(model_dir, recipe, seed, num_train, num_held_out)
-        target, draw_words, channels = planted_flow.TARGET_WORD, planted_flow.draw_concept_latents, 16
+        target, draw_words, channels = (
+            planted_flow.TARGET_WORD,
+            planted_flow.draw_concept_latents,
+            recipe.latent_channels,
+        )
     side = recipe.spec.sample_size // 8
     offset = spatial_offset(channels, side, seed=seed)
     index = recipe.words.index(target)
@@ -155,17 +165,16 @@ def make_plant(
     latents = dataclasses.replace(cache, mean=cache.mean + offset / cache.scaling_factor)
     if family == "sd2-v":
         plain_scorer: Any = planted.PlantedScorer(plain)
-        parts = plain_scorer.parts
+        roles = ["text_encoder"]
     else:
-        plain_scorer = planted_flow.FlowScorer(plain, FLOW_ROLES[family])
-        parts = plain_scorer.parts
-    objective = ObjectiveFor(parts, ObjectiveSettings())((1, channels, side, side))
+        roles = FLOW_ROLES.get(family) or [part.role for part in load_model_parts(str(model_dir)).text_encoders]
+        plain_scorer = planted_flow.FlowScorer(plain, roles)
+    objective = ObjectiveFor(plain_scorer.parts, ObjectiveSettings())((1, channels, side, side))
     spatial = dataclasses.replace(plain, latents=latents, held_out=held_out_of(objective, draw, seed, num_held_out))
     if family == "sd2-v":
         spatial_scorer: Any = planted.PlantedScorer(spatial)
     else:
-        spatial_scorer = planted_flow.FlowScorer(spatial, FLOW_ROLES[family])
-    roles = ["text_encoder"] if family == "sd2-v" else FLOW_ROLES[family]
+        spatial_scorer = planted_flow.FlowScorer(spatial, roles)
     return Plant(family, seed, plain, spatial, plain_scorer, spatial_scorer, roles, recipe.spec.sample_size)
 
 
@@ -202,8 +211,10 @@ def run_one(plant: Plant, setting: str, steps: int, workdir: Path, **overrides: 
     values["max_train_steps"] = steps * SETTINGS[setting].get("steps_factor", 1)
     values["eval_steps"] = max(1, values["max_train_steps"] // 4)
     values.update(overrides)
-    if plant.family != "sd2-v":
+    if plant.family in FLOW_ROLES:
         values["text_encoders"] = plant.roles
+    if plant.family.startswith("zh"):
+        values["language"] = "en"  # the teacher learned English captions (the tiny Chinese vocabularies hold them)
     capture = Capture()
     started = time.perf_counter()
     train(TrainConfig(**values), show_progress=False, observers=[capture], latent_cache=plant.spatial.latents)

@@ -27,7 +27,13 @@ placeholder starting from :data:`INITIAL_WORD`, and on held-out (latent, noise, 
 initial word's rows, target: the true word's rows), the others read the caption's bare placeholder text, as they
 do in training and when the file is used.
 
-Used by bench/encoders.py and tests/test_planted_flow.py.
+**Any family.** Nothing here is flow-specific but the defaults: the teacher reads the family's ``encode``, calls its
+``denoise`` and trains with the objective textinv trains that family with (``ObjectiveFor``), so bench/pivotal.py uses
+it for the UNet families too (SD 1.x/2.x, SDXL, the Chinese encoders: 4 latent channels, their DDPM objective; the
+concept words are one token in their tiny vocabularies as well). There the encoder dropout is set to 0, as planted.py's
+UNet teacher has none.
+
+Used by bench/encoders.py, bench/pivotal.py and tests/test_planted_flow.py.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ TARGET_WORD = "toy"
 INITIAL_WORD = "dog"
 # One token in CLIP's BPE and in the tiny T5 vocabulary, and in no object template.
 CONCEPT_WORDS = ("toy", "dog", "cat", "backpack", "beach", "cartoon", "painting", "picture", "red", "art")
-LATENT_CHANNELS = 16
+FLOW_LATENT_CHANNELS = 16  # SD3/Flux VAEs; the SD 1.x/2.x/XL VAEs have 4
 FLOW_TEACHER_FORMAT = 1  # bump when the recipe changes meaning, so old caches are not reused
 
 
@@ -97,27 +103,33 @@ class FlowTeacherRecipe:
     def latent_side(self) -> int:
         return self.spec.sample_size // 8
 
+    @property
+    def latent_channels(self) -> int:
+        from textinv.models.families import get_family
+
+        return FLOW_LATENT_CHANNELS if get_family(self.family).objective == "flow" else 4
+
 
 def concept_patterns(recipe: FlowTeacherRecipe) -> torch.Tensor:
-    """[words, 16]: each word's per-channel latent mean."""
+    """[words, channels]: each word's per-channel latent mean."""
     generator = torch.Generator().manual_seed(recipe.seed + 101)
-    return torch.randn(len(recipe.words), LATENT_CHANNELS, generator=generator) * recipe.pattern_scale
+    return torch.randn(len(recipe.words), recipe.latent_channels, generator=generator) * recipe.pattern_scale
 
 
 def draw_concept_latents(
     recipe: FlowTeacherRecipe, word_indices: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
-    """[n, 16, side, side] latents (as the transformer sees them: scaled and shifted) of the given words."""
-    side = recipe.latent_side
+    """[n, channels, side, side] latents (as the denoiser sees them: scaled and shifted) of the given words."""
+    side, channels = recipe.latent_side, recipe.latent_channels
     patterns = concept_patterns(recipe)[word_indices]
-    variation = torch.randn(len(word_indices), LATENT_CHANNELS, side, side, generator=generator) * recipe.variation
+    variation = torch.randn(len(word_indices), channels, side, side, generator=generator) * recipe.variation
     return patterns[:, :, None, None] + variation
 
 
 def objective_of(parts: ModelParts, recipe: FlowTeacherRecipe) -> Objective:
     """The objective textinv trains this family with at the recipe's size (default settings: u uniform, the
     scheduler's shift; Flux's dynamic shift for this many patches)."""
-    return ObjectiveFor(parts, ObjectiveSettings())((1, LATENT_CHANNELS, recipe.latent_side, recipe.latent_side))
+    return ObjectiveFor(parts, ObjectiveSettings())((1, recipe.latent_channels, recipe.latent_side, recipe.latent_side))
 
 
 @torch.no_grad()

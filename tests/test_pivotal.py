@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,19 @@ def test_embedding_train_frac_freezes_the_word_while_the_lora_goes_on(
     assert not torch.equal(vectors[2], vectors[1])  # step 3 (the last of half of 6) still moves the word
     assert all(torch.equal(vectors[i], vectors[2]) for i in range(3, 6))  # steps 4-6 leave it
     assert all(any(not torch.equal(adapters[i][k], adapters[i - 1][k]) for k in adapters[i]) for i in range(3, 6))
+    # Once frozen, the backward pass no longer runs through the text encoder, and nothing else changes for that.
+    assert not recipe_instance[0].trainable.vectors.requires_grad
+    seen.clear()
+    real_freeze = recipe.freeze_embedding_past
+    monkeypatch.setattr(recipe, "freeze_embedding_past", lambda t, s, f, stop: real_freeze(t, s, f, False))
+    textinv.train(
+        train_config(tiny_model, train_images, tmp_path / "kept", **PIVOTAL, embedding_train_frac=0.5),
+        show_progress=False,
+        observers=[Watch()],
+    )
+    assert recipe_instance[1].trainable.vectors.requires_grad  # the gradient was kept this time
+    assert torch.equal(seen[-1][0], vectors[-1])
+    assert all(torch.equal(seen[-1][1][k], adapters[-1][k]) for k in adapters[-1])
 
 
 @pytest.mark.slow
@@ -318,3 +332,223 @@ def test_convert_splits_a_bundle_and_joins_it_back_unchanged(
     )
     assert info["format"] == "lora-bundle" and info["lora"]["rank"] == 4 and info["lora"]["alpha"] == 4.0
     assert [entry["token"] for entry in info["tokens"]] == ["<cat-toy>"]
+
+
+# --- the best step's and the snapshots' LoRA files --------------------------------------------------------------------
+# 6 steps, eval_loss at 0, 2, 4, 6 (scripted below), a snapshot at 2 and 4.
+TAGGED = {**PIVOTAL, "eval_steps": 2, "eval_samples": 4, "save_steps": 2}
+BEST_LORA_FILES = ["pytorch_lora_weights-best.safetensors", "learned_embeds_lora-best.safetensors"]
+
+
+def _script_eval_loss(monkeypatch: pytest.MonkeyPatch, values: list[float], samples: int) -> None:
+    """Each evaluation's eval_loss, in order (the held-out sum is the mean times the samples)."""
+    from textinv.training import held_out
+
+    curve = iter(values)
+    monkeypatch.setattr(held_out, "held_out_sum", lambda *args, **kwargs: next(curve) * samples)
+
+
+def _keep_recipes(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    kept: list[Any] = []
+    real_init = recipe.TrainingRecipe.__init__
+
+    def keep(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        kept.append(self)
+
+    monkeypatch.setattr(recipe.TrainingRecipe, "__init__", keep)
+    return kept
+
+
+class _EachStep(textinv.events.TrainObserver):
+    """The UNet's adapters (PEFT's names) and the word after each step; at the start, what the run starts from."""
+
+    def __init__(self, recipes: list[Any]) -> None:
+        self.recipes = recipes
+        self.adapters: dict[int, dict[str, torch.Tensor]] = {}
+        self.words: dict[int, torch.Tensor] = {}
+
+    def on_start(self, run: Any) -> None:
+        self.keep(run, run.start_step)
+
+    def on_step(self, run: Any, state: Any) -> None:
+        self.keep(run, state.step)
+
+    def keep(self, run: Any, step: int) -> None:
+        self.adapters[step] = self.recipes[-1].lora.state_dict()["unet"]
+        self.words[step] = run.trainable.vectors.detach().clone()
+
+
+def _diffusers_adapters(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {key.removeprefix("unet."): value for key, value in load_file(str(path)).items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def _bundle(path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A kohya bundle's down/up matrices in PEFT's names (lora_A/lora_B), and its word."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    word = state.pop("bundle_emb.<cat-toy>.string_to_param.*")
+    matrices = {}
+    for key, value in state.items():
+        if not key.endswith(".alpha"):
+            module, kind = key.removeprefix("lora_unet_").split(".", 1)
+            matrices[(module, "lora_A" if kind == "lora_down.weight" else "lora_B")] = value
+    return matrices, word
+
+
+def _as_kohya(adapters: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    return {
+        (key.rsplit(".lora_", 1)[0].replace(".", "_"), "lora_" + key.rsplit(".lora_", 1)[1][0]): value
+        for key, value in adapters.items()
+    }
+
+
+def _same_bundle(path: Path, adapters: dict[str, torch.Tensor], word: torch.Tensor) -> bool:
+    matrices, bundled = _bundle(path)
+    expected = _as_kohya(adapters)
+    same_matrices = set(matrices) == set(expected) and all(torch.equal(matrices[k], expected[k]) for k in matrices)
+    return same_matrices and torch.equal(bundled, word)
+
+
+@pytest.mark.slow
+def test_the_best_step_and_each_snapshot_leave_their_own_lora(
+    tiny_model: Path, train_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from textinv.inference.generation import load_lora
+
+    _script_eval_loss(monkeypatch, [1.0, 0.5, 0.7, 0.6], TAGGED["eval_samples"])  # steps 0, 2, 4, 6: best at 2
+    watch = _EachStep(_keep_recipes(monkeypatch))
+    result = textinv.train(
+        train_config(tiny_model, train_images, tmp_path / "out", **TAGGED), show_progress=False, observers=[watch]
+    )
+    out = result.output_dir
+    record = json.loads((out / "run.json").read_text())
+    assert record["eval"]["best_step"] == 2 and record["eval"]["best_lora_files"] == BEST_LORA_FILES
+    assert set(BEST_LORA_FILES) <= set(record["outputs"])
+    # The best word's adapters are step 2's, not the run's last ones.
+    best = _diffusers_adapters(out / "pytorch_lora_weights-best.safetensors")
+    assert _same(best, watch.adapters[2])
+    assert _same(_diffusers_adapters(out / "pytorch_lora_weights.safetensors"), watch.adapters[6])
+    assert not _same(best, watch.adapters[6])
+    assert torch.equal(load_file(str(out / "learned_embeds-best.safetensors"))["<cat-toy>"], watch.words[2])
+    assert _same_bundle(out / "learned_embeds_lora-best.safetensors", watch.adapters[2], watch.words[2])
+    # Each snapshot's LoRA files are its step's, the word bundled the snapshot's; none for the last step.
+    for step in (2, 4):
+        assert _same(_diffusers_adapters(out / f"pytorch_lora_weights-steps-{step}.safetensors"), watch.adapters[step])
+        word = load_file(str(out / f"learned_embeds-steps-{step}.safetensors"))["<cat-toy>"]
+        assert torch.equal(word, watch.words[step])
+        assert _same_bundle(out / f"learned_embeds_lora-steps-{step}.safetensors", watch.adapters[step], word)
+        assert {
+            f"pytorch_lora_weights-steps-{step}.safetensors",
+            f"learned_embeds_lora-steps-{step}.safetensors",
+        } <= set(record["outputs"])
+    assert not any("steps-6" in path.name for path in out.iterdir())
+    # diffusers loads the best one by its name; textinv's --lora loads the best bundle with the best adapters.
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights-best.safetensors")
+    assert _same(get_peft_model_state_dict(pipe.unet, adapter_name="default_0"), watch.adapters[2])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    assert load_lora(pipe, out / "learned_embeds_lora-best.safetensors") == ["<cat-toy>"]
+    assert _same(get_peft_model_state_dict(pipe.unet, adapter_name="textinv"), watch.adapters[2])
+
+
+class _StopAfter(textinv.events.TrainObserver):
+    """Asks the run to stop after ``step`` (as SIGINT does): it writes a checkpoint and its files there."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, run: Any, state: Any) -> None:
+        if state.step == self.step:
+            run.request_stop()
+
+
+class _CopyBestFilesAtStart(textinv.events.TrainObserver):
+    """Copies the best step's files as they are when the run starts (after a resume has read its checkpoint)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_start(self, run: Any) -> None:
+        self.folder.mkdir()
+        for name in ["learned_embeds-best.safetensors", *BEST_LORA_FILES]:
+            shutil.copyfile(run.output_dir / name, self.folder / name)
+
+
+@pytest.mark.slow
+def test_a_resume_puts_the_best_lora_back_to_the_checkpoints_best_step(
+    tiny_model: Path, train_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    settings = {**PIVOTAL, "eval_steps": 1, "eval_samples": 4, "checkpointing_steps": 2}
+    out = tmp_path / "out"
+    # Steps 0-5: the best at step 2 until step 5 beats it; the run stops after step 5.
+    _script_eval_loss(monkeypatch, [1.0, 0.9, 0.5, 0.8, 0.7, 0.4], 4)
+    watch = _EachStep(_keep_recipes(monkeypatch))
+    with pytest.raises(TrainingInterrupted):
+        textinv.train(
+            train_config(tiny_model, train_images, out, **settings),
+            show_progress=False,
+            observers=[watch, _StopAfter(5)],
+        )
+    assert _same_bundle(out / "learned_embeds_lora-best.safetensors", watch.adapters[5], watch.words[5])
+    assert not _same(watch.adapters[5], watch.adapters[2])
+    # Resumed from checkpoint-4, whose best is step 2: the best files go back to step 2's word and adapters, and
+    # stay so to the end (steps 5 and 6 again, no new best).
+    _script_eval_loss(monkeypatch, [0.6, 0.55], 4)
+    at_start = _CopyBestFilesAtStart(tmp_path / "at_start")
+    textinv.train(
+        train_config(tiny_model, train_images, out, **settings, resume_from_checkpoint=str(out / "checkpoint-4")),
+        show_progress=False,
+        observers=[at_start],
+    )
+    for folder in (at_start.folder, out):
+        assert _same(_diffusers_adapters(folder / "pytorch_lora_weights-best.safetensors"), watch.adapters[2])
+        assert _same_bundle(folder / "learned_embeds_lora-best.safetensors", watch.adapters[2], watch.words[2])
+        assert torch.equal(load_file(str(folder / "learned_embeds-best.safetensors"))["<cat-toy>"], watch.words[2])
+    assert json.loads((out / "run.json").read_text())["eval"]["best_step"] == 2
+    assert not _same(_diffusers_adapters(out / "pytorch_lora_weights.safetensors"), watch.adapters[2])
+
+
+@pytest.mark.slow
+def test_lora_rank_0_writes_no_lora_file_and_keeps_the_checkpoint_layout(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
+    settings = {**TAGGED, "lora_rank": 0, "checkpointing_steps": 2}
+    settings.pop("lora_learning_rate")
+    result = textinv.train(train_config(tiny_model, train_images, tmp_path / "out", **settings), show_progress=False)
+    out = result.output_dir
+    written = [path.relative_to(out).as_posix() for path in out.rglob("*")]
+    assert "learned_embeds-best.safetensors" in written and "learned_embeds-steps-4.safetensors" in written
+    assert [name for name in written if "lora" in name] == []
+    state = torch.load(out / "checkpoint-4" / "state.pt", weights_only=True)
+    assert set(state["held_out"]) == {"samples", "history", "best_step", "best_loss", "best_vectors"}
+    assert state["lora"] == {}
+    assert "best_lora_files" not in json.loads((out / "run.json").read_text())["eval"]
+
+
+@pytest.mark.slow
+def test_overwriting_a_pivotal_run_without_lora_leaves_no_old_adapter(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    textinv.train(train_config(tiny_model, train_images, out, **{**PIVOTAL, "max_train_steps": 2}), show_progress=False)
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "learned_embeds_lora.safetensors").is_file()
+    textinv.train(
+        train_config(tiny_model, train_images, out, max_train_steps=2, overwrite_output_dir=True), show_progress=False
+    )
+    # generate --lora <folder> would otherwise pair the old run's adapters with the new word.
+    assert sorted(path.name for path in out.glob("*lora*")) == []
+    assert (out / "learned_embeds.safetensors").is_file()

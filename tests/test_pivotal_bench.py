@@ -24,13 +24,24 @@ def test_the_offset_leaves_every_channel_mean_alone() -> None:
 
 
 @pytest.mark.slow
-def test_pivotal_tuning_beats_the_embedding_alone_and_keeps_its_word(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("family", "margin"),
+    [
+        ("sd2-v", 0.01),  # planted.py's v-prediction teacher
+        # planted_flow.py's teacher on an epsilon UNet with two encoders and time ids; the loss is in noise units
+        # (about 0.58 here), and 10 steps gain about 0.009.
+        ("sdxl", 0.004),
+    ],
+)
+def test_pivotal_tuning_beats_the_embedding_alone_and_keeps_its_word(
+    tmp_path: Path, family: str, margin: float
+) -> None:
     torch.set_num_threads(1)
-    plant = make_plant("sd2-v", 0, tmp_path / "cache", num_train=16, num_held_out=64, teacher_steps=TEACHER_STEPS)
+    plant = make_plant(family, 0, tmp_path / "cache", num_train=16, num_held_out=64, teacher_steps=TEACHER_STEPS)
     ti = run_one(plant, "ti", STEPS, tmp_path)
     pivotal = run_one(plant, "pivotal", STEPS, tmp_path, lora_learning_rate=LORA_LR)
     # The LoRA reaches what the vectors cannot, on textinv's own held-out triples and on fresh latents.
-    assert pivotal["eval_loss"] < ti["eval_loss"] - 0.01
-    assert pivotal["held_out"] < ti["held_out"] - 0.01
+    assert pivotal["eval_loss"] < ti["eval_loss"] - margin
+    assert pivotal["held_out"] < ti["held_out"] - margin
     # Its vectors alone, on the base teacher, are still about as good as TI's.
     assert abs(pivotal["vectors_on_teacher"] - ti["vectors_on_teacher"]) < 0.01

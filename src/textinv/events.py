@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 # The files of a run that observers and the web page refer to by name.
 EMBEDDING_FILE = "learned_embeds.safetensors"
-BEST_EMBEDDING_FILE = "learned_embeds-best.safetensors"  # the vectors of the lowest eval_loss (issue 20)
+BEST_TAG = "-best"  # names the files of the lowest eval_loss's step: its word's and (pivotal tuning) its LoRA's
+BEST_EMBEDDING_FILE = f"learned_embeds{BEST_TAG}.safetensors"  # the vectors of the lowest eval_loss (issue 20)
 RUN_FILE = "run.json"
 
 

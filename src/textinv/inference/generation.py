@@ -92,8 +92,13 @@ def load_lora(pipe: Any, source: str | Path, scale: float = 1.0, load_words: boo
     if is_bundle(state):
         words = load_embeddings(pipe, path)
         state = {key: value for key, value in state.items() if not key.startswith("bundle_emb.")}
-        beside = path.parent / "pytorch_lora_weights.safetensors"
-        if beside.is_file():  # the same adapters in diffusers' layout (a run folder): every pipeline reads that one
+        # The same adapters in diffusers' layout (a run folder): every pipeline reads that one. A tagged bundle
+        # (learned_embeds_lora-best / -steps-N.safetensors) has its own: the run's last adapters are another step's.
+        rest = (
+            path.name[len("learned_embeds_lora") :] if path.name.startswith("learned_embeds_lora") else ".safetensors"
+        )
+        beside = path.parent / f"pytorch_lora_weights{rest}"
+        if beside.is_file():
             state = load_file(str(beside))
     try:
         pipe.load_lora_weights(state, adapter_name="textinv")

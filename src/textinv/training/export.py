@@ -2,7 +2,9 @@
 
 Files are written in the layout each ecosystem reads (textinv.embeddings holds the codecs):
 ``learned_embeds.safetensors`` (diffusers), ``learned_embeds.pdparams`` (ppdiffusers), ``learned_embeds.pt``
-(the A1111 web UI), one per ``--embedding_formats``, and ``learned_embeds-steps-N.*`` snapshots.
+(the A1111 web UI), one per ``--embedding_formats``, and ``learned_embeds-steps-N.*`` snapshots. With
+``--lora_rank`` (pivotal tuning) each set of word files has its LoRA files beside it, tagged alike
+(textinv.training.lora.lora_file_names): ``pytorch_lora_weights.safetensors``, ``pytorch_lora_weights-steps-N...``.
 The pipeline keeps the base model's parts byte for byte, except the tokenizer(s) and text
 encoder(s), which now hold the new token; it loads in diffusers and in ppdiffusers
 (textinv.training.paddle_layout).
@@ -43,9 +45,14 @@ def embedding_of(config: TrainConfig, trainable: Any, step: int) -> Embedding:
     )
 
 
+def snapshot_tag(step: Optional[int]) -> str:
+    """What names a snapshot's files: ``-steps-N`` (nothing for the run's last files)."""
+    return "" if step is None else f"-steps-{step}"
+
+
 def embedding_file_name(format: str, step: Optional[int] = None) -> str:
     """``learned_embeds.<suffix>``, or the snapshot ``learned_embeds-steps-N.<suffix>`` of step N."""
-    return f"{EMBEDDING_STEM}{'' if step is None else f'-steps-{step}'}{FORMAT_SUFFIXES[format]}"
+    return f"{EMBEDDING_STEM}{snapshot_tag(step)}{FORMAT_SUFFIXES[format]}"
 
 
 def formats_for_model(config: TrainConfig, parts: ModelParts) -> TrainConfig:
@@ -101,6 +108,18 @@ def write_embedding(run: RunContext, step: int, name: str = EMBEDDING_FILE) -> P
     return path
 
 
+def write_lora_files(
+    run: RunContext, lora: Any, embedding: Embedding, tag: str = "", weights_by_component: Any = None
+) -> list[Path]:
+    """With ``lora`` (pivotal tuning), its files tagged ``tag`` (textinv.training.lora.lora_file_names), the word
+    ``embedding`` in the bundle: the adapters' current weights or ``weights_by_component`` (main process only)."""
+    if lora is None or not run.is_main_process:
+        return []
+    from textinv.training.lora import save_lora_files
+
+    return save_lora_files(run.parts, lora, embedding, run.output_dir, tag, weights_by_component)
+
+
 def write_embedding_files(run: RunContext, step: int, lora: Any = None) -> list[Path]:
     """Write the current vectors as ``output_dir/learned_embeds.*``, one per --embedding_formats, and with ``lora``
     (pivotal tuning) the LoRA files too (main process only)."""
@@ -108,31 +127,28 @@ def write_embedding_files(run: RunContext, step: int, lora: Any = None) -> list[
         return []
     embedding = embedding_of(run.config, run.trainable, step)
     written = save_embedding_files(run.config.embedding_formats, embedding, run.output_dir)
-    if lora is not None:
-        from textinv.training.lora import save_lora_files
-
-        written.extend(save_lora_files(run.parts, lora, embedding, run.output_dir))
-    return written
+    return written + write_lora_files(run, lora, embedding)
 
 
-def write_snapshot(run: RunContext, step: int) -> list[Path]:
-    """``learned_embeds-steps-N.*``, the snapshot every ``--save_steps`` (main process only)."""
+def write_snapshot(run: RunContext, step: int, lora: Any = None) -> list[Path]:
+    """``learned_embeds-steps-N.*``, the snapshot every ``--save_steps``, and with ``lora`` (pivotal tuning) the
+    adapters of step N as ``pytorch_lora_weights-steps-N.safetensors`` and ``learned_embeds_lora-steps-N...``
+    (main process only)."""
     if not run.is_main_process:
         return []
     embedding = embedding_of(run.config, run.trainable, step)
-    return save_embedding_files(run.config.embedding_formats, embedding, run.output_dir, step)
+    written = save_embedding_files(run.config.embedding_formats, embedding, run.output_dir, step)
+    return written + write_lora_files(run, lora, embedding, snapshot_tag(step))
 
 
 def write_final_files(run: RunContext, embedding: Embedding, lora: Any = None) -> list[Path]:
     """What a completed run leaves (main process): the embedding files, the LoRA files with --lora_rank, and the
     full pipeline unless --only_save_embeds."""
     from textinv.models.quiet import quiet_loading
-    from textinv.training.lora import save_lora_files
 
     config, parts = run.config, run.parts
     written = save_embedding_files(config.embedding_formats, embedding, run.output_dir)
-    if lora is not None:
-        written.extend(save_lora_files(parts, lora, embedding, run.output_dir))
+    written.extend(write_lora_files(run, lora, embedding))
     if not config.only_save_embeds:
         # The text encoder(s) saved are the base model's as stored plus the learned rows, whatever
         # precision training's copies ran in (bf16/fp16 would round every weight).

@@ -11,7 +11,9 @@ draw), so curves of runs with different options compare.
 The triples have generators of their own (a stream of the seed the example stream does not use), the
 forward passes run under ``torch.no_grad`` and every RNG is restored afterwards, so a run learns the
 same vectors with or without it. A checkpoint keeps the curve and the best vectors, so a resumed run
-continues the same curve.
+continues the same curve. With ``--lora_rank`` (pivotal tuning) the best step's adapters are kept and written
+beside its word too (``pytorch_lora_weights-best.safetensors``, ``learned_embeds_lora-best.safetensors``): the word
+is best with the adapters it was evaluated with.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import torch
 
 from textinv.config import TrainConfig
 from textinv.embeddings import Embedding, save_diffusers
-from textinv.events import BEST_EMBEDDING_FILE, RunContext
+from textinv.events import BEST_EMBEDDING_FILE, BEST_TAG, RunContext
 from textinv.models.conditioning import predict
 from textinv.models.objectives import ObjectiveSettings, make_objective
-from textinv.training.export import write_embedding
+from textinv.training.export import embedding_of, write_embedding, write_lora_files
 from textinv.training.loss import LossSettings, ObjectiveFor
 
 logger = logging.getLogger(__name__)
@@ -188,21 +190,30 @@ def has_converged(history: Sequence[tuple[int, float]], margin: float, patience:
 
 
 class HeldOutEvaluation:
-    """The run's held-out curve: evaluates when due, keeps the best vectors, and says when it has converged."""
+    """The run's held-out curve: evaluates when due, keeps the best vectors (and with ``lora``, the run's
+    :class:`~textinv.training.lora.LoraAdapters`, the best step's adapters), and says when it has converged."""
 
-    def __init__(self, config: TrainConfig, held: HeldOutSet, device: torch.device) -> None:
-        self.config, self.held, self.device = config, held, device
+    def __init__(self, config: TrainConfig, held: HeldOutSet, device: torch.device, lora: Any = None) -> None:
+        self.config, self.held, self.device, self.lora = config, held, device, lora
         self.history: list[tuple[int, float]] = []
         self.best_step: Optional[int] = None
         self.best_loss = math.inf
         self.best_vectors: dict[str, torch.Tensor] = {}
+        self.best_lora: dict[str, dict[str, torch.Tensor]] = {}  # with lora: LoraAdapters.state_dict() at best_step
         self.seconds = 0.0
 
     @classmethod
     def for_run(
-        cls, config: TrainConfig, parts: Any, latents: Any, stream: Any, device: torch.device, weights: Any = None
+        cls,
+        config: TrainConfig,
+        parts: Any,
+        latents: Any,
+        stream: Any,
+        device: torch.device,
+        weights: Any = None,
+        lora: Any = None,
     ) -> Optional[HeldOutEvaluation]:
-        """The evaluation ``config`` asks for (``--eval_steps`` > 0), or None."""
+        """The evaluation ``config`` asks for (``--eval_steps`` > 0), or None; ``lora``: the run's adapters."""
         if not config.eval_steps:
             return None
         held = build_held_out(
@@ -217,7 +228,7 @@ class HeldOutEvaluation:
             weights,
             stream.original_sizes,
         )
-        return cls(config, held, device)
+        return cls(config, held, device, lora)
 
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.config.eval_steps == 0 or step == max_steps
@@ -249,6 +260,11 @@ class HeldOutEvaluation:
                 name: v.detach().float().cpu().clone() for name, v in run.trainable.vectors_by_encoder().items()
             }
             write_embedding(run, step, BEST_EMBEDDING_FILE)
+            if self.lora is not None:  # the adapters this eval_loss was measured with, beside the word
+                self.best_lora = self.lora.state_dict()
+                write_lora_files(
+                    run, self.lora, embedding_of(run.config, run.trainable, step), BEST_TAG, self.best_lora
+                )
         self.seconds += time.perf_counter() - started
         self.update_record(run)
         return value
@@ -267,7 +283,17 @@ class HeldOutEvaluation:
     def best_text(self) -> str:
         if self.best_step is None:
             return ""
-        return f"; lowest eval_loss {self.best_loss:.5f} at step {self.best_step} ({BEST_EMBEDDING_FILE})"
+        return f"; lowest eval_loss {self.best_loss:.5f} at step {self.best_step} ({', '.join(self.best_files())})"
+
+    def best_files(self) -> list[str]:
+        """The names of the best step's files: its word's, and with --lora_rank its LoRA's (none before a best)."""
+        if self.best_step is None:
+            return []
+        if self.lora is None:
+            return [BEST_EMBEDDING_FILE]
+        from textinv.training.lora import lora_file_names
+
+        return [BEST_EMBEDDING_FILE, *lora_file_names(BEST_TAG)]
 
     def update_record(self, run: RunContext) -> None:
         """run.json: the curve, the best step and the evaluation's own time."""
@@ -279,6 +305,8 @@ class HeldOutEvaluation:
             "best_loss": self.best_loss if self.best_step is not None else None,
             "best_file": BEST_EMBEDDING_FILE if self.best_step is not None else None,
         }
+        if self.lora is not None:  # pivotal tuning: the best step's LoRA files
+            run.record["eval"]["best_lora_files"] = self.best_files()[1:] or None
         run.record.setdefault("timings", {})["eval_seconds"] = round(self.seconds, 3)
         run.save_record()
 
@@ -290,6 +318,7 @@ class HeldOutEvaluation:
             "best_step": -1 if self.best_step is None else self.best_step,
             "best_loss": self.best_loss,
             "best_vectors": dict(self.best_vectors),
+            **({"best_lora": dict(self.best_lora)} if self.lora is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any], run: RunContext, step: int) -> None:
@@ -304,7 +333,27 @@ class HeldOutEvaluation:
         if best_step >= 0 and best_step <= step:
             self.best_step, self.best_loss = best_step, float(state["best_loss"])
             self.best_vectors = {name: tensor.float() for name, tensor in state["best_vectors"].items()}
-            if run.is_main_process:  # the file may hold a later step of the stopped run: back to the checkpoint's best
-                best = Embedding(token=self.config.placeholder_token, vectors=dict(self.best_vectors), step=best_step)
-                save_diffusers(best, run.output_dir / BEST_EMBEDDING_FILE)
+            if self.lora is not None:
+                self.best_lora = dict(state.get("best_lora") or {})
+            if run.is_main_process:  # the files may hold a later step of the stopped run: back to the checkpoint's best
+                self.rewrite_best_files(run)
         self.update_record(run)
+
+    def rewrite_best_files(self, run: RunContext) -> None:
+        """Write the best step's files again from the kept vectors (and adapters), as :meth:`evaluate` wrote them."""
+        roles = {part.name: part.role for part in run.parts.text_encoders}  # the files key vectors by role
+        vectors = {roles.get(name, name): tensor for name, tensor in self.best_vectors.items()}
+        best = Embedding(token=self.config.placeholder_token, vectors=vectors, step=self.best_step)
+        save_diffusers(best, run.output_dir / BEST_EMBEDDING_FILE)
+        if self.lora is None:
+            return
+        if self.best_lora:
+            write_lora_files(run, self.lora, best, BEST_TAG, self.best_lora)
+            return
+        logger.warning(  # a checkpoint written before the best step's adapters were kept
+            "the checkpoint does not hold the adapters of step %d (the lowest eval_loss): no best LoRA files until a "
+            "lower eval_loss",
+            self.best_step,
+        )
+        for name in self.best_files()[1:]:
+            (run.output_dir / name).unlink(missing_ok=True)

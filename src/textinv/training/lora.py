@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # CLIP's attention projections (diffusers' scripts' text-encoder LoRA targets).
 CLIP_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# The adapters' weights by component, then by PEFT's key name (:meth:`LoraAdapters.state_dict`).
+AdapterState = dict[str, dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -38,7 +40,7 @@ class LoraAdapters:
         for module in self.components.values():
             yield from (p for p in module.parameters() if p.requires_grad)
 
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+    def state_dict(self) -> AdapterState:
         """Each component's adapter weights in PEFT's naming (``...lora_A.weight``), on the CPU."""
         from peft.utils import get_peft_model_state_dict
 
@@ -48,7 +50,7 @@ class LoraAdapters:
         }
 
     @torch.no_grad()
-    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    def load_state_dict(self, state: AdapterState) -> None:
         """Set every adapter from :meth:`state_dict` (a checkpoint's)."""
         from peft.utils import set_peft_model_state_dict
 
@@ -143,8 +145,32 @@ def embedding_frozen_after(config: TrainConfig, max_steps: int) -> Optional[int]
     return max(1, round(settings["embedding_train_frac"] * max_steps))
 
 
-LORA_DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights / load_lora_weights name
-LORA_BUNDLE_FILE = "learned_embeds_lora.safetensors"
+def freeze_embedding_past(trainable: Any, step: int, frozen_after: Optional[int], stop_gradients: bool) -> None:
+    """Called before the optimizer step of ``step``: past ``frozen_after`` (--embedding_train_frac) the vectors'
+    gradients are dropped, so AdamW leaves them (and their moments) as they are. From ``frozen_after`` on, with
+    ``stop_gradients``, the vectors also stop asking for gradients, so the later backward passes no longer run through
+    the text encoders. Callers pass False under DDP (its reducer expects the same parameters at every step) and with
+    text-encoder adapters (they still need the backward pass through the encoders)."""
+    if frozen_after is None or step < frozen_after:
+        return
+    for vectors in trainable.parameters():
+        if step > frozen_after:
+            vectors.grad = None
+        if stop_gradients:
+            vectors.requires_grad_(False)
+
+
+LORA_DIFFUSERS_STEM = "pytorch_lora_weights"  # diffusers' save_lora_weights / load_lora_weights name
+LORA_BUNDLE_STEM = "learned_embeds_lora"
+
+
+def lora_file_names(tag: str = "") -> tuple[str, str]:
+    """The diffusers file and the kohya bundle, tagged as the word's files are: ``""`` (the run's last),
+    ``"-best"`` (beside ``learned_embeds-best.safetensors``) or ``"-steps-N"`` (beside a snapshot)."""
+    return f"{LORA_DIFFUSERS_STEM}{tag}.safetensors", f"{LORA_BUNDLE_STEM}{tag}.safetensors"
+
+
+LORA_DIFFUSERS_FILE, LORA_BUNDLE_FILE = lora_file_names()
 # kohya's key prefix per adapted component (sd-scripts' networks/lora.py: lora_unet, lora_te1/lora_te2; ComfyUI also
 # reads lora_transformer_ for diffusers-named transformer modules).
 KOHYA_PREFIXES = {
@@ -155,13 +181,18 @@ KOHYA_PREFIXES = {
 }
 
 
-def kohya_state_dict(adapters: LoraAdapters) -> dict[str, torch.Tensor]:
-    """The adapters in kohya's layout: ``<prefix>_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` and
-    an ``.alpha`` each. diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank whatever ``--lora_alpha`` is,
-    and knows no transformer prefix, so the names are made here (the rule is kohya's: dots become underscores)."""
+def kohya_state_dict(
+    adapters: LoraAdapters, weights_by_component: Optional[AdapterState] = None
+) -> dict[str, torch.Tensor]:
+    """The adapters (or ``weights_by_component``, a :meth:`LoraAdapters.state_dict` of theirs) in kohya's layout:
+    ``<prefix>_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` and an ``.alpha`` each. diffusers'
+    ``convert_state_dict_to_kohya`` writes alpha = rank whatever ``--lora_alpha`` is, and knows no transformer
+    prefix, so the names are made here (the rule is kohya's: dots become underscores)."""
     state: dict[str, torch.Tensor] = {}
     alpha = torch.tensor(float(adapters.settings["alpha"]))
-    for component, weights in adapters.state_dict().items():
+    if weights_by_component is None:
+        weights_by_component = adapters.state_dict()
+    for component, weights in weights_by_component.items():
         prefix = KOHYA_PREFIXES[component]
         for key, value in weights.items():
             module, kind = key.rsplit(".lora_", 1)  # "down_blocks.0...to_q", "A.weight"
@@ -181,9 +212,19 @@ def bundle_keys(token: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch
     return {f"bundle_emb.{token}.{role}": tensor.contiguous() for role, tensor in vectors.items()}
 
 
-def save_lora_files(parts: Any, adapters: LoraAdapters, embedding: Any, output_dir: Any) -> list[Any]:
+def save_lora_files(
+    parts: Any,
+    adapters: LoraAdapters,
+    embedding: Any,
+    output_dir: Any,
+    tag: str = "",
+    weights_by_component: Optional[AdapterState] = None,
+) -> list[Any]:
     """``pytorch_lora_weights.safetensors`` (diffusers' layout: ``pipe.load_lora_weights(output_dir)``) and
-    ``learned_embeds_lora.safetensors`` (kohya's, with the word bundled), each written atomically."""
+    ``learned_embeds_lora.safetensors`` (kohya's, with the word bundled), each written atomically; with ``tag``
+    (:func:`lora_file_names`) ``pytorch_lora_weights<tag>.safetensors`` (``load_lora_weights(output_dir,
+    weight_name=...)``) and ``learned_embeds_lora<tag>.safetensors``. The adapters' current weights, or
+    ``weights_by_component`` (a :meth:`LoraAdapters.state_dict` kept from an earlier step)."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -194,11 +235,14 @@ def save_lora_files(parts: Any, adapters: LoraAdapters, embedding: Any, output_d
     from textinv.files import atomic_write
 
     output_dir = Path(output_dir)
+    diffusers_file, bundle_file = lora_file_names(tag)
+    if weights_by_component is None:
+        weights_by_component = adapters.state_dict()
     pipeline_class = getattr(diffusers, parts.family.pipeline_class, None)
     if pipeline_class is None or not hasattr(pipeline_class, "save_lora_weights"):
         pipeline_class = diffusers.StableDiffusionPipeline
     layers: dict[str, Any] = {}
-    for component, weights in adapters.state_dict().items():
+    for component, weights in weights_by_component.items():
         # PEFT's key names (lora_A/lora_B), as diffusers' SD3/Flux scripts save them; its older UNet names
         # (convert_state_dict_to_diffusers) turn only some of a transformer's modules and break their loading.
         layers[f"{component}_lora_layers"] = weights
@@ -209,13 +253,11 @@ def save_lora_files(parts: Any, adapters: LoraAdapters, embedding: Any, output_d
     try:
         pipeline_class.save_lora_weights(staging, **layers)
         written = [
-            atomic_write(
-                output_dir / LORA_DIFFUSERS_FILE, lambda tmp: shutil.copyfile(staging / LORA_DIFFUSERS_FILE, tmp)
-            )
+            atomic_write(output_dir / diffusers_file, lambda tmp: shutil.copyfile(staging / LORA_DIFFUSERS_FILE, tmp))
         ]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    bundle = {**kohya_state_dict(adapters), **bundle_keys(embedding.token, embedding.vectors)}
+    bundle = {**kohya_state_dict(adapters, weights_by_component), **bundle_keys(embedding.token, embedding.vectors)}
     metadata = {
         "ss_network_module": "networks.lora",  # kohya's metadata keys, which A1111 and ComfyUI show
         "ss_network_dim": str(adapters.settings["rank"]),
@@ -223,5 +265,5 @@ def save_lora_files(parts: Any, adapters: LoraAdapters, embedding: Any, output_d
         "textinv_lora_targets": ",".join(sorted({t for targets in adapters.targets.values() for t in targets})),
         "textinv_token": embedding.token,
     }
-    written.append(atomic_write(output_dir / LORA_BUNDLE_FILE, lambda tmp: save_file(bundle, str(tmp), metadata)))
+    written.append(atomic_write(output_dir / bundle_file, lambda tmp: save_file(bundle, str(tmp), metadata)))
     return written

@@ -20,7 +20,7 @@ from textinv.config import TrainConfig, TrainingInterrupted
 from textinv.data.images import discover_images
 from textinv.data.latents import LatentCache
 from textinv.data.templates import choose_language, templates_for
-from textinv.events import BEST_EMBEDDING_FILE, RUN_FILE, RunContext, StepState, TrainObserver, TrainResult
+from textinv.events import RUN_FILE, RunContext, StepState, TrainObserver, TrainResult
 from textinv.files import atomic_write_json
 from textinv.models import precision
 from textinv.models.conditioning import add_placeholder
@@ -37,7 +37,7 @@ from textinv.training.export import (
     write_snapshot,
 )
 from textinv.training.held_out import HeldOutEvaluation
-from textinv.training.lora import PivotalModule, add_lora, embedding_frozen_after
+from textinv.training.lora import PivotalModule, add_lora, embedding_frozen_after, freeze_embedding_past
 from textinv.training.loss import LossSettings, ObjectiveFor, denoising_loss
 from textinv.training.stopping import (
     DIVERGED_HINT,
@@ -220,7 +220,7 @@ class TrainingRecipe:
         run.save_record()
         self.stop_reason = "max_train_steps"
         self.evaluation = HeldOutEvaluation.for_run(
-            config, parts, self.latent_cache, stream, device, data.weights if data is not None else None
+            config, parts, self.latent_cache, stream, device, data.weights if data is not None else None, self.lora
         )  # None with --eval_steps 0
         if self.evaluation is not None:
             if resume_state is not None:
@@ -329,9 +329,8 @@ class TrainingRecipe:
         """AdamW on the vectors (and LoRA adapters; through fp16's loss scaler), then the LR schedule, unless the scaler
         skipped the step. Past --embedding_train_frac the vectors have no gradient, so AdamW leaves them as they are."""
         scaler = self.scaler
-        if self.frozen_after is not None and step > self.frozen_after:
-            for vectors in self.trainable.parameters():
-                vectors.grad = None
+        alone = self.run.accelerator.num_processes == 1 and not self.config.lora_text_encoder
+        freeze_embedding_past(self.trainable, step, self.frozen_after, alone)
         if self.config.max_grad_norm > 0:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)  # clip the true gradients
@@ -353,7 +352,7 @@ class TrainingRecipe:
         """Snapshots every --save_steps, checkpoints every --checkpointing_steps, and a clean stop on a signal."""
         config, run = self.config, self.run
         if run.is_main_process and step % config.save_steps == 0 and step < run.max_steps:
-            self.saved.extend(write_snapshot(run, step))
+            self.saved.extend(write_snapshot(run, step, self.lora))
         stop = agreed_stop(run)
         every = config.checkpointing_steps
         due = every is not None and every > 0 and step % every == 0 and step < run.max_steps
@@ -422,7 +421,7 @@ class TrainingRecipe:
         run.record["vectors_sha256_by_rank"] = run_dir.vectors_digest_by_rank(run)
         run.record["stop_reason"] = self.stop_reason
         if self.evaluation is not None and self.evaluation.best_step is not None and run.is_main_process:
-            self.saved.append(run.output_dir / BEST_EMBEDDING_FILE)
+            self.saved.extend(run.output_dir / name for name in self.evaluation.best_files())
         if run.is_main_process:
             run_dir.finish_record(run, "completed", run.max_steps, self.losses, self.started, self.saved, elapsed)
         self.trainable.detach_hook()

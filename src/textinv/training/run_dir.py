@@ -66,7 +66,10 @@ def prepare_output_dir(config: TrainConfig, output_dir: Path, accelerator: Any) 
         return checkpoint
     markers = refuse_another_runs_results(output_dir, config.overwrite_output_dir)
     if markers and accelerator.is_main_process:
-        for stale in [*output_dir.glob("learned_embeds-steps-*"), *output_dir.glob("learned_embeds-best.*")]:
+        # Snapshots, best files and every LoRA file: a run without --lora_rank writes none that would replace them, and
+        # `generate --lora <folder>` would pair the old adapters with the new word.
+        tagged = ("learned_embeds-steps-*", "learned_embeds-best.*", "pytorch_lora_weights*", "learned_embeds_lora*")
+        for stale in [path for pattern in tagged for path in output_dir.glob(pattern)]:
             stale.unlink()
         for old in checkpoints.list_checkpoints(output_dir):
             shutil.rmtree(old)

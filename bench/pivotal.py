@@ -1,12 +1,12 @@
 """Pivotal tuning where an embedding alone cannot reach the concept: a planted concept with a spatial part.
 
-    OMP_NUM_THREADS=1 python bench/pivotal.py                          # 3 seeds, sd2-v, sd3, flux (docs/pivotal.md)
+    OMP_NUM_THREADS=1 python bench/pivotal.py                          # 3 seeds, every family (docs/pivotal.md)
     OMP_NUM_THREADS=1 python bench/pivotal.py --seeds 1 --steps 60 --families sd2-v
     OMP_NUM_THREADS=1 python bench/pivotal.py --json /tmp/pivotal.json
 
 The teachers are bench/planted.py's (``sd2-v``: a tiny UNet taught a flat per-channel mean per word) and
-bench/planted_flow.py's (``sd3``/``flux``: a tiny transformer taught the same kind of words), cached under
---cache_dir. The concept trained here is the target word's distribution *plus a spatial offset*: a fixed per-channel
+bench/planted_flow.py's (every other family: its denoiser taught the same kind of words through the family's own
+encode/denoise and objective), cached under --cache_dir. The concept trained here is the target word's distribution *plus a spatial offset*: a fixed per-channel
 direction times +1 on the top half of the latent and -1 on the bottom half. Its mean over the latent is zero, so the
 target word is still the best word; but the teacher only ever learned flat patterns, so no word (and, in practice,
 no input vector) makes it predict the offset. A LoRA on the denoiser can learn it. Per family and seed, at equal

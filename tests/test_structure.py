@@ -93,9 +93,11 @@ def test_dependencies_point_one_way() -> None:
         "textinv.data.options",
         "textinv.loss_options",
         "textinv.lora_options",
-    }, "config imports nothing of textinv but its exceptions, option(), and its data, loss and LoRA options"
+        "textinv.optimizer_options",
+    }, "config imports nothing of textinv but its exceptions, option(), and its data, loss, LoRA and optimizer options"
     assert graph["textinv.loss_options"] <= {"textinv.errors", "textinv.fields"}
     assert graph["textinv.lora_options"] <= {"textinv.errors", "textinv.fields"}
+    assert graph["textinv.optimizer_options"] <= {"textinv.errors", "textinv.fields"}
     assert graph["textinv.data.options"] <= {"textinv.errors", "textinv.fields", "textinv.data.buckets"}
     importers_of_cli = sorted(name for name, deps in graph.items() if "textinv.cli" in deps)
     assert importers_of_cli == []
@@ -107,7 +109,16 @@ def test_dependencies_point_one_way() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["config.py", "fields.py", "data/options.py", "data/buckets.py", "loss_options.py", "lora_options.py"]
+    "module",
+    [
+        "config.py",
+        "fields.py",
+        "data/options.py",
+        "data/buckets.py",
+        "loss_options.py",
+        "lora_options.py",
+        "optimizer_options.py",
+    ],
 )
 def test_config_does_not_import_torch(module: str) -> None:
     # The CLI validates a config (data options included) before paying for torch's import.

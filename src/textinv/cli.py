@@ -277,7 +277,7 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     )
     tiny.set_defaults(handler=cmd_tiny)
 
-    show = commands.add_parser("inspect", help="show the format, tokens, shapes and model family of an embedding")
+    show = commands.add_parser("inspect", help="show an embedding's format, tokens, shapes, family and metadata")
     show.add_argument("file", help="embedding file (any format) or a folder holding learned_embeds.*")
     show.add_argument("--json", action="store_true", help="print JSON instead of a table")
     show.set_defaults(handler=cmd_inspect)
@@ -371,7 +371,7 @@ def _configure_logging(verbose: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")  # textinv.models.quiet leaves them alone then
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "info")
         return
-    for noisy in ("transformers", "diffusers", "accelerate", "huggingface_hub", "PIL"):
+    for noisy in ("transformers", "diffusers", "accelerate", "huggingface_hub", "PIL", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -27,6 +27,7 @@ from textinv.errors import (  # noqa: F401 (the exceptions' old home)
 from textinv.fields import option  # noqa: F401 (re-exported: TrainConfig fields are declared with it)
 from textinv.lora_options import LoraOptions
 from textinv.loss_options import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, LossOptions  # noqa: F401 (re-exported)
+from textinv.optimizer_options import OPTIMIZER_DEFAULTS, OptimizerOptions
 
 LEARNABLE_PROPERTIES = ("object", "style")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -52,10 +53,11 @@ _HUB_REPO_ID = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 
 
 @dataclass
-class TrainConfig(DataOptions, LossOptions, LoraOptions):
+class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
     """Every training option. The training-data options (captions, buckets, masks) are DataOptions' fields
     (textinv.data.options) and the loss's (timesteps, weighting, offset noise, flow matching) LossOptions'
-    (textinv.loss_options), keyword-only, so the positional order here stays as it was."""
+    (textinv.loss_options), keyword-only, so the positional order here stays as it was; so are the LoRA's
+    (textinv.lora_options) and the optimizer's (textinv.optimizer_options)."""
 
     # --- what to train on ------------------------------------------------------------------
     pretrained_model_name_or_path: str = option(help="diffusers pipeline folder or hub id of the base model")
@@ -110,18 +112,28 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions):
     num_train_epochs: int = option(100, help="epochs to train when --max_train_steps is not given")
     # Overrides num_train_epochs when set; None means "derive from num_train_epochs".
     max_train_steps: Optional[int] = option(5000, help="optimizer steps to train (overrides --num_train_epochs)")
-    learning_rate: float = option(1e-3, help="peak learning rate (before --scale_lr)")
+    # None: the --optimizer's default (textinv.optimizer_options.OPTIMIZER_DEFAULTS; adamw's is textinv's 1e-3).
+    learning_rate: Optional[float] = option(
+        None,
+        help="peak learning rate (before --scale_lr); if not given, the optimizer's own: "
+        + ", ".join(f"{name} {spec.learning_rate:g}" for name, spec in OPTIMIZER_DEFAULTS.items()),
+    )
     scale_lr: bool = option(False, help="multiply the learning rate by batch size x accumulation x processes")
     lr_scheduler: str = option("cosine", help="learning-rate schedule", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = option(0, help="warm-up steps of the schedule")
     lr_num_cycles: int = option(1, help="restarts of cosine_with_restarts")
     lr_power: float = option(1.0, help="power of the polynomial schedule")
-    adam_beta1: float = option(0.9, help="AdamW beta1")
-    adam_beta2: float = option(0.999, help="AdamW beta2")
-    adam_weight_decay: float = option(
-        1e-2, help="AdamW decoupled weight decay on the token vectors (and LoRA adapters)"
+    # None (these three): the --optimizer's default; AdamW's are 0.9, 0.999 and 1e-2 (lion: 0.9, 0.99, 3e-2).
+    adam_beta1: Optional[float] = option(None, help="beta1 of the optimizer; if not given, the optimizer's: 0.9")
+    adam_beta2: Optional[float] = option(
+        None, help="beta2 of the optimizer; if not given, the optimizer's: 0.999 (lion: 0.99)"
     )
-    adam_epsilon: float = option(1e-8, help="AdamW epsilon")
+    adam_weight_decay: Optional[float] = option(
+        None,
+        help="decoupled weight decay on the token vectors (and LoRA adapters); if not given, the optimizer's: 1e-2 "
+        "(lion: 3e-2)",
+    )
+    adam_epsilon: float = option(1e-8, help="epsilon of the optimizer (not lion's)")
     # <= 0 turns clipping off
     max_grad_norm: float = option(-1.0, help="clip the gradient norm to this; <= 0 turns clipping off")
     seed: Optional[int] = option(
@@ -337,15 +349,7 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions):
             raise UserError("--resume_from_checkpoint is empty; give 'latest' or a checkpoint-N folder")
         check_at_least("--lr_warmup_steps", self.lr_warmup_steps, 0)
         check_at_least("--dataloader_num_workers", self.dataloader_num_workers, 0)
-        if not self.learning_rate > 0:
-            raise UserError(f"--learning_rate {self.learning_rate} must be > 0, e.g. 5e-4")
-        for name, value in (("--adam_beta1", self.adam_beta1), ("--adam_beta2", self.adam_beta2)):
-            if not 0.0 <= value < 1.0:
-                raise UserError(f"{name} {value} must be in [0, 1), e.g. 0.9")
-        if not self.adam_epsilon > 0:
-            raise UserError(f"--adam_epsilon {self.adam_epsilon} must be > 0, e.g. 1e-8")
-        if not self.adam_weight_decay >= 0:
-            raise UserError(f"--adam_weight_decay {self.adam_weight_decay} must be >= 0")
+        self.validate_optimizer_options()  # issue 27: rates, betas, decay, the package, the norm options
         if self.lr_power <= 0:
             raise UserError(f"--lr_power {self.lr_power} must be > 0, e.g. 1.0")
         if self.t5_learning_rate is not None and not self.t5_learning_rate > 0:

@@ -16,6 +16,7 @@ from textinv.config import TrainConfig
 from textinv.data.options import data_option_names
 from textinv.lora_options import LoraOptions
 from textinv.loss_options import LossOptions
+from textinv.optimizer_options import OptimizerOptions
 
 # ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
 PPDIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -27,6 +28,10 @@ PPDIFFUSERS_DEFAULTS: dict[str, Any] = {
 }
 # The root train_textual_inversion.py's own defaults (else TrainConfig's): ppdiffusers', and it also writes .pdparams.
 SCRIPT_DEFAULTS: dict[str, Any] = {"embedding_formats": ["diffusers", "pdparams"], **PPDIFFUSERS_DEFAULTS}
+# An entry point's default for these is an AdamW value (ppdiffusers' lr 1e-4): it applies to --optimizer adamw and
+# adamw8bit; the other optimizers keep their own default (textinv.optimizer_options) unless the flag is given.
+ADAMW_VALUES = ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay")
+ADAMW_OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict[str, Any]] = None) -> None:
@@ -36,6 +41,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
     defaults = dict(defaults or {})
     hints = typing.get_type_hints(TrainConfig)
     assert set(defaults) <= set(hints), f"defaults for unknown TrainConfig fields: {sorted(set(defaults) - set(hints))}"
+    parser.set_defaults(adamw_defaults={name: value for name, value in defaults.items() if name in ADAMW_VALUES})
     for spec in train_options():
         flag, override = f"--{spec.name}", defaults.get(spec.name)
         kind, is_list = _base_type(hints[spec.name]), typing.get_origin(hints[spec.name]) is list
@@ -45,6 +51,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
         help_text = spec.metadata["help"] + (
             "" if required or shown == [] else f" (default: {' '.join(shown) if is_list else shown})"
         )
+        if spec.name in ADAMW_VALUES and spec.name in defaults:
+            help_text += " with adamw and adamw8bit"
         choices = spec.metadata.get("choices")
         if kind is bool and spec.default is True:
             parser.add_argument(flag, dest=spec.name, action="store_true", default=override, help=help_text)
@@ -61,7 +69,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
                 action="append" if is_list and not choices else "store",
                 nargs="+" if is_list and choices else None,
                 type=_typed(kind, flag),
-                default=override,
+                default=None if spec.name in ADAMW_VALUES else override,  # config_from_args applies it
                 required=required,
                 choices=choices,
                 metavar=None if choices else spec.name.upper(),
@@ -72,21 +80,29 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
 def train_options() -> list[dataclasses.Field[Any]]:
     """The TrainConfig fields that are options (every field with help text): the training-data options
     (textinv.data.options, a base of TrainConfig) placed after the image options, the loss options
-    (textinv.loss_options, another base) before the held-out evaluation's."""
+    (textinv.loss_options, another base) before the held-out evaluation's, the optimizer's (textinv.optimizer_options)
+    before --learning_rate."""
     fields = [spec for spec in dataclasses.fields(TrainConfig) if "help" in spec.metadata]
     loss_names = {spec.name for spec in (*dataclasses.fields(LossOptions), *dataclasses.fields(LoraOptions))}
+    optimizer_names = {spec.name for spec in dataclasses.fields(OptimizerOptions)}
     data = [spec for spec in fields if spec.name in data_option_names()]
     loss = [spec for spec in fields if spec.name in loss_names]
-    own = [spec for spec in fields if spec.name not in data_option_names() and spec.name not in loss_names]
+    optimizer = [spec for spec in fields if spec.name in optimizer_names]
+    based = data_option_names() | loss_names | optimizer_names
+    own = [spec for spec in fields if spec.name not in based]
     after = next(index for index, spec in enumerate(own) if spec.name == "repeats") + 1
+    rate = next(index for index, spec in enumerate(own) if spec.name == "learning_rate")
     before_eval = next(index for index, spec in enumerate(own) if spec.name == "eval_steps")
-    return own[:after] + data + own[after:before_eval] + loss + own[before_eval:]
+    return own[:after] + data + own[after:rate] + optimizer + own[rate:before_eval] + loss + own[before_eval:]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {
         spec.name: getattr(args, spec.name) for spec in train_options() if getattr(args, spec.name, None) is not None
     }
+    # The entry point's AdamW values (ADAMW_VALUES) for AdamW; the other optimizers' own defaults otherwise.
+    if given.get("optimizer", "adamw") in ADAMW_OPTIMIZERS:
+        given = {**getattr(args, "adamw_defaults", {}), **given}
     # --num_train_epochs alone means "train that many epochs", not the default step count.
     if "num_train_epochs" in given and "max_train_steps" not in given:
         given["max_train_steps"] = None

@@ -50,6 +50,9 @@ Modules:
     :func:`read_embeddings` and :func:`detect_format`: from a file of any format to Embeddings.
 ``write``
     :func:`write_embedding` and :func:`save_diffusers`.
+``modelspec``
+    The header keys of the safetensors files textinv writes: Stability AI's ModelSpec (``modelspec.architecture``...)
+    and ``textinv_base_model``. Training sets them (:attr:`Embedding.file_metadata`); reading keeps a file's own.
 ``describe``
     :func:`describe` and :func:`convert`.
 ``load``

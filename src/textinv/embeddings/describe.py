@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from textinv.embeddings.model import _check_values
+from textinv.embeddings.modelspec import renamed, shown_items
 from textinv.embeddings.read import _parse, _resolve_input, read_embeddings
 from textinv.embeddings.write import write_embedding
 from textinv.errors import UserError
@@ -13,7 +14,8 @@ from textinv.errors import UserError
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What an embedding file holds: its format, and per token its family, step and, per encoder role, the number of
-    vectors (``counts``; ``num_vectors`` is the first role's), width (``dims``), dtype in the file and vector norms."""
+    vectors (``counts``; ``num_vectors`` is the first role's), width (``dims``), dtype in the file and vector norms;
+    and its safetensors header's keys (``metadata``: ModelSpec's and textinv's, empty when the file has none)."""
     resolved = _resolve_input(path)
     fmt, embeddings = _parse(resolved)
     tokens = []
@@ -31,6 +33,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "norms": {
                     name: [round(float(n), 6) for n in tensor.norm(dim=1)] for name, tensor in embedding.vectors.items()
                 },
+                "metadata": dict(shown_items(embedding.file_metadata)),
             }
         )
     info = {"file": str(resolved), "format": fmt, "bytes": resolved.stat().st_size, "tokens": tokens}
@@ -62,10 +65,11 @@ def convert(
     if len(embeddings) != 1:
         names = ", ".join(e.token for e in embeddings)
         raise UserError(f"{str(src)!r} holds {len(embeddings)} tokens ({names}); the output formats hold one")
-    embedding = embeddings[0]
+    embedding = embeddings[0]  # its safetensors header's keys (file_metadata) are written again when dst can hold them
     if token is not None:
         if not token.strip():
             raise UserError("--token must not be empty")
+        embedding.file_metadata = renamed(embedding.file_metadata, embedding.token, token)
         embedding.token = token
     return write_embedding(embedding, dst, to)
 
@@ -85,6 +89,12 @@ def description_table(info: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    for entry in info["tokens"]:  # the header's keys (ModelSpec's...), when the file has them
+        metadata = entry.get("metadata") or {}
+        if metadata:
+            lines.append(f"metadata of {entry['token']}:")
+            width = max(len(key) for key in metadata)
+            lines.extend(f"  {key.ljust(width)}  {_one_line(value)}" for key, value in metadata.items())
     lora = info.get("lora")
     if lora:  # a LoRA with the words bundled (issue 26)
         lines.append(
@@ -92,3 +102,9 @@ def description_table(info: dict[str, Any]) -> str:
             f"{', '.join(lora['components'])}" + (f" ({lora['targets']})" if lora["targets"] else "")
         )
     return "\n".join(lines)
+
+
+def _one_line(value: str, limit: int = 160) -> str:
+    """A header value on one line of the table: other tools' descriptions have paragraphs, thumbnails are data URLs."""
+    flat = " ".join(str(value).split())
+    return flat if len(flat) <= limit else f"{flat[:limit]}... ({len(flat)} characters)"

@@ -61,6 +61,10 @@ class Embedding:
     vectors: dict[str, torch.Tensor]
     step: Optional[int] = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The string keys a safetensors file's header carries (its ``__metadata__``): the ModelSpec and ``textinv_`` keys
+    # training sets (textinv.embeddings.modelspec), or what a read file held. Every safetensors writer writes them
+    # (beside ``format``, ``name`` and ``step``, which it makes itself); .pt, .bin and .pdparams files cannot hold them.
+    file_metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_vectors(self) -> int:

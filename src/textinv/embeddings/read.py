@@ -22,6 +22,7 @@ from textinv.embeddings.model import (
     _check_values,
     ordered_roles,
 )
+from textinv.embeddings.modelspec import carried
 from textinv.embeddings.png import _load_png
 from textinv.embeddings.unpickle import _load_raw_pickle, _load_torch_zip
 from textinv.errors import UserError, first_line
@@ -142,14 +143,16 @@ def _classify(
     if set(state) == {"emb_params"}:
         embedding = _a1111_named(path, metadata.get("name"), state["emb_params"], "emb_params")
         embedding.step = _int_or_none(metadata.get("step"))
+        embedding.file_metadata = carried(metadata)
         return "a1111-emb_params", [embedding]
     if is_multi_encoder(state):
         return _from_multi_encoder(state, path, metadata)
     if origin == "png":
         raise UserError(f"{where!r}: its 'sd-ti-embedding' data has no string_to_param")
     embeddings = _from_token_dict(state, path)
-    if origin == "safetensors" and len(embeddings) == 1:
+    if origin == "safetensors" and len(embeddings) == 1:  # a file of several tokens: whose would its keys be?
         embeddings[0].step = _int_or_none(metadata.get("step"))
+        embeddings[0].file_metadata = carried(metadata)
     return ("pdparams" if origin == "numpy-pickle" else "diffusers"), embeddings
 
 
@@ -199,6 +202,7 @@ def _from_multi_encoder(state: dict[Any, Any], path: Path, metadata: dict[str, s
         vectors={role: vectors[role] for role in order},
         step=_int_or_none(metadata.get("step")),
         metadata={"dtype": {role: dtypes[role] for role in order}},
+        file_metadata=carried(metadata),
     )
     return fmt, [embedding]
 

@@ -23,6 +23,7 @@ from textinv.embeddings.model import (
     _dims_text,
     roles_text,
 )
+from textinv.embeddings.modelspec import carried
 from textinv.errors import UserError
 from textinv.files import atomic_write
 from textinv.models.families.base import CLIP_G, CLIP_L
@@ -105,7 +106,10 @@ def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _safetensors_metadata(embedding: Embedding, name: bool) -> dict[str, str]:
-    metadata = {"format": "pt"}  # what transformers/diffusers write
+    """The header metadata of every safetensors file written: the embedding's ``file_metadata`` (ModelSpec keys...),
+    then the writer's own keys (``format``, ``name``, ``step``)."""
+    metadata = carried(embedding.file_metadata)
+    metadata["format"] = "pt"  # what transformers/diffusers write
     if name:
         metadata["name"] = embedding.token
     if embedding.step is not None:

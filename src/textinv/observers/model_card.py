@@ -131,7 +131,7 @@ def render_model_card(
         f"| resolution | {config.image_width}x{config.image_height} |",
         f"| steps | {steps} |",
         f"| batch x accumulation x processes | {config.train_batch_size} x {config.gradient_accumulation_steps} x {record.get('num_processes', 1)} |",
-        f"| learning rate | {record.get('effective_learning_rate', config.learning_rate):.3g} ({config.lr_scheduler}) |",
+        *_optimizer_rows(config, record),
         f"| seed | {record.get('seed', config.seed)} |",
         f"| textinv | {record.get('versions', {}).get('textinv', '?')} |",
         "",
@@ -141,6 +141,21 @@ def render_model_card(
     if license_name == "other":
         lines += ["The embedding follows the license of its base model.", ""]
     return "\n".join(lines)
+
+
+def _optimizer_rows(config: Any, record: dict[str, Any]) -> list[str]:
+    """The optimizer, its rate and schedule, and the norm rule (issue 27), as run.json records them."""
+    settings = record.get("optimizer") or config.optimizer_settings
+    rate = record.get("effective_learning_rate", config.resolved_learning_rate)
+    rows = [
+        f"| optimizer | {settings['name']} |",
+        f"| learning rate | {rate:.3g} ({settings.get('lr_scheduler', config.lr_scheduler)}) |",
+    ]
+    norm = record.get("embedding_norm", config.embedding_norm_settings)
+    if norm is not None:
+        rule = "held at" if norm["rule"] == "preserve" else f"at most {norm['multiple']:g} x"
+        rows.append(f"| vector norm | {rule} its text encoder's median vocabulary-row norm, after every step |")
+    return rows
 
 
 def _diffusers_usage(family_name: str, base_shown: str, where: str, token: str, repo_id: Optional[str]) -> list[str]:

@@ -20,6 +20,7 @@ from textinv.config import TrainConfig, TrainingInterrupted
 from textinv.events import EMBEDDING_FILE, RunContext, StepState, TrainObserver
 from textinv.observers.progress import clock_text
 from textinv.observers.validation import GRID_FILE, VALIDATION_DIR
+from textinv.optimizer_options import OPTIMIZER_DEFAULTS
 from textinv.serve.errors import render_error
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class TrainRequest:
     learnable_property: str = "object"
     model: str = ""  # empty: the server's default model
     max_train_steps: int = 200
-    learning_rate: float = TrainConfig.learning_rate  # textinv's recipe, as `textinv train` (README "How many steps")
+    # textinv's recipe, as `textinv train` (README "How many steps"); the page puts the optimizer's default in the box.
+    learning_rate: float = OPTIMIZER_DEFAULTS["adamw"].learning_rate
     validation_prompt: str = "a photo of {token}"  # empty: no validation images
     validation_steps: int = 0  # 0: five rounds per run
     num_validation_images: int = 2
@@ -46,6 +48,8 @@ class TrainRequest:
     seed: int = 0
     captions: str = ""  # one 'file name: caption' line per image; empty: caption files only, if any
     lora_rank: int = 0  # "also train a small LoRA" (pivotal tuning, issue 26): its rank; 0 = the word alone
+    optimizer: str = "adamw"  # --optimizer (issue 27)
+    preserve_embedding_norm: bool = False  # "keep the word's norm": --preserve_embedding_norm (issue 27)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+from textinv.optimizer_options import OPTIMIZER_DEFAULTS, OPTIMIZERS
 from textinv.serve.captions import CAPTION_SUFFIXES
 from textinv.serve.errors import render_error
 from textinv.serve.jobs import TrainRequest
@@ -39,7 +40,8 @@ def build_app(state: ServerState) -> Any:
     import pandas as pd
 
     def start(files: Any, captions: str, prop: str, placeholder: str, initializer: str, model: str, steps: Any,
-              lr: Any, vprompt: str, vsteps: Any, vsampling: Any, seed: Any, lora_rank: Any) -> str:  # fmt: skip
+              lr: Any, vprompt: str, vsteps: Any, vsampling: Any, seed: Any, lora_rank: Any, optimizer: Any,
+              keep_norm: Any) -> str:  # fmt: skip
         def action() -> tuple[Any, ...]:
             request = TrainRequest(
                 images=_uploads(files),
@@ -54,6 +56,8 @@ def build_app(state: ServerState) -> Any:
                 validation_num_inference_steps=int(vsampling or 25),
                 seed=int(seed or 0),
                 lora_rank=int(lora_rank or 0),
+                optimizer=optimizer or "adamw",
+                preserve_embedding_norm=bool(keep_norm),
                 captions=captions or "",
             )
             job = state.start(request)
@@ -172,12 +176,25 @@ def build_app(state: ServerState) -> Any:
                     elem_id="model-folder",
                 )
                 steps = gr.Number(label="Steps", value=200, precision=0, minimum=1, elem_id="steps")
+                optimizer = gr.Dropdown(
+                    list(OPTIMIZERS),
+                    value=TrainRequest.optimizer,
+                    label="Optimizer",
+                    info="all but adamw need their package (pip install 'textinv[optimizers]')",
+                    elem_id="optimizer",
+                )
                 lr = gr.Number(
                     label="Learning rate",
                     value=TrainRequest.learning_rate,
                     minimum=0,
                     step=1e-4,
+                    info="picking an optimizer puts its default here",
                     elem_id="learning-rate",
+                )
+                keep_norm = gr.Checkbox(
+                    label="Keep the word's norm (the median of the vocabulary's) after every step",
+                    value=TrainRequest.preserve_embedding_norm,
+                    elem_id="preserve-embedding-norm",
                 )
                 with gr.Accordion("Validation images and seed", open=False):
                     vprompt = gr.Textbox(
@@ -276,8 +293,13 @@ def build_app(state: ServerState) -> Any:
             vsampling,
             seed,
             lora_rank,
+            optimizer,
+            keep_norm,
         ]
         start_button.click(start, form, [train_message])
+        optimizer.change(
+            lambda name: OPTIMIZER_DEFAULTS.get(name, OPTIMIZER_DEFAULTS["adamw"]).learning_rate, [optimizer], [lr]
+        )
         stop_button.click(stop, None, [train_message])
         resume_button.click(resume, None, [train_message])
         timer.tick(poll, [seen], [progress, loss_plot, grid, seen], show_progress="hidden")

@@ -253,6 +253,8 @@ class ServerState:
             # Captions are stored as NN-stem.txt beside the images; without any, TrainConfig's default (None).
             caption_extension=STORED_SUFFIX if captioned else None,
             lora_rank=int(request.lora_rank or 0),
+            optimizer=request.optimizer or "adamw",
+            preserve_embedding_norm=bool(request.preserve_embedding_norm),
         )
 
     def stop(self) -> JobSnapshot:

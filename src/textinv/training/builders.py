@@ -24,6 +24,8 @@ from textinv.data.masks import LossWeights, latent_weights, load_masks
 from textinv.embeddings import read_embeddings
 from textinv.models.loading import ModelParts
 from textinv.models.tokens import expand_placeholder
+from textinv.training import optimizers
+from textinv.training.norms import apply_norm_rule, median_row_norm
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +183,7 @@ def schedule_length(config: TrainConfig, epoch_length: int, num_processes: int) 
 
 
 def parameter_groups(config: TrainConfig, trainable: Any, lora: Any) -> Any:
-    """What AdamW trains: the token vectors; T5's (SD3, Flux) in a group of their own at --t5_learning_rate; with
+    """What the optimizer trains: the token vectors; T5's (SD3, Flux) in a group of their own at --t5_learning_rate; with
     --lora_rank the adapters at --lora_learning_rate. The first group's rate is the one logged as the run's."""
     t5_parts = [p for p in trainable.parts.text_encoders if p.kind == "t5" and p.name in trainable.tokens]
     if lora is None and not t5_parts:
@@ -201,31 +203,25 @@ def t5_learning_rate(config: TrainConfig, trainable: Any, t5_part: Any) -> float
     median vocabulary-row norms: a step then moves a T5 vector as far, relative to T5's words, as a CLIP one."""
     if config.t5_learning_rate is not None:
         return config.t5_learning_rate
-    rows = {}
-    for name, part in (("t5", t5_part), ("clip", trainable.parts.text_encoders[0])):
-        # The vocabulary's rows: up to the placeholder's first id where it was added, the tokenizer's size elsewhere.
-        known = trainable.tokens[part.name].first_id if part.name in trainable.tokens else len(part.tokenizer)
-        rows[name] = part.text_encoder.get_input_embeddings().weight[:known].detach().float()
-    ratio = float(rows["t5"].norm(dim=1).median() / rows["clip"].norm(dim=1).median())
-    rate = config.learning_rate * ratio
+    t5, clip = (median_row_norm(trainable, part) for part in (t5_part, trainable.parts.text_encoders[0]))
+    ratio = float(t5 / clip)
+    rate = config.resolved_learning_rate * ratio
     logger.info("T5's vectors: learning rate %.3g (--learning_rate x %.1f, T5's vs CLIP-L's row norms)", rate, ratio)
     return rate
 
 
+def run_optimizer(config: TrainConfig, trainable: Any, lora: Any, num_processes: int) -> torch.optim.Optimizer:
+    """The run's optimizer over :func:`parameter_groups`. The norm rule (--preserve_embedding_norm,
+    --max_embedding_norm) holds from the start: the starting vectors are brought under it first, so step 0's eval_loss
+    (and a best file of step 0) has them at the rule's norm too."""
+    apply_norm_rule(config.embedding_norm_settings, trainable)
+    return make_optimizer(config, parameter_groups(config, trainable, lora), num_processes)
+
+
 def make_optimizer(config: TrainConfig, parameters: Any, num_processes: int) -> torch.optim.Optimizer:
-    """AdamW on the token vectors (and LoRA adapters); ``--scale_lr`` multiplies every rate by the examples per
-    update."""
-    scale = config.examples_per_update(num_processes) if config.scale_lr else 1
-    learning_rate = config.learning_rate * scale
-    if isinstance(parameters, list) and parameters and isinstance(parameters[0], dict):
-        parameters = [{**group, "lr": group["lr"] * scale} if "lr" in group else group for group in parameters]
-    return torch.optim.AdamW(
-        parameters,
-        lr=learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
+    """The --optimizer (AdamW by default) on the token vectors (and LoRA adapters); ``--scale_lr`` multiplies every
+    rate by the examples per update (textinv.training.optimizers)."""
+    return optimizers.make_optimizer(config, parameters, num_processes)
 
 
 def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, max_steps: int) -> Any:
@@ -233,10 +229,11 @@ def make_lr_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, max
 
     # Stepped once per optimizer update, so warm-up and length are in updates (the reference
     # scripts step per micro-batch and multiply both by the accumulation steps instead).
+    schedule, warmup = optimizers.schedule_for(config)  # a schedule-free optimizer: constant, its own warm-up
     return get_scheduler(
-        config.lr_scheduler,
+        schedule,
         optimizer=optimizer,
-        num_warmup_steps=config.lr_warmup_steps,
+        num_warmup_steps=warmup,
         num_training_steps=max_steps,
         num_cycles=config.lr_num_cycles,
         power=config.lr_power,

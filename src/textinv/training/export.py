@@ -27,6 +27,7 @@ from textinv.events import EMBEDDING_FILE, RunContext
 from textinv.files import atomic_dir, atomic_write
 from textinv.models.loading import ModelParts
 from textinv.training import paddle_layout
+from textinv.training.file_metadata import run_file_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def embedding_of(config: TrainConfig, trainable: Any, step: int) -> Embedding:
         # Keyed by role (text_encoder; clip_l, clip_g, t5xxl), the keys of the files other tools read.
         vectors={role: v.detach().float().cpu().clone() for role, v in trainable.vectors_by_role().items()},
         step=step,
+        file_metadata=run_file_metadata(config, trainable.parts.family),  # ModelSpec keys, in every safetensors file
     )
 
 

@@ -34,6 +34,7 @@ from textinv.events import BEST_EMBEDDING_FILE, BEST_TAG, RunContext
 from textinv.models.conditioning import predict
 from textinv.models.objectives import ObjectiveSettings, make_objective
 from textinv.training.export import embedding_of, write_embedding, write_lora_files
+from textinv.training.file_metadata import run_file_metadata
 from textinv.training.loss import LossSettings, ObjectiveFor
 
 logger = logging.getLogger(__name__)
@@ -343,7 +344,8 @@ class HeldOutEvaluation:
         """Write the best step's files again from the kept vectors (and adapters), as :meth:`evaluate` wrote them."""
         roles = {part.name: part.role for part in run.parts.text_encoders}  # the files key vectors by role
         vectors = {roles.get(name, name): tensor for name, tensor in self.best_vectors.items()}
-        best = Embedding(token=self.config.placeholder_token, vectors=vectors, step=self.best_step)
+        metadata = run_file_metadata(self.config, run.parts.family)  # ModelSpec keys, as every embedding file has
+        best = Embedding(self.config.placeholder_token, vectors, self.best_step, file_metadata=metadata)
         save_diffusers(best, run.output_dir / BEST_EMBEDDING_FILE)
         if self.lora is None:
             return

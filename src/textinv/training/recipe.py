@@ -27,7 +27,7 @@ from textinv.models.conditioning import add_placeholder
 from textinv.models.families import check_text_encoders
 from textinv.models.loading import load_model_parts, resolve_model_dir
 from textinv.models.tokens import tokenizer_check
-from textinv.training import builders, checkpoints, run_dir
+from textinv.training import builders, checkpoints, optimizers, run_dir
 from textinv.training.export import (
     embedding_file_name,
     embedding_of,
@@ -180,8 +180,7 @@ class TrainingRecipe:
         self.lora = add_lora(config, parts, trainable, seed)
         parts.denoiser = precision.apply_to_unet(config, parts.denoiser, device)
         self.trained_parameters = [*trainable.parameters(), *(self.lora.parameters() if self.lora else [])]
-        groups = builders.parameter_groups(config, trainable, self.lora)
-        self.optimizer = builders.make_optimizer(config, groups, num_processes)
+        self.optimizer = builders.run_optimizer(config, trainable, self.lora, num_processes)  # (and the norm rule)
         learning_rate = self.optimizer.param_groups[0]["lr"]
         self.lr_scheduler = builders.make_lr_scheduler(config, self.optimizer, max_steps)
         self.scaler = precision.grad_scaler(config, device)  # fp16 only
@@ -301,6 +300,7 @@ class TrainingRecipe:
     def accumulate_gradients(self, step: int) -> float:
         """Forward and backward over this step's micro-batches; the mean loss over every process."""
         config, accelerator = self.config, self.run.accelerator
+        optimizers.before_gradients(self.optimizer)  # a schedule-free optimizer's gradient point
         num_processes, accumulation = accelerator.num_processes, config.gradient_accumulation_steps
         step_loss = torch.zeros((), device=self.device)
         for micro in range(accumulation):
@@ -326,8 +326,8 @@ class TrainingRecipe:
         return float(accelerator.reduce(step_loss, reduction="mean")) if num_processes > 1 else float(step_loss)
 
     def optimizer_step(self, step: int) -> None:
-        """AdamW on the vectors (and LoRA adapters; through fp16's loss scaler), then the LR schedule, unless the scaler
-        skipped the step. Past --embedding_train_frac the vectors have no gradient, so AdamW leaves them as they are."""
+        """The optimizer on the vectors (and LoRA adapters; through fp16's loss scaler), then the LR schedule, unless the
+        scaler skipped the step. Past --embedding_train_frac the vectors have no gradient, so it leaves them as they are."""
         scaler = self.scaler
         alone = self.run.accelerator.num_processes == 1 and not self.config.lora_text_encoder
         freeze_embedding_past(self.trainable, step, self.frozen_after, alone)
@@ -347,6 +347,7 @@ class TrainingRecipe:
             else:
                 logger.debug("fp16: gradients overflowed; step skipped, loss scale %g -> %g", scale, scaler.get_scale())
         self.optimizer.zero_grad(set_to_none=True)
+        optimizers.after_step(self.optimizer, self.trainable, self.config)  # schedule-free's x; the norm rule
 
     def save_if_due(self, step: int) -> None:
         """Snapshots every --save_steps, checkpoints every --checkpointing_steps, and a clean stop on a signal."""

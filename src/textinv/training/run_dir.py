@@ -43,6 +43,8 @@ IDENTITY_KEYS = (
     "language",
     "noise_offset",  # issue 15: another noise, another run
     "data",  # issue 17: captions, buckets, masks, latent sampling
+    "optimizer",  # issue 27: another optimizer's state cannot continue this one's
+    "embedding_norm",  # issue 27: --preserve_embedding_norm / --max_embedding_norm
 )
 # What a run.json written before a key existed meant by its absence.
 IDENTITY_DEFAULTS: dict[str, Any] = {
@@ -51,6 +53,8 @@ IDENTITY_DEFAULTS: dict[str, Any] = {
     "data": None,
     "text_encoders": None,
     "lora": None,
+    "optimizer": "adamw",
+    "embedding_norm": None,
 }
 
 
@@ -108,6 +112,8 @@ def run_identity(
         # Which encoders learn the word (issue 25); every one of the model's when not given.
         "text_encoders": sorted(config.text_encoders) or None,
         "lora": config.lora_settings,  # pivotal tuning (issue 26): None for plain textual inversion
+        "optimizer": config.optimizer,
+        "embedding_norm": config.embedding_norm_settings,  # None without a norm rule
     }
     return json.loads(json.dumps(identity))  # the form it takes in run.json (lists, not tuples)
 
@@ -190,6 +196,8 @@ def run_record(
         "model": {"source": parts.source, "family": parts.family.name, "prediction_type": parts.prediction_type},
         "max_train_steps": max_steps,
         "effective_learning_rate": learning_rate,
+        "optimizer": config.optimizer_settings,  # the arguments it was built with (before --scale_lr), its schedule
+        "embedding_norm": config.embedding_norm_settings,
         "device": str(device),
         "num_processes": num_processes,
         "torch_threads": torch.get_num_threads(),  # CPU runs are bit-identical at the same thread count only

@@ -35,6 +35,12 @@ JOINT_ATTENTION_LORA_TARGETS = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
+# ModelSpec's "implementation" values (https://github.com/Stability-AI/ModelSpec: the codebase whose names the file's
+# keys follow), as kohya-ss/sd-scripts' library/sai_model_spec.py writes them for textual inversion (IMPL_STABILITY_AI
+# for every family but Flux, IMPL_FLUX for Flux) and for diffusers-format models (IMPL_DIFFUSERS).
+MODELSPEC_IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+MODELSPEC_IMPL_FLUX = "https://github.com/black-forest-labs/flux"
+MODELSPEC_IMPL_DIFFUSERS = "diffusers"
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,10 @@ class ModelFamily:
     tiny_notes: Optional[Callable[[Any], None]] = field(default=None, repr=False)
     # diffusers' load_textual_inversion works on this family's pipeline (SD3's has no TextualInversionLoaderMixin).
     diffusers_loader: bool = True
+    # ModelSpec's architecture ID of the base model ("stable-diffusion-v1"; an embedding file's modelspec.architecture
+    # adds "/textual-inversion") and its implementation (textinv.embeddings.modelspec writes both).
+    modelspec_architecture: str = ""
+    modelspec_implementation: str = MODELSPEC_IMPL_STABILITY_AI
 
     def __str__(self) -> str:
         return self.name
@@ -184,6 +194,9 @@ def single_encoder_family(
     build_tiny: Callable[[Any, Callable[[], Any]], Any],
     pipeline_class: str = "StableDiffusionPipeline",
     language: Optional[str] = None,
+    *,
+    modelspec_architecture: str,
+    modelspec_implementation: str = MODELSPEC_IMPL_STABILITY_AI,
 ) -> ModelFamily:
     """A family of the SD 1.x shape: one text encoder whose first output conditions a UNet (SD 1.x/2.x, the Chinese
     models)."""
@@ -197,6 +210,8 @@ def single_encoder_family(
         denoise=unet_denoise,
         build_tiny=build_tiny,
         language=language,
+        modelspec_architecture=modelspec_architecture,
+        modelspec_implementation=modelspec_implementation,
     )
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 from textinv.models.families.base import (
     CLIP_L,
+    MODELSPEC_IMPL_FLUX,
     POOLED,
     SEQUENCE,
     T5XXL,
@@ -109,4 +110,8 @@ FLUX = flow_transformer_family(
     build_tiny=build_tiny,
     max_length=max_length,
     tiny_notes=tiny_notes,
+    # kohya-ss/sd-scripts' sai_model_spec.py: ARCH_FLUX_1_UNKNOWN (dev and schnell, "flux-1-dev"/"-schnell", share
+    # the text encoders an embedding's vectors belong to) and IMPL_FLUX.
+    modelspec_architecture="flux-1",
+    modelspec_implementation=MODELSPEC_IMPL_FLUX,
 )

@@ -17,4 +17,11 @@ def build_tiny(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     return single_clip_pipeline(spec, seed, "quick_gelu", "<|endoftext|>", "epsilon")
 
 
-SD1 = single_encoder_family("sd1", "SD 1.x", EncoderRole(SINGLE, "text_encoder", "tokenizer", real_dim=768), build_tiny)
+# ModelSpec's ID (Stability-AI/ModelSpec's README; kohya-ss/sd-scripts' sai_model_spec.py ARCH_SD_V1).
+SD1 = single_encoder_family(
+    "sd1",
+    "SD 1.x",
+    EncoderRole(SINGLE, "text_encoder", "tokenizer", real_dim=768),
+    build_tiny,
+    modelspec_architecture="stable-diffusion-v1",
+)

@@ -22,5 +22,9 @@ def build_tiny_v(spec: TinySpec, seed: Callable[[], Any]) -> Any:
 
 
 _ENCODER = EncoderRole(SINGLE, "text_encoder", "tokenizer", real_dim=1024)
-SD2 = single_encoder_family("sd2", "SD 2.x", _ENCODER, build_tiny)
-SD2_V = single_encoder_family("sd2-v", "SD 2.x (v-prediction)", _ENCODER, build_tiny_v)
+# ModelSpec's IDs tell the two apart (Stability-AI/ModelSpec's README; kohya-ss/sd-scripts' sai_model_spec.py
+# ARCH_SD_V2_512 and ARCH_SD_V2_768_V).
+SD2 = single_encoder_family("sd2", "SD 2.x", _ENCODER, build_tiny, modelspec_architecture="stable-diffusion-v2-512")
+SD2_V = single_encoder_family(
+    "sd2-v", "SD 2.x (v-prediction)", _ENCODER, build_tiny_v, modelspec_architecture="stable-diffusion-v2-768-v"
+)

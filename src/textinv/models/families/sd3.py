@@ -97,4 +97,7 @@ SD3 = flow_transformer_family(
     max_length=max_length,
     tiny_notes=tiny_notes,
     diffusers_loader=False,
+    # kohya-ss/sd-scripts' sai_model_spec.py ARCH_SD3_M, which kohya follows with the variant ("-m", "-5-large"). An
+    # embedding's vectors are the text encoders', which every SD3/3.5 variant shares: the family's ID names no variant.
+    modelspec_architecture="stable-diffusion-3",
 )

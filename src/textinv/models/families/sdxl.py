@@ -136,4 +136,6 @@ SDXL = ModelFamily(
     call_encoder=call_clip,
     denoise=denoise,
     build_tiny=build_tiny,
+    # ModelSpec's ID (Stability-AI/ModelSpec's README; kohya-ss/sd-scripts' sai_model_spec.py ARCH_SD_XL_V1_BASE).
+    modelspec_architecture="stable-diffusion-xl-v1-base",
 )

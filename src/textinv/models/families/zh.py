@@ -14,7 +14,7 @@ import string
 from collections.abc import Callable
 from typing import Any
 
-from textinv.models.families.base import SINGLE, EncoderRole, single_encoder_family
+from textinv.models.families.base import MODELSPEC_IMPL_DIFFUSERS, SINGLE, EncoderRole, single_encoder_family
 from textinv.models.families.tiny_parts import (
     TINY_ENGLISH_WORDS,
     TinySpec,
@@ -150,12 +150,19 @@ def _build_zh_xlmr(spec: TinySpec, seed: Callable[[], Any]) -> Any:
     )
 
 
+# ModelSpec's listing and kohya name no architecture for these. Their UNet is SD 1.x's, but an embedding's vectors
+# live in the text encoder's space, and theirs is not SD 1.x's CLIP: "stable-diffusion-v1" would tell a tool the file
+# works with SD 1.x models (Taiyi's BERT vectors even have SD 1.x's width, 768: they would load there and mean nothing).
+# The spec wants IDs unique between models with different inferencing needs, so the SD 1.x ID is kept as the stem,
+# with the model's name appended. Both models are published as diffusers pipelines: implementation "diffusers".
 ZH_BERT = single_encoder_family(
     "zh-bert",
     "Taiyi (Chinese BERT)",
     EncoderRole(SINGLE, "text_encoder", "tokenizer", kind="bert"),
     _build_zh_bert,
     language="zh",
+    modelspec_architecture="stable-diffusion-v1-taiyi",
+    modelspec_implementation=MODELSPEC_IMPL_DIFFUSERS,
 )
 ZH_XLMR = single_encoder_family(
     "zh-xlmr",
@@ -164,4 +171,6 @@ ZH_XLMR = single_encoder_family(
     _build_zh_xlmr,
     pipeline_class="AltDiffusionPipeline",
     language="zh_en",
+    modelspec_architecture="stable-diffusion-v1-altdiffusion",
+    modelspec_implementation=MODELSPEC_IMPL_DIFFUSERS,
 )

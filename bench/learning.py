@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 python bench/learning.py --seeds 0 1 2 3 4  # README "How many steps"
     OMP_NUM_THREADS=1 python bench/learning.py --variants lr1e-3 batch8_lr1e-3 --seeds 0 1 2
     OMP_NUM_THREADS=1 python bench/learning.py --variants all     # every variant (README "How many steps")
+    OMP_NUM_THREADS=1 python bench/learning.py --teacher_seed 1 --steps 60 --seeds 0 1 2 3 4 --variants lr4e-3_preserve
+                                                                  # issue 27: another teacher, a norm rule
 
 A tiny pipeline (seeded random weights, real CLIP vocabulary) whose UNet is first taught to draw
 each of a dozen words as its own latent pattern (the teacher: bench/planted.py, cached under
@@ -28,11 +30,13 @@ import argparse
 import json
 import logging
 import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,6 +77,8 @@ README_COMMAND = dict(
 # ppdiffusers' parse_args defaults, which train_textual_inversion.py keeps (textinv's before issue 20), measured
 # with textinv's held-out evaluation on (the root script has it off).
 PPDIFFUSERS = {name: value for name, value in PPDIFFUSERS_DEFAULTS.items() if name != "eval_steps"}
+# Issue 27's variants share this: 4 examples per optimizer step in one micro-batch, no warm-up.
+ISSUE27 = dict(train_batch_size=4, gradient_accumulation_steps=1, scale_lr=False, lr_warmup_steps=0)
 SETTINGS: dict[str, dict[str, Any]] = {
     "textinv": {},  # TrainConfig's defaults: `textinv train`, the Python API and the web page
     "readme": README_COMMAND,
@@ -121,6 +127,32 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "snr5": dict(snr_gamma=5.0),
     "vectors2": dict(num_vectors=2),
     "constant": dict(lr_scheduler="constant"),
+    # Issue 27: faster than the README command with vectors of a real word's size. Batch 4 (the README command's 4
+    # examples per step in one micro-batch), no warm-up, with the optimizer, rate, schedule and norm rule the name
+    # says (maxX: --max_embedding_norm X; preserve: --preserve_embedding_norm).
+    **{
+        f"{'' if optimizer == 'adamw' else optimizer + '_'}lr{rate}{'_cosine' if cosine else ''}_{norm}": {
+            **ISSUE27,
+            "optimizer": optimizer,
+            "learning_rate": float(rate),
+            "lr_scheduler": "cosine" if cosine else "constant",
+            **({"preserve_embedding_norm": True} if norm == "preserve" else {"max_embedding_norm": float(norm[3:])}),
+        }
+        for optimizer, rate, cosine, norm in (
+            ("adamw", "2e-3", False, "max1.5"),
+            ("adamw", "3e-3", False, "max1.5"),
+            ("adamw", "4e-3", False, "max1.5"),
+            ("adamw", "3e-3", False, "max1.25"),
+            ("adamw", "4e-3", False, "max1.25"),
+            ("adamw", "3e-3", True, "max1.25"),
+            ("adamw", "3e-3", False, "preserve"),
+            ("adamw", "4e-3", False, "preserve"),
+            ("lion", "1e-3", False, "max1.25"),
+            ("lion", "2e-3", False, "max1.25"),
+            ("prodigy", "1", False, "max1.25"),
+            ("schedulefree_adamw", "5e-3", False, "max1.25"),
+        )
+    },
 }
 VARIANTS = [name for name in SETTINGS if name not in ("textinv", "readme", "ppdiffusers")]
 MARKS = (10, 20, 30, 40)
@@ -206,7 +238,7 @@ def run_setting(
         "stop_ok": stop is not None and to_09 is not None and to_95 is not None and to_09 <= stop <= 2 * to_95,
         "rho": spearman([v for v, _ in scored], [r for _, r in scored]),
         "seconds": seconds,
-        "lr": config.learning_rate * (config.examples_per_update(1) if config.scale_lr else 1),
+        "lr": config.resolved_learning_rate * (config.examples_per_update(1) if config.scale_lr else 1),
         "per_step": config.examples_per_update(1),
         "eval_every": config.eval_steps,
     }
@@ -265,6 +297,25 @@ def print_summary(results: list[dict[str, Any]], steps: int) -> None:
         )
 
 
+def machine_line(load_at_start: float) -> str:
+    """When and where the table was measured, and how busy the machine was (the seconds depend on it)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {cpu}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch thread "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "
+        f"1-minute load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
@@ -304,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     variants = VARIANTS if "all" in args.variants else args.variants
     started = time.perf_counter()
+    load_at_start = os.getloadavg()[0]
     recipe = TeacherRecipe(seed=args.teacher_seed, steps=args.teacher_steps)
     model_dir, report = teacher(Path(args.cache_dir), recipe)
     print(
@@ -343,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         f"scored every {args.every} steps and at every evaluation; "
         f"{'; '.join(f'{k}={v}' for k, v in overrides.items()) or 'no overrides'}"
     )
+    print(machine_line(load_at_start))
     print_table(results)
     print_summary(results, args.steps)
     if args.json:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,6 +36,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+
+from machine import cpu_name  # noqa: E402
 
 # The encoder sets compared, per family: CLIP only, T5 only, all.
 ENCODER_SETS: dict[str, dict[str, list[str]]] = {
@@ -133,15 +134,7 @@ def launch(spec: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
 
 
 def machine_lines(argv: list[str]) -> list[str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return [
         f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from machine import cpu_name  # noqa: E402
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -299,15 +300,7 @@ def print_summary(results: list[dict[str, Any]], steps: int) -> None:
 
 def machine_line(load_at_start: float) -> str:
     """When and where the table was measured, and how busy the machine was (the seconds depend on it)."""
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return (
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {cpu}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch thread "

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 import planted  # noqa: E402
 import planted_flow  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from planted import PLACEHOLDER, HeldOut, _captions  # noqa: E402
 from textinv import train  # noqa: E402
 from textinv.config import TrainConfig  # noqa: E402
@@ -289,14 +290,7 @@ def paired(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def header(argv: list[str]) -> list[str]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown CPU",
-    )
+    cpu = cpu_name()
     return [
         f"date {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} cores (shared), "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread; python {platform.python_version()}",

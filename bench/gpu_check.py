@@ -44,7 +44,7 @@ from typing import Any, Optional
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from train_step import DEFAULT_CACHE, build_sd15_architecture  # noqa: E402  (the SD1.5-shaped builder)
+from bench_models import DEFAULT_CACHE, build_sd15_architecture, full_size_vae  # noqa: E402  (the real-size builders)
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -67,7 +67,7 @@ def build_sdxl_architecture(output_dir: Path, seed: int = 0, device: str = "cpu"
     with "!"); VAE 128/256/512/512 with scaling factor 0.13025; the Euler scheduler of the base model.
     """
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from textinv.files import atomic_dir
@@ -109,16 +109,7 @@ def build_sdxl_architecture(output_dir: Path, seed: int = 0, device: str = "cpu"
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        vae = full_size_vae(1024, scaling_factor=0.13025, force_upcast=True)
     pipeline = sdxl_pipeline(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae)
     with atomic_dir(output_dir) as tmp:
         pipeline.save_pretrained(tmp)

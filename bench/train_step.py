@@ -3,6 +3,7 @@
     python bench/train_step.py                     # tiny 64 px and SD1.5 architecture at 256 / 512 px
     python bench/train_step.py --only tiny         # just the tiny pipeline (seconds)
     python bench/train_step.py --settings sd15-256 --runs 3 --threads 2
+    python bench/train_step.py --compare lora --settings sd15-256-lora4 --threads 1   # pivotal vs plain TI
 
 **The floor** is what a textual-inversion step cannot go below: the text encoder's and the UNet's own
 forward and backward passes with frozen weights and the gradient taken only at the token embeddings
@@ -31,10 +32,17 @@ encoder and UNet loaded with ``from_pretrained``, the same number of steps). Eve
 glibc's allocator as the ``textinv`` command does (``textinv.training.memory``). The reference
 figures are diffusers' example script as measured for issue 3 (not re-run here).
 
-Pipelines are built once, with seeded random weights, into ``--cache`` (outside the repository): the
-SD1.5-architecture one is about 4 GB on disk. Nothing is downloaded. The children run with
-``OMP_NUM_THREADS=--threads`` (default: this process's torch thread count). The ``*-eval`` settings
+Pipelines are built once (bench/bench_models.py), with seeded random weights, into ``--cache`` (outside
+the repository): the SD1.5-architecture one is about 4 GB on disk. Nothing is downloaded. The children run
+with ``OMP_NUM_THREADS=--threads`` (default: this process's torch thread count). The ``*-eval`` settings
 also time the held-out evaluation (``--eval_steps``): s/eval per evaluation (no floor for those).
+
+**Pivotal tuning** (issue 26): the ``*-lora4`` settings train a rank-4 LoRA with the word (textinv's LoRA
+defaults otherwise); they run only when named. Against the floor their textinv step is pivotal tuning's and the
+floor stays textual inversion's (its twin UNet takes the base weights, without the adapters). ``--compare lora``
+instead runs plain TI and pivotal tuning in fresh processes by turns, TI, pivotal, TI, ..., and prints their
+s/step and peak RSS as ratios (bench/train_step_compare.py's docstring); its sd15 default is 1 warm-up step and
+5 more, of which the 3 that pay no VAE pass are timed.
 """
 
 from __future__ import annotations
@@ -51,8 +59,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from bench_models import DEFAULT_CACHE, build_sd15_architecture, ensure_models  # noqa: F401 (gpu_check's)
+from train_step_compare import compare_setting, is_pivotal, print_comparison, trained_elements
+
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "textinv-bench"
 
 # name -> (model, resolution, extra TrainConfig fields)
 SETTINGS: dict[str, tuple[str, int, dict[str, Any]]] = {
@@ -60,76 +70,16 @@ SETTINGS: dict[str, tuple[str, int, dict[str, Any]]] = {
     "sd15-256": ("sd15", 256, {}),
     "sd15-512": ("sd15", 512, {}),
     "sd15-512-gc": ("sd15", 512, {"gradient_checkpointing": True}),
+    # Pivotal tuning (issue 26): a rank-4 LoRA with the word; run when named, or with --compare lora.
+    "tiny-64-lora4": ("tiny", 64, {"lora_rank": 4}),
+    "sd15-256-lora4": ("sd15", 256, {"lora_rank": 4}),
+    "sd15-512-lora4": ("sd15", 512, {"lora_rank": 4}),
+    "sd15-512-gc-lora4": ("sd15", 512, {"gradient_checkpointing": True, "lora_rank": 4}),
     # The held-out evaluation (issue 20): its own time per evaluation, beside a step's. The other settings
     # turn it off (eval_steps=0), so their wall time is the steps'.
     "tiny-64-eval": ("tiny", 64, {"eval_steps": 1, "eval_samples": 32}),
     "sd15-512-eval": ("sd15", 512, {"eval_steps": 2, "eval_samples": 8}),
 }
-
-
-def build_sd15_architecture(output_dir: Path, seed: int = 0) -> Path:
-    """A Stable Diffusion 1.5-shaped pipeline with random weights (the real sizes, ~1.07 B parameters).
-
-    Sizes are those of runwayml/stable-diffusion-v1-5's configs (UNet 320/640/1280/1280 with
-    768-d cross-attention and 8 heads; VAE 128/256/512/512; CLIP ViT-L/14 text encoder: 12 layers,
-    768 wide, quick_gelu); the scheduler is its PNDM with scaled_linear betas 0.00085..0.012.
-    """
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from textinv.files import atomic_dir
-    from textinv.tiny import clip_tokenizer_dir, sd_pipeline, sd_scheduler
-
-    torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    pipeline = sd_pipeline(tokenizer, text_encoder, unet, vae, sd_scheduler())
-    with atomic_dir(output_dir) as tmp:
-        pipeline.save_pretrained(tmp)
-    return output_dir
-
-
-def ensure_models(cache: Path, wanted: set[str]) -> dict[str, Path]:
-    from textinv.tiny import build_tiny_pipeline
-
-    models = {"tiny": cache / "tiny-sd1", "sd15": cache / "sd15-architecture"}
-    if "tiny" in wanted and not (models["tiny"] / "model_index.json").exists():
-        build_tiny_pipeline(models["tiny"], seed=0)
-    if "sd15" in wanted and not (models["sd15"] / "model_index.json").exists():
-        print(f"building the SD1.5-architecture pipeline in {models['sd15']} (once; ~4 GB)", file=sys.stderr)
-        build_sd15_architecture(models["sd15"])
-    return models
 
 
 # Diffusers' example script (train_textual_inversion.py) on the same kind of machine, measured for issue 3.
@@ -177,7 +127,9 @@ class Floor:
             gradient_checkpointing = unet.is_gradient_checkpointing
             with torch.device("meta"):
                 twin = UNet2DConditionModel.from_config(unet.config)
-            twin.load_state_dict(unet.state_dict(), assign=True)
+            # With --lora_rank, PEFT's layers hold the base weights as "<name>.base_layer.weight": the twin takes those.
+            state = {key.replace(".base_layer.", "."): value for key, value in unet.state_dict().items()}
+            twin.load_state_dict({key: value for key, value in state.items() if ".lora_" not in key}, assign=True)
             unet = twin
         self.unet = unet.requires_grad_(False).eval()
         if gradient_checkpointing:
@@ -302,26 +254,35 @@ def ready_latents(model: Path, resolution: int) -> Any:
 def run_textinv_alone(
     model: Path, resolution: int, steps: int, warmup: int, extra: dict[str, Any], launched_at: float, ready: bool
 ) -> dict[str, Any]:
-    """textinv's train() as the CLI runs it (lazy latent cache from the demo images), alone: peak RSS, start-up.
-    ``ready``: with a full latent cache handed over instead (``--ready-latents``: the VAE never runs)."""
+    """textinv's train() as the CLI runs it (lazy latent cache from the demo images), alone: peak RSS, start-up,
+    s/step (also without the steps that paid a VAE pass), what trains. ``ready``: with a full latent cache handed
+    over instead (``--ready-latents``: the VAE never runs)."""
     from textinv import train
     from textinv.events import TrainObserver
 
     step_times: list[float] = []
     first_step_at: list[float] = []
     evaluations: dict[str, float] = {}
+    trained: dict[str, int] = {}
+    vae_steps: list[int] = []  # steps that encoded a view into the lazy latent cache
 
     high_water: list[float] = []  # peak RSS so far: at the start, then after each step (where it grows)
 
     class Timer(TrainObserver):
         def on_start(self, run: Any) -> None:
             high_water.append(peak_rss_gib())
+            trained.update(trained_elements(run))
+            self.encoded: Optional[int] = None if ready else 0
 
         def on_step(self, run: Any, state: Any) -> None:
             if not first_step_at:
                 first_step_at.append(time.time())
             step_times.append(state.step_seconds)
             high_water.append(peak_rss_gib())
+            encoded = state.views_encoded[0] if state.views_encoded else None  # None: the cache is full
+            if encoded != self.encoded:
+                vae_steps.append(state.step)
+            self.encoded = encoded
 
         def on_end(self, run: Any, result: Any) -> None:
             held_out = run.record.get("eval")
@@ -335,8 +296,14 @@ def run_textinv_alone(
         config = bench_config(model, resolution, warmup + steps, scratch, extra)
         train(config, observers=[Timer()], latent_cache=ready_latents(model, resolution) if ready else None)
     steady = step_times[warmup:] or step_times
+    timed = [step for step in range(warmup + 1, len(step_times) + 1) if step not in vae_steps]
     return {
         "s_per_step": statistics.median(steady),
+        "s_per_step_without_vae": statistics.median(step_times[step - 1] for step in timed) if timed else float("nan"),
+        "timed_steps": timed,
+        "vae_steps": vae_steps,
+        "step_seconds": step_times,
+        "trained": trained,
         "peak_rss_gib": peak_rss_gib(),
         "startup_s": first_step_at[0] - launched_at - step_times[0] if first_step_at else float("nan"),
         "peak_rss_gib_at_start_and_after_each_step": high_water,
@@ -375,11 +342,20 @@ def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument(
+        "--settings", nargs="+", choices=sorted(SETTINGS), help="default: all without LoRA (with --compare: with it)"
+    )
     parser.add_argument("--only", choices=["tiny", "sd15"], help="run only the settings of this model")
-    parser.add_argument("--steps", type=int, default=None, help="steady steps to time (default: 20 tiny, 3 sd15)")
+    parser.add_argument(
+        "--compare", choices=["lora"], help="plain TI against pivotal tuning, fresh processes by turns (no floor)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps to time after warm-up (default: 20 tiny; sd15 3, compare 5)"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="steps not timed (default: 3 tiny, 1 sd15)")
-    parser.add_argument("--runs", type=int, default=3, help="interleaved runs per setting (fresh processes)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs per setting (fresh processes; --compare: TI/pivotal pairs)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="OMP_NUM_THREADS of the children")
     parser.add_argument("--no-rss", action="store_true", help="skip the one-component processes (peak RSS, start-up)")
     parser.add_argument("--no-interleave", action="store_true", help="only the one-component processes")
@@ -397,7 +373,11 @@ def main() -> None:
         child_main(json.loads(args.child))
         return
 
-    names = [name for name in args.settings if args.only is None or SETTINGS[name][0] == args.only]
+    pivotal = [name for name in SETTINGS if is_pivotal(SETTINGS[name][2])]
+    names = args.settings or (pivotal if args.compare else [name for name in SETTINGS if name not in pivotal])
+    names = [name for name in names if args.only is None or SETTINGS[name][0] == args.only]
+    if args.compare and set(names) - set(pivotal):
+        parser.error(f"--compare lora compares the settings with a LoRA: {', '.join(pivotal)}")
     models = ensure_models(args.cache, {SETTINGS[name][0] for name in names})
     rows = []
     for name in names:
@@ -406,11 +386,14 @@ def main() -> None:
         spec = {
             "model": str(models[model_key]),
             "resolution": resolution,
-            "steps": args.steps or (20 if tiny else 3),
+            "steps": args.steps or (20 if tiny else 5 if args.compare else 3),
             "warmup": args.warmup if args.warmup is not None else (3 if tiny else 1),
             "extra": {**extra, **json.loads(args.extra)},
             "ready_latents": args.ready_latents,
         }
+        if args.compare:
+            rows.append(compare_setting(name, spec, args.runs, args.threads, run_in_child))
+            continue
         row: dict[str, Any] = {"setting": name, "threads": args.threads, "extra": spec["extra"], "runs": []}
         if not args.no_interleave and "eval_steps" not in extra:
             for run in range(args.runs):
@@ -429,9 +412,18 @@ def main() -> None:
             print(f"{name}: peak RSS measured", file=sys.stderr)
         rows.append(row)
 
-    print(f"OMP_NUM_THREADS={args.threads}")
+    if args.compare:
+        print_comparison(rows, args.threads)
+    else:
+        print_table(rows, args.threads)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def print_table(rows: list[dict[str, Any]], threads: int) -> None:
+    print(f"OMP_NUM_THREADS={threads}")
     print(
-        f"{'setting':<14} {'floor s':>8} {'textinv s':>9} {'ratio':>6}  {'runs':<20} {'RSS textinv':>11} "
+        f"{'setting':<17} {'floor s':>8} {'textinv s':>9} {'ratio':>6}  {'runs':<20} {'RSS textinv':>11} "
         f"{'RSS floor':>9} {'RSS ref':>8} {'start-up':>8} {'s/eval':>7}"
     )
     for row in rows:
@@ -448,12 +440,10 @@ def main() -> None:
         floor = row.get("floor") or {}
         reference = REFERENCE.get(row["setting"])
         print(
-            f"{row['setting']:<14} {speed} {own.get('peak_rss_gib', float('nan')):>9.2f} G "
+            f"{row['setting']:<17} {speed} {own.get('peak_rss_gib', float('nan')):>9.2f} G "
             f"{floor.get('peak_rss_gib', float('nan')):>7.2f} G {reference[1] if reference else float('nan'):>6.2f} G "
             f"{own.get('startup_s', float('nan')):>7.1f}s {own.get('s_per_eval', float('nan')):>7.2f}"
         )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

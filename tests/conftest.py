@@ -140,6 +140,10 @@ def sigint_on_loss_call(monkeypatch, call_number: int) -> None:
     from textinv.training import loss as loss_module
     from textinv.training import recipe
 
+    # A background job of a non-interactive shell (`cmd &` in a script) starts with SIGINT ignored, and textinv then
+    # leaves it ignored (stopping.stop_on_signals): give the test the SIGINT an interactive user has.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     real = loss_module.denoising_loss
     calls = {"count": 0}
 

@@ -103,14 +103,7 @@ def test_embedding_train_frac_freezes_the_word_while_the_lora_goes_on(
                 (run.trainable.vectors.detach().clone(), {k: v.clone() for k, v in lora.state_dict()["unet"].items()})
             )
 
-    recipe_instance: list[Any] = []
-    real_init = recipe.TrainingRecipe.__init__
-
-    def keep(self: Any, *args: Any, **kwargs: Any) -> None:
-        real_init(self, *args, **kwargs)
-        recipe_instance.append(self)
-
-    monkeypatch.setattr(recipe.TrainingRecipe, "__init__", keep)
+    recipe_instance = _keep_recipes(monkeypatch)
     textinv.train(
         train_config(tiny_model, train_images, tmp_path / "out", **PIVOTAL, embedding_train_frac=0.5),
         show_progress=False,

@@ -135,3 +135,97 @@ def test_eval_with_a_folder_that_is_not_clip_is_one_line(
     assert code == 2, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--clip_model" in lines[0] and str(tiny_model) in lines[0], stderr
+
+
+def _two_word_run(tmp_path: Path, train_images: Path) -> tuple[Path, Path, Path]:
+    """A --concepts run's files (random vectors), its TOML and the second word's images (a crop of another photo)."""
+    from textinv.tiny import demo_images_dir
+
+    style = tmp_path / "style"
+    style.mkdir()
+    with Image.open(demo_images_dir() / "03.jpg") as image:
+        image.convert("RGB").resize((96, 96)).save(style / "a.png")
+        image.convert("RGB").crop((0, 0, 200, 200)).resize((96, 96)).save(style / "b.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    for index, (token, count) in enumerate((("<cat-toy>", 1), ("<my-style>", 2))):
+        vectors = torch.randn(count, 32, generator=torch.Generator().manual_seed(index))
+        name = token.strip("<>")
+        write_embedding(
+            Embedding(token=token, vectors={"text_encoder": vectors}), run / f"learned_embeds-{name}.safetensors"
+        )
+    concepts = tmp_path / "concepts.toml"
+    concepts.write_text(
+        f'[[concept]]\nplaceholder_token = "<cat-toy>"\ntrain_data_dir = "{train_images}"\n\n'
+        f'[[concept]]\nplaceholder_token = "<my-style>"\nnum_vectors = 2\ntrain_data_dir = "style"\n'
+    )
+    return run, concepts, style
+
+
+@pytest.mark.slow
+def test_eval_scores_every_word_of_a_concepts_run_against_its_own_images(
+    tiny_model: Path, train_images: Path, tiny_clip: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from textinv.inference.evaluation import evaluate
+
+    run, concepts, style = _two_word_run(tmp_path, train_images)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} on the beach\n")
+    out = tmp_path / "scores.json"
+    settings = [
+        "--clip_model",
+        str(tiny_clip),
+        "--prompts",
+        str(prompts),
+        "--num_images",
+        "1",
+        "--num_inference_steps",
+        "2",
+    ]
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model),
+            "--concepts",
+            str(concepts),
+            "--embeddings",
+            str(run),
+            *settings,
+            "--json",
+            str(out),
+        ]
+    )
+    stdout = capsys.readouterr().out
+    assert code == 0
+    scores = json.loads(out.read_text())
+    assert list(scores) == ["<cat-toy>", "<my-style>"]
+    for token, images in (("<cat-toy>", train_images), ("<my-style>", style)):
+        alone = evaluate(
+            str(tiny_model),
+            run / f"learned_embeds-{token.strip('<>')}.safetensors",
+            images,
+            prompts=["a {} on the beach"],
+            clip_model=str(tiny_clip),
+            num_images=1,
+            num_inference_steps=2,
+        )
+        assert scores[token]["image_similarity"] == alone.image_similarity
+        assert scores[token]["text_similarity"] == alone.text_similarity
+        assert scores[token]["prompts"][0]["prompt"] == f"a {token} on the beach"
+        assert f"{token}: image similarity {alone.image_similarity:.4f}" in stdout
+    assert scores["<cat-toy>"]["image_similarity"] != scores["<my-style>"]["image_similarity"]
+
+
+def test_eval_of_a_concepts_run_without_a_words_file_is_one_line(
+    tiny_model: Path, train_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run, concepts, _ = _two_word_run(tmp_path, train_images)
+    (run / "learned_embeds-my-style.safetensors").unlink()
+    code = main(["eval", "--model", str(tiny_model), "--concepts", str(concepts), "--embeddings", str(run)])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert stderr.strip().splitlines() == [
+        f"textinv: error: {run / 'learned_embeds-my-style.safetensors'} does not exist: <my-style> was not trained into "
+        f"{str(run)!r}; train with --concepts {concepts} --output_dir {run}"
+    ]

@@ -23,6 +23,7 @@ from textinv.flags import (  # noqa: F401 (the tests and the root script reach t
     SCRIPT_DEFAULTS,
     _typed,
     add_train_arguments,
+    checked_configs,
     config_from_args,
     normalise_flags,
     train_options,
@@ -45,7 +46,7 @@ CONVERT_FORMATS = ("diffusers", "a1111", "sdxl", "comfyui", "onetrainer", "diffu
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.extra["default_embedding_formats"] = args.default_embedding_formats
-    config.validate()  # before importing torch: a typo costs no start-up time
+    checked_configs(config)  # validated (each --concepts word's) before importing torch: a typo costs no start-up
     _check_before_torch(config)
 
     from textinv import train
@@ -184,32 +185,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """The Textual Inversion paper's image and text similarity of a learned word."""
-    from textinv.inference.evaluation import evaluate, read_prompts
+    from textinv.inference.evaluation import eval_targets, evaluate, read_prompts
     from textinv.models.loading import local_model_dir
 
     local_model_dir(args.model)  # before the CLIP model loads
     prompts = read_prompts(args.prompts) if args.prompts else None
-    result = evaluate(
-        args.model,
-        args.embeddings,
-        args.train_data_dir,
-        prompts=prompts,
-        clip_model=args.clip_model,
-        num_images=args.num_images,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-    )
-    print(
-        f"image similarity {result.image_similarity:.4f}  ('{result.details['image_prompt']}' vs the training images)"
-    )
-    print(f"text similarity  {result.text_similarity:.4f}  (mean over {len(result.prompts)} edit prompts)")
+    results = {}
+    for token, embeddings, images in eval_targets(args.model, args.embeddings, args.train_data_dir, args.concepts):
+        result = results[token] = evaluate(
+            args.model,
+            embeddings,
+            images,
+            prompts=prompts,
+            clip_model=args.clip_model,
+            num_images=args.num_images,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+        word, shown = f"{token}: " if token else "", f"'{result.details['image_prompt']}' vs the training images"
+        print(f"{word}image similarity {result.image_similarity:.4f}  ({shown})")
+        print(f"{word}text similarity  {result.text_similarity:.4f}  (mean over {len(result.prompts)} edit prompts)")
     if args.json:
         from textinv.files import atomic_write_json
 
-        print(f"wrote {atomic_write_json(args.json, result.to_dict())}")
+        scores = results[""].to_dict() if "" in results else {token: r.to_dict() for token, r in results.items()}
+        print(f"wrote {atomic_write_json(args.json, scores)}")
     return 0
 
 
@@ -311,11 +314,16 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     )
     ev.add_argument("--model", required=True, help="base pipeline folder or hub id")
     ev.add_argument(
-        "--embeddings", required=True, metavar="FILE", help="embedding file of the learned word (any format)"
+        "--embeddings",
+        required=True,
+        metavar="FILE",
+        help="embedding file of the learned word (any format); with --concepts, the run's output folder",
     )
     ev.add_argument(
-        "--train_data_dir", required=True, help="the word's training images (image similarity compares with them)"
+        "--train_data_dir",
+        help="the word's training images (image similarity compares with them; required unless --concepts)",
     )
+    ev.add_argument("--concepts", metavar="FILE", help="a --concepts run's TOML: score each word against its images")
     ev.add_argument(
         "--prompts", metavar="FILE", help="edit prompts, one a line with {} for the word (default: a built-in list)"
     )

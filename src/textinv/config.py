@@ -23,6 +23,7 @@ from textinv.errors import (  # noqa: F401 (the exceptions' old home)
     check_choice,
     first_line,
     require_text,
+    require_unless_concepts,
 )
 from textinv.fields import option  # noqa: F401 (re-exported: TrainConfig fields are declared with it)
 from textinv.lora_options import LoraOptions
@@ -61,8 +62,9 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
 
     # --- what to train on ------------------------------------------------------------------
     pretrained_model_name_or_path: str = option(help="diffusers pipeline folder or hub id of the base model")
-    train_data_dir: str = option(help="folder with the 3-5 training images")
-    placeholder_token: str = option(help="the new word, e.g. '<cat-toy>'")
+    # Both required, unless --concepts gives them per concept (flags.py says so in --help).
+    train_data_dir: str = option("", help="folder with the 3-5 training images")
+    placeholder_token: str = option("", help="the new word, e.g. '<cat-toy>'")
     # A word whose embedding starts the vectors; not needed with init_embeddings.
     initializer_token: Optional[str] = option(
         None, help="a one-token word the vectors start from, e.g. 'toy' (not needed with --init_embeddings)"
@@ -303,8 +305,19 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
             elif allowed and value is not None:
                 check_choice(f"--{spec.name}", value, allowed)
         require_text("--pretrained_model_name_or_path", self.pretrained_model_name_or_path)
-        require_text("--train_data_dir", self.train_data_dir)
-        require_text("--placeholder_token", self.placeholder_token)
+        if self.concepts is None:  # else textinv.data.concepts checks each word (validate_word)
+            self.validate_word()
+        self._validate_run()
+
+    def validate_word(self) -> None:
+        """The options of the word: its images, token and where its vectors start."""
+        if self.concepts is None:
+            require_unless_concepts("--train_data_dir", self.train_data_dir, "the folder of training images")
+            require_unless_concepts("--placeholder_token", self.placeholder_token, "the new word, e.g. '<cat-toy>'")
+        else:
+            for name, value in (("train_data_dir", self.train_data_dir), ("placeholder_token", self.placeholder_token)):
+                if not str(value or "").strip():
+                    raise UserError(f"{name} is required: give it in the [[concept]] table (or --{name} for all)")
         if self.init_embeddings is None:
             if self.initializer_token is None or not self.initializer_token.strip():
                 raise UserError(
@@ -317,6 +330,8 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
             raise UserError(
                 f"--placeholder_token {self.placeholder_token!r} contains white space; use one word such as '<cat-toy>'"
             )
+
+    def _validate_run(self) -> None:
         for name, value in (
             ("--resolution", self.resolution),
             ("--height", self.height),

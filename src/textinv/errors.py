@@ -38,6 +38,16 @@ def require_text(name: str, value: Optional[str]) -> None:
         raise UserError(f"{name} is required and must not be empty")
 
 
+def require_unless_concepts(name: str, value: Optional[str], what: str) -> None:
+    """A flag each ``[[concept]]`` of ``--concepts FILE`` can give instead (--train_data_dir, --placeholder_token):
+    required without that file, and the message says so."""
+    if value is None or not str(value).strip():
+        raise UserError(
+            f"{name} is required: {what}; or give --concepts FILE, a TOML file of [[concept]] tables that each set "
+            f"{name.lstrip('-')}"
+        )
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"{name} {value!r} is not one of: {', '.join(choices)}")

@@ -21,6 +21,12 @@ BEST_EMBEDDING_FILE = f"learned_embeds{BEST_TAG}.safetensors"  # the vectors of 
 RUN_FILE = "run.json"
 
 
+def best_embedding_file(concept: str = "") -> str:
+    """The best step's word file: ``learned_embeds-best.safetensors``, or ``learned_embeds-<concept>-best...`` for
+    one word of several (--concepts)."""
+    return BEST_EMBEDDING_FILE if not concept else f"learned_embeds-{concept}{BEST_TAG}.safetensors"
+
+
 @dataclass
 class StepState:
     """One finished optimizer step, as the observers see it."""
@@ -67,6 +73,7 @@ class RunContext:
     stop_requested: Optional[int] = None  # a signal number, once asked to stop
     save_record: Callable[[], None] = lambda: None  # writes ``record`` to run.json (the recipe sets it)
     start_step: int = 0
+    concept: str = ""  # with --concepts, a view of the run for one word: its name, in its files' names
 
     @property
     def is_main_process(self) -> bool:

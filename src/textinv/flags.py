@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from textinv.config import TrainConfig
+from textinv.data.concepts import concept_configs
 from textinv.data.options import data_option_names
 from textinv.lora_options import LoraOptions
 from textinv.loss_options import LossOptions
@@ -32,6 +33,12 @@ SCRIPT_DEFAULTS: dict[str, Any] = {"embedding_formats": ["diffusers", "pdparams"
 # adamw8bit; the other optimizers keep their own default (textinv.optimizer_options) unless the flag is given.
 ADAMW_VALUES = ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay")
 ADAMW_OPTIMIZERS = ("adamw", "adamw8bit")
+# Required flags that each [[concept]] of --concepts FILE can give instead (TrainConfig's default is ""), with what
+# the value is (for the message when neither is given).
+REQUIRED_UNLESS_CONCEPTS = {
+    "train_data_dir": "the folder of training images",
+    "placeholder_token": "the new word, e.g. '<cat-toy>'",
+}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict[str, Any]] = None) -> None:
@@ -51,6 +58,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
         help_text = spec.metadata["help"] + (
             "" if required or shown == [] else f" (default: {' '.join(shown) if is_list else shown})"
         )
+        if spec.name in REQUIRED_UNLESS_CONCEPTS and not shown:  # "" (not "(default: )"): a word or --concepts
+            help_text = spec.metadata["help"] + " (required unless --concepts)"
         if spec.name in ADAMW_VALUES and spec.name in defaults:
             help_text += " with adamw and adamw8bit"
         choices = spec.metadata.get("choices")
@@ -107,6 +116,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "num_train_epochs" in given and "max_train_steps" not in given:
         given["max_train_steps"] = None
     return TrainConfig(**given)
+
+
+def checked_configs(config: TrainConfig) -> list[TrainConfig]:
+    """The run's configs, validated before torch is imported: ``config`` itself, or one per ``[[concept]]`` of
+    ``--concepts FILE`` (textinv.data.concepts; the flags are their defaults), so a bad concepts file fails before
+    any model loads. Without the file, --train_data_dir and --placeholder_token are required and the message
+    names --concepts as the other way."""
+    if config.concepts is not None:
+        return concept_configs(config)  # validates each concept's config; `config` alone lacks their words
+    config.validate()  # --train_data_dir and --placeholder_token are required here (TrainConfig.validate_word)
+    return [config]
 
 
 def normalise_flags(argv: Sequence[str]) -> list[str]:

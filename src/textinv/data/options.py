@@ -29,6 +29,13 @@ def _option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None) 
 
 @dataclass
 class DataOptions:
+    # --- several words in one run (issue 27; textinv.data.concepts) ---------------------------------
+    concepts: Optional[str] = _option(
+        None,
+        "a TOML file with one [[concept]] table per word (placeholder_token, initializer_token, num_vectors, "
+        "train_data_dir, learnable_property, the caption options, repeats): one model load, one run, each word its "
+        "own files learned_embeds-<name>.*; the flags given are every concept's defaults",
+    )
     # --- captions ------------------------------------------------------------------------------
     caption_extension: Optional[str] = _option(
         None,
@@ -130,8 +137,11 @@ class DataOptions:
     def data_features(self) -> Optional[dict[str, Any]]:
         """The data options in force, for run.json and the run identity; None when every one is off
         (a run as before issue 17)."""
-        values = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(DataOptions)}
-        defaults = {spec.name: spec.default for spec in dataclasses.fields(DataOptions)}
+        # --concepts is not one: the run identity holds each word's own (textinv.training.concepts).
+        values = {
+            spec.name: getattr(self, spec.name) for spec in dataclasses.fields(DataOptions) if spec.name != "concepts"
+        }
+        defaults = {spec.name: spec.default for spec in dataclasses.fields(DataOptions) if spec.name != "concepts"}
         if values == defaults:
             return None
         if not self.enable_bucket:

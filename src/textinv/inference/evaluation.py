@@ -301,3 +301,45 @@ def evaluate(
             "seed": seed,
         },
     )
+
+
+def eval_targets(
+    model: str, embeddings: str, train_data_dir: Optional[str], concepts_file: Optional[str]
+) -> list[tuple[str, Any, str]]:
+    """What ``textinv eval`` scores: ``("", embeddings, train_data_dir)``, or with ``--concepts`` every word of the run
+    (:func:`concept_targets`)."""
+    if concepts_file:
+        return concept_targets(model, concepts_file, embeddings)  # type: ignore[return-value]
+    if not train_data_dir:
+        raise UserError(
+            "--train_data_dir is required: the word's training images (or --concepts FILE for a run of several)"
+        )
+    return [("", embeddings, train_data_dir)]
+
+
+def concept_targets(model: str, concepts_file: str, run_folder: str | Path) -> list[tuple[str, Path, str]]:
+    """Each word of a ``--concepts`` run: its token, its file ``learned_embeds-<name>.safetensors`` in
+    ``run_folder`` (the run's output folder) and its training images, for :func:`evaluate` word by word."""
+    from textinv.config import TrainConfig
+    from textinv.data.concepts import concept_configs, file_names
+
+    # Only the tokens and folders count here: a file that left initializer_token to a training flag reads too.
+    words = concept_configs(
+        TrainConfig(pretrained_model_name_or_path=model, concepts=concepts_file, initializer_token="unused")
+    )
+    folder = Path(run_folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(
+            f"--embeddings {str(run_folder)!r}: with --concepts give the run's output folder "
+            "(it holds learned_embeds-<name>.safetensors)"
+        )
+    targets = []
+    for word, name in zip(words, file_names(words)):
+        file = folder / f"learned_embeds{'-' + name if name else ''}.safetensors"
+        if not file.is_file():
+            raise UserError(
+                f"{file} does not exist: {word.placeholder_token} was not trained into {str(run_folder)!r}; "
+                f"train with --concepts {concepts_file} --output_dir {run_folder}"
+            )
+        targets.append((word.placeholder_token, file, word.train_data_dir))
+    return targets

@@ -38,7 +38,7 @@ from textinv.models.tokens import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TextConditioning", "TrainableTextEncoders", "add_placeholder", "predict", "tokenize"]
+__all__ = ["TextConditioning", "TrainableConcepts", "TrainableTextEncoders", "add_placeholder", "predict", "tokenize"]
 # Captions whose untrained encoders' outputs are kept: the templates (27 object, 21 style) times a few images fit.
 FROZEN_CACHE_CAPTIONS = 256
 
@@ -56,6 +56,9 @@ class TrainableTextEncoders(nn.Module):
         self.tokens = nn.ModuleDict(tokens)
         self.token = token
         self.num_vectors = num_vectors  # --num_vectors: how the captions spell the placeholder
+        # Rows below these ids (by slot) are the model's own words; set when several words were added (--concepts),
+        # so each word's vocabulary median leaves out the others' rows as a word trained alone would.
+        self.vocabulary_rows: dict[str, int] = {}
         # Not a submodule: the frozen encoders are not ours to move, save or sync.
         self._parts = [parts]
         # Least recently used first; at most FROZEN_CACHE_CAPTIONS entries (captions with shuffled or dropped tags
@@ -70,6 +73,10 @@ class TrainableTextEncoders(nn.Module):
     def vectors(self) -> torch.Tensor:
         """The first trained encoder's vectors (the only ones for single-encoder families)."""
         return self._token_list()[0].vectors
+
+    def each(self) -> list[TrainableTextEncoders]:
+        """The words trained: this one (:class:`TrainableConcepts` holds several)."""
+        return [self]
 
     def _token_list(self) -> list[TrainableTokens]:
         return [trainable for trainable in self.tokens.values() if isinstance(trainable, TrainableTokens)]
@@ -155,6 +162,72 @@ class TrainableTextEncoders(nn.Module):
             torch.cat([row.sequence for row in rows]) if rows[0].sequence is not None else None,
             torch.cat([row.pooled for row in rows]) if rows[0].pooled is not None else None,
         )
+
+
+class TrainableConcepts(nn.Module):
+    """Several words trained in one run (``--concepts``), each a :class:`TrainableTextEncoders` of its own.
+
+    Every word's forward hook sits on the same embedding modules, so any one word's module encodes a caption with
+    every word's current vectors. Each word keeps its own parameters: a frozen word (``requires_grad_(False)``) gets
+    no gradient, so optimizers skip it. Checkpoints key the vectors ``<token>/<slot>``.
+    """
+
+    def __init__(self, words: Sequence[TrainableTextEncoders]) -> None:
+        super().__init__()
+        self.words = nn.ModuleList(words)
+        first = words[0]
+        for word in words:
+            word.vocabulary_rows = {slot: first.tokens[slot].first_id for slot in first.tokens}  # type: ignore[misc]
+            for tokens in word._token_list():
+                tokens.reattach_hook()  # a later word's tokens resized the embeddings: hook the module now in use
+
+    def each(self) -> list[TrainableTextEncoders]:
+        return list(self.words)  # type: ignore[arg-type]
+
+    @property
+    def parts(self) -> ModelParts:
+        return self.each()[0].parts
+
+    @property
+    def tokens(self) -> nn.ModuleDict:
+        """The first word's (the trained encoders and where the added rows start are the same for every word)."""
+        return self.each()[0].tokens
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        return self.each()[0].vectors
+
+    def vectors_by_encoder(self) -> dict[str, torch.Tensor]:
+        return {f"{word.token}/{slot}": v for word in self.each() for slot, v in word.vectors_by_encoder().items()}
+
+    @torch.no_grad()
+    def load_vectors(self, vectors: dict[str, torch.Tensor]) -> None:
+        for word in self.each():
+            mine = {key.split("/", 1)[1]: v for key, v in vectors.items() if key.split("/", 1)[0] == word.token}
+            if not mine:
+                raise UserError(
+                    f"the checkpoint holds no vectors for {word.token}; resume with the concepts file it was trained with"
+                )
+            word.load_vectors(mine)
+
+    def all_finite(self) -> bool:
+        return all(word.all_finite() for word in self.each())
+
+    def write_into_encoder(self) -> None:
+        for word in self.each():
+            word.write_into_encoder()
+
+    def detach_hook(self) -> None:
+        for word in self.each():
+            word.detach_hook()
+
+    def caption_for(self, part: TextEncoderPart, caption: str) -> str:
+        for word in self.each():
+            caption = word.caption_for(part, caption)
+        return caption
+
+    def forward(self, *input_ids: torch.Tensor, **kwargs: Any) -> TextConditioning:
+        return self.each()[0](*input_ids, **kwargs)  # every word's hook swaps its own rows
 
 
 def choose_encoders(parts: ModelParts, requested: Optional[Sequence[str]]) -> list[TextEncoderPart]:

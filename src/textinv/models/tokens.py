@@ -190,6 +190,11 @@ class TrainableTokens(nn.Module):
     def detach_hook(self) -> None:
         self._hook.remove()
 
+    def reattach_hook(self) -> None:
+        """Hook the encoder's current input embeddings: adding another word may have resized (replaced) them."""
+        self._hook.remove()
+        self._hook = self.text_encoder.get_input_embeddings().register_forward_hook(self._swap_rows)
+
     @torch.no_grad()
     def write_into_encoder(self) -> None:
         """Copy the learned vectors into the encoder's embedding rows (for saving the pipeline)."""

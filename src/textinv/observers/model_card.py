@@ -65,7 +65,10 @@ def render_model_card(
     """The card's text. ``repo_id``: where users load the embedding from (default: output_dir)."""
     from huggingface_hub import ModelCardData
 
-    token = config.placeholder_token
+    words = record.get("concepts") or []  # --concepts: several words, each its own file
+    files = [(w["placeholder_token"], f"learned_embeds-{w['name']}.safetensors") for w in words]
+    files = files or [(config.placeholder_token, EMBEDDING_FILE)]
+    token = ", ".join(f"{word}" for word, _ in files)
     base = base_model_id(config.pretrained_model_name_or_path)
     license_name = base_model_license(record.get("model", {}).get("source")) or "other"
     steps = int(record.get("steps_done") or record.get("max_train_steps") or 0)
@@ -86,18 +89,20 @@ def render_model_card(
     losses = ""
     if "final_loss" in record:
         losses = f" (final loss {record['final_loss']:.4f}, best {record['best_loss']:.4f})"
-    prompt = f"a photo of {token}" if config.learnable_property == "object" else f"a painting in the style of {token}"
+    first = files[0][0]
+    prompt = f"a photo of {first}" if config.learnable_property == "object" else f"a painting in the style of {first}"
     lines = [
         "---",
         metadata.to_yaml(),
         "---",
         "",
-        f"# Textual Inversion: `{token}`",
+        f"# Textual Inversion: {', '.join(f'`{word}`' for word, _ in files)}",
         "",
         f"A learned word for [{base_shown}]({_hub_url(base)})" if base else f"A learned word for `{base_shown}`",
         f"(an {config.learnable_property}, {config.num_vectors} vector(s)), trained with textinv on {num_images}",
         f"for {steps} steps{losses}. Only the embedding of `{token}` was trained; the model is unchanged.",
         "",
+        *_words_table(words),
     ]
     if config.validation_prompt and (output_dir / GRID_PATH).is_file():
         prompts = "; ".join(f"`{p}`" for p in config.validation_prompt)
@@ -113,21 +118,24 @@ def render_model_card(
         "## Use it with diffusers",
         "",
         "```python",
-        *_diffusers_usage(record.get("model", {}).get("family", "sd1"), base_shown, where, token, repo_id),
+        *_diffusers_usage(record.get("model", {}).get("family", "sd1"), base_shown, where, files, repo_id),
         f'image = pipe("{prompt}", num_inference_steps=50).images[0]',
         "```",
         "",
         "## Use it in the AUTOMATIC1111 web UI",
         "",
-        f"Copy `{EMBEDDING_FILE}` into `stable-diffusion-webui/embeddings/` as `{a1111_word(token)}.safetensors`;",
-        f"the file name is the word to type, e.g. `{prompt.replace(token, a1111_word(token))}`.",
+        *[
+            f"Copy `{file}` into `stable-diffusion-webui/embeddings/` as `{a1111_word(word)}.safetensors`;"
+            for word, file in files
+        ],
+        f"the file name is the word to type, e.g. `{prompt.replace(files[0][0], a1111_word(files[0][0]))}`.",
         "",
         "## Training",
         "",
         "| setting | value |",
         "|---|---|",
         f"| base model | `{config.pretrained_model_name_or_path}` |",
-        f"| placeholder / initializer | `{token}` / `{config.initializer_token}` |",
+        *([f"| placeholder / initializer | `{token}` / `{config.initializer_token}` |"] if not words else []),
         f"| resolution | {config.image_width}x{config.image_height} |",
         f"| steps | {steps} |",
         f"| batch x accumulation x processes | {config.train_batch_size} x {config.gradient_accumulation_steps} x {record.get('num_processes', 1)} |",
@@ -158,25 +166,50 @@ def _optimizer_rows(config: Any, record: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _diffusers_usage(family_name: str, base_shown: str, where: str, token: str, repo_id: Optional[str]) -> list[str]:
-    """Loading lines for the family: multi-encoder files hold one tensor per encoder role (clip_l, clip_g, t5xxl),
-    each loaded into its encoder; SD3's pipeline has no diffusers loader, so textinv's loads it."""
+def _words_table(words: list[dict[str, Any]]) -> list[str]:
+    """With several words (--concepts): each one's start, images, file, best step and stop."""
+    if not words:
+        return []
+    rows = ["## The words", "", "| word | initializer | kind | vectors | images | file | lowest eval_loss | stopped |"]
+    rows.append("|---|---|---|---|---|---|---|---|")
+    for word in words:
+        best = word.get("eval", {})
+        lowest = f"{best['best_loss']:.5f} at step {best['best_step']}" if best.get("best_step") is not None else "-"
+        rows.append(
+            f"| `{word['placeholder_token']}` | `{word['initializer_token']}` | {word['learnable_property']} | "
+            f"{word['num_vectors']} | {word['images']} | `learned_embeds-{word['name']}.safetensors` | {lowest} | "
+            f"{'converged at step ' + str(word['stop_step']) if word.get('stop_step') is not None else '-'} |"
+        )
+    return [*rows, ""]
+
+
+def _diffusers_usage(
+    family_name: str, base_shown: str, where: str, files: list[tuple[str, str]], repo_id: Optional[str]
+) -> list[str]:
+    """Loading lines for the family (``files``: each word and its file): multi-encoder files hold one tensor per
+    encoder role (clip_l, clip_g, t5xxl), each loaded into its encoder; SD3's pipeline has no diffusers loader, so
+    textinv's loads it."""
     from textinv.models.families import FAMILIES
 
     family = FAMILIES.get(family_name, FAMILIES["sd1"])
     pipeline = family.pipeline_class
+    if len(files) > 1:  # several words: each file's lines, after one pipeline
+        head, *rest = [_diffusers_usage(family_name, base_shown, where, [one], repo_id) for one in files]
+        return head + [line for lines in rest for line in lines[lines.index("") + 2 :]]
+    token, file = files[0]
     if not family.multi_encoder:
+        arguments = f'"{where}")  # reads {file}' if file == EMBEDDING_FILE else f'"{where}", weight_name="{file}")'
         return [
             "from diffusers import DiffusionPipeline",
             "",
             f'pipe = DiffusionPipeline.from_pretrained("{base_shown}")',
-            f'pipe.load_textual_inversion("{where}")  # reads {EMBEDDING_FILE}',
+            f"pipe.load_textual_inversion({arguments}",
         ]
     if repo_id:
-        file_line = f'hf_hub_download("{repo_id}", "{EMBEDDING_FILE}")'
+        file_line = f'hf_hub_download("{repo_id}", "{file}")'
         imports = ["from huggingface_hub import hf_hub_download"]
     else:
-        file_line, imports = f'"{Path(where) / EMBEDDING_FILE}"', []
+        file_line, imports = f'"{Path(where) / file}"', []
     if not family.diffusers_loader:
         return [
             f"from diffusers import {pipeline}",

@@ -90,6 +90,10 @@ class Validation(TrainObserver):
         if not self.enabled:
             return
         config = self.config
+        words = [word["placeholder_token"] for word in run.record.get("concepts", [])]  # --concepts
+        unnamed = [word for word in words if not any(word in prompt for prompt in self.prompts)]
+        if unnamed and self.is_main:
+            logger.warning("no --validation_prompt names %s: its progress is not shown", ", ".join(unnamed))
         examples_per_step = config.examples_per_update(run.accelerator.num_processes)
         self.interval = validation_interval(config, run.stream.epoch_length, examples_per_step)
         # Every process samples its share of the seeds: none waits in a collective for a whole round

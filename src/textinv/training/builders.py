@@ -188,7 +188,7 @@ def parameter_groups(config: TrainConfig, trainable: Any, lora: Any) -> Any:
     t5_parts = [p for p in trainable.parts.text_encoders if p.kind == "t5" and p.name in trainable.tokens]
     if lora is None and not t5_parts:
         return trainable.parameters()  # one group, as before T5 and LoRA existed
-    t5_vectors = [trainable.tokens[part.name].vectors for part in t5_parts]
+    t5_vectors = [word.tokens[part.name].vectors for word in trainable.each() for part in t5_parts]
     others = [vectors for vectors in trainable.parameters() if all(vectors is not t5 for t5 in t5_vectors)]
     groups: list[dict[str, Any]] = [{"params": others}] if others else []
     if t5_parts:

@@ -211,7 +211,8 @@ def save_checkpoint(
     """Write ``checkpoint-{step}``: every process adds its RNG state to a staging folder, the main process
     renames it into place, then prunes the oldest beyond ``--checkpoints_total_limit``.
 
-    ``embedding`` is the step's vectors as an Embedding (written beside the state, loadable like any).
+    ``embedding`` is the step's vectors as an Embedding (written beside the state, loadable like any); with several
+    words (--concepts), ``{file name: Embedding}``, one file each.
     """
     accelerator = run.accelerator
     target = run.output_dir / f"checkpoint-{step}"
@@ -241,7 +242,8 @@ def save_checkpoint(
             for rng_file in staging.iterdir():
                 os.replace(rng_file, folder / rng_file.name)
             write_state(folder, state)
-            save_diffusers(embedding, folder / EMBEDDING_FILE)
+            for name, one in (embedding if isinstance(embedding, dict) else {EMBEDDING_FILE: embedding}).items():
+                save_diffusers(one, folder / name)
         shutil.rmtree(staging, ignore_errors=True)
         prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit)
         logger.info("saved %s", target)

@@ -52,9 +52,11 @@ def snapshot_tag(step: Optional[int]) -> str:
     return "" if step is None else f"-steps-{step}"
 
 
-def embedding_file_name(format: str, step: Optional[int] = None) -> str:
-    """``learned_embeds.<suffix>``, or the snapshot ``learned_embeds-steps-N.<suffix>`` of step N."""
-    return f"{EMBEDDING_STEM}{snapshot_tag(step)}{FORMAT_SUFFIXES[format]}"
+def embedding_file_name(format: str, step: Optional[int] = None, concept: str = "") -> str:
+    """``learned_embeds.<suffix>``, or the snapshot ``learned_embeds-steps-N.<suffix>`` of step N; one word of several
+    (--concepts) has its name in it: ``learned_embeds-<concept>.<suffix>``, ``learned_embeds-<concept>-steps-N...``."""
+    word = f"-{concept}" if concept else ""
+    return f"{EMBEDDING_STEM}{word}{snapshot_tag(step)}{FORMAT_SUFFIXES[format]}"
 
 
 def formats_for_model(config: TrainConfig, parts: ModelParts) -> TrainConfig:
@@ -90,12 +92,12 @@ def check_embedding_formats(formats: Sequence[str], parts: ModelParts) -> None:
 
 
 def save_embedding_files(
-    formats: Sequence[str], embedding: Embedding, output_dir: Path, step: Optional[int] = None
+    formats: Sequence[str], embedding: Embedding, output_dir: Path, step: Optional[int] = None, concept: str = ""
 ) -> list[Path]:
     """Write ``embedding`` once per format, each file atomically (a kill never leaves a torn one)."""
     written = []
     for format in formats:
-        path = output_dir / embedding_file_name(format, step)
+        path = output_dir / embedding_file_name(format, step, concept)
         written.append(
             save_diffusers(embedding, path) if format == "diffusers" else write_embedding_file(embedding, path, format)
         )
@@ -128,7 +130,7 @@ def write_embedding_files(run: RunContext, step: int, lora: Any = None) -> list[
     if not run.is_main_process:
         return []
     embedding = embedding_of(run.config, run.trainable, step)
-    written = save_embedding_files(run.config.embedding_formats, embedding, run.output_dir)
+    written = save_embedding_files(run.config.embedding_formats, embedding, run.output_dir, concept=run.concept)
     return written + write_lora_files(run, lora, embedding)
 
 
@@ -139,17 +141,22 @@ def write_snapshot(run: RunContext, step: int, lora: Any = None) -> list[Path]:
     if not run.is_main_process:
         return []
     embedding = embedding_of(run.config, run.trainable, step)
-    written = save_embedding_files(run.config.embedding_formats, embedding, run.output_dir, step)
+    written = save_embedding_files(run.config.embedding_formats, embedding, run.output_dir, step, run.concept)
     return written + write_lora_files(run, lora, embedding, snapshot_tag(step))
 
 
-def write_final_files(run: RunContext, embedding: Embedding, lora: Any = None) -> list[Path]:
+def write_final_files(
+    run: RunContext, embedding: Embedding, lora: Any = None, words: Sequence[tuple[str, Embedding]] = ()
+) -> list[Path]:
     """What a completed run leaves (main process): the embedding files, the LoRA files with --lora_rank, and the
-    full pipeline unless --only_save_embeds."""
+    full pipeline unless --only_save_embeds. ``words``: with several words (--concepts), each one's name and vectors
+    (``embedding`` is then the first's); the pipeline holds them all."""
     from textinv.models.quiet import quiet_loading
 
     config, parts = run.config, run.parts
-    written = save_embedding_files(config.embedding_formats, embedding, run.output_dir)
+    written = []
+    for concept, one in words or [("", embedding)]:
+        written.extend(save_embedding_files(config.embedding_formats, one, run.output_dir, concept=concept))
     written.extend(write_lora_files(run, lora, embedding))
     if not config.only_save_embeds:
         # The text encoder(s) saved are the base model's as stored plus the learned rows, whatever
@@ -220,10 +227,11 @@ def base_encoder_with_token(part: Any, source: Path, trainable: Any) -> Any:
     rows = part.text_encoder.get_input_embeddings().weight.shape[0]
     if encoder.get_input_embeddings().weight.shape[0] != rows:
         encoder.resize_token_embeddings(rows, mean_resizing=False)  # the new rows are set below
-    tokens = trainable.tokens[part.name]
     with torch.no_grad():
         weight = encoder.get_input_embeddings().weight
-        weight[tokens.first_id : tokens.first_id + tokens.num_vectors] = tokens.vectors.detach().to(weight)
+        for word in trainable.each():  # --concepts: every word's rows
+            tokens = word.tokens[part.name]
+            weight[tokens.first_id : tokens.first_id + tokens.num_vectors] = tokens.vectors.detach().to(weight)
     return encoder
 
 

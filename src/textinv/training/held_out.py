@@ -30,7 +30,7 @@ import torch
 
 from textinv.config import TrainConfig
 from textinv.embeddings import Embedding, save_diffusers
-from textinv.events import BEST_EMBEDDING_FILE, BEST_TAG, RunContext
+from textinv.events import BEST_TAG, RunContext, best_embedding_file
 from textinv.models.conditioning import predict
 from textinv.models.objectives import ObjectiveSettings, make_objective
 from textinv.training.export import embedding_of, write_embedding, write_lora_files
@@ -194,8 +194,11 @@ class HeldOutEvaluation:
     """The run's held-out curve: evaluates when due, keeps the best vectors (and with ``lora``, the run's
     :class:`~textinv.training.lora.LoraAdapters`, the best step's adapters), and says when it has converged."""
 
-    def __init__(self, config: TrainConfig, held: HeldOutSet, device: torch.device, lora: Any = None) -> None:
+    def __init__(
+        self, config: TrainConfig, held: HeldOutSet, device: torch.device, lora: Any = None, concept: str = ""
+    ) -> None:
         self.config, self.held, self.device, self.lora = config, held, device, lora
+        self.best_file = best_embedding_file(concept)  # one word of several (--concepts): its name is in it
         self.history: list[tuple[int, float]] = []
         self.best_step: Optional[int] = None
         self.best_loss = math.inf
@@ -213,8 +216,10 @@ class HeldOutEvaluation:
         device: torch.device,
         weights: Any = None,
         lora: Any = None,
+        concept: str = "",
     ) -> Optional[HeldOutEvaluation]:
-        """The evaluation ``config`` asks for (``--eval_steps`` > 0), or None; ``lora``: the run's adapters."""
+        """The evaluation ``config`` asks for (``--eval_steps`` > 0), or None; ``lora``: the run's adapters;
+        ``concept``: the word's name when the run trains several (--concepts)."""
         if not config.eval_steps:
             return None
         held = build_held_out(
@@ -229,7 +234,7 @@ class HeldOutEvaluation:
             weights,
             stream.original_sizes,
         )
-        return cls(config, held, device, lora)
+        return cls(config, held, device, lora, concept)
 
     def due(self, step: int, max_steps: int) -> bool:
         return step % self.config.eval_steps == 0 or step == max_steps
@@ -260,7 +265,7 @@ class HeldOutEvaluation:
             self.best_vectors = {
                 name: v.detach().float().cpu().clone() for name, v in run.trainable.vectors_by_encoder().items()
             }
-            write_embedding(run, step, BEST_EMBEDDING_FILE)
+            write_embedding(run, step, self.best_file)
             if self.lora is not None:  # the adapters this eval_loss was measured with, beside the word
                 self.best_lora = self.lora.state_dict()
                 write_lora_files(
@@ -291,10 +296,10 @@ class HeldOutEvaluation:
         if self.best_step is None:
             return []
         if self.lora is None:
-            return [BEST_EMBEDDING_FILE]
+            return [self.best_file]
         from textinv.training.lora import lora_file_names
 
-        return [BEST_EMBEDDING_FILE, *lora_file_names(BEST_TAG)]
+        return [self.best_file, *lora_file_names(BEST_TAG)]
 
     def update_record(self, run: RunContext) -> None:
         """run.json: the curve, the best step and the evaluation's own time."""
@@ -304,7 +309,7 @@ class HeldOutEvaluation:
             "losses": [[step, value] for step, value in self.history],
             "best_step": self.best_step,
             "best_loss": self.best_loss if self.best_step is not None else None,
-            "best_file": BEST_EMBEDDING_FILE if self.best_step is not None else None,
+            "best_file": self.best_file if self.best_step is not None else None,
         }
         if self.lora is not None:  # pivotal tuning: the best step's LoRA files
             run.record["eval"]["best_lora_files"] = self.best_files()[1:] or None
@@ -346,7 +351,7 @@ class HeldOutEvaluation:
         vectors = {roles.get(name, name): tensor for name, tensor in self.best_vectors.items()}
         metadata = run_file_metadata(self.config, run.parts.family)  # ModelSpec keys, as every embedding file has
         best = Embedding(self.config.placeholder_token, vectors, self.best_step, file_metadata=metadata)
-        save_diffusers(best, run.output_dir / BEST_EMBEDDING_FILE)
+        save_diffusers(best, run.output_dir / self.best_file)
         if self.lora is None:
             return
         if self.best_lora:

@@ -25,6 +25,7 @@ def median_row_norm(trainable: Any, part: Any) -> torch.Tensor:
     """The median norm (a float32 scalar tensor) of ``part``'s vocabulary rows: its input embeddings up to the
     placeholder's first id where the word was added to it, every row of its tokenizer's vocabulary elsewhere."""
     known = trainable.tokens[part.name].first_id if part.name in trainable.tokens else len(part.tokenizer)
+    known = getattr(trainable, "vocabulary_rows", {}).get(part.name, known)  # several words: before the first
     rows = part.text_encoder.get_input_embeddings().weight[:known].detach().float()
     return rows.norm(dim=1).median()
 
@@ -45,6 +46,11 @@ def apply_norm_rule(settings: Any, trainable: Any) -> None:
     vector to its encoder's median vocabulary norm; ``max``, vectors above ``multiple`` x that median down to it."""
     if settings is None:
         return
+    for word in getattr(trainable, "each", lambda: [trainable])():  # --concepts: each word, its encoders' medians
+        _apply_to_word(settings, word)
+
+
+def _apply_to_word(settings: Any, trainable: Any) -> None:
     medians = vocabulary_medians(trainable)
     for slot, vectors in trainable.vectors_by_encoder().items():
         target = settings["multiple"] * medians[slot]

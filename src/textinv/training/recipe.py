@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -17,17 +16,14 @@ from typing import Optional
 import torch
 
 from textinv.config import TrainConfig, TrainingInterrupted
-from textinv.data.images import discover_images
 from textinv.data.latents import LatentCache
 from textinv.data.templates import choose_language, templates_for
 from textinv.events import RUN_FILE, RunContext, StepState, TrainObserver, TrainResult
 from textinv.files import atomic_write_json
 from textinv.models import precision
-from textinv.models.conditioning import add_placeholder
 from textinv.models.families import check_text_encoders
 from textinv.models.loading import load_model_parts, resolve_model_dir
-from textinv.models.tokens import tokenizer_check
-from textinv.training import builders, checkpoints, optimizers, run_dir
+from textinv.training import builders, checkpoints, concepts, optimizers, run_dir
 from textinv.training.export import (
     embedding_file_name,
     embedding_of,
@@ -120,50 +116,42 @@ class TrainingRecipe:
         resume_dir = run_dir.prepare_output_dir(config, output_dir, accelerator)
         device = self.device = accelerator.device
 
-        # Cheap checks first: a missing image folder should not cost a model load.
-        image_paths = discover_images(config.train_data_dir) if self.latent_cache is None else []
-        # Captions, buckets, masks: read and checked before the model loads too.
-        data = self.data = builders.image_data(config, image_paths) if self.latent_cache is None else None
-        start_vectors = None
-        if config.init_embeddings:
-            start_vectors = builders.starting_vectors_by_encoder(
-                config.init_embeddings, config.placeholder_token, config.num_vectors
-            )
-            config = self.config = dataclasses.replace(
-                config, num_vectors=int(next(iter(start_vectors.values())).shape[0])
-            )
-        initializer = None if start_vectors is not None else config.initializer_token
-        check_tokenizer = tokenizer_check(config.placeholder_token, config.num_vectors, initializer)
+        # Cheap checks first: a missing image folder should not cost a model load. Captions, buckets, masks and
+        # starting vectors are read and checked before the model loads too, for every word (--concepts).
+        words = self.concepts = concepts.read_concepts(config, self.latent_cache)
+        concepts.refuse_several_processes(words, accelerator.num_processes)
+        config = self.config = words[0].config  # the run's options: the first word's (every word's but its own keys)
+        image_paths, data = words[0].image_paths, words[0].data
+        check_tokenizer = concepts.tokenizer_checks(words)
         with accelerator.local_main_process_first():  # one hub download per machine; the others then read its cache
             model_dir = resolve_model_dir(config.pretrained_model_name_or_path, config.revision)
         dtype = precision.frozen_dtype(config)  # the frozen parts load in it, straight onto the device
         parts = self.parts = load_model_parts(
             str(model_dir), config.revision, config.tokenizer_name, check_tokenizer, dtype, device
         )
-        config = self.config = formats_for_model(config, parts)  # the root script's pdparams: not for SDXL
+        for word in words:
+            word.config = formats_for_model(word.config, parts)  # the root script's pdparams: not for SDXL
+            builders.check_sizes_for_family(word.config, parts.family, word.data)
+        config = self.config = words[0].config
         check_text_encoders(parts.family, config.text_encoders)
-        builders.check_sizes_for_family(config, parts.family, data)
         language = choose_language(config.language, config.pretrained_model_name_or_path, parts.family)
         identity = run_dir.run_identity(config, parts, image_paths, self.latent_cache)
         identity["language"] = language  # the templates change the examples, so a resume must keep them
         identity["data"] = run_dir.data_identity(config, data)  # so do captions, buckets and masks
+        if len(words) > 1:
+            identity["concepts"] = concepts.identity_of_words(words, parts)
         previous_record = run_dir.check_resume_identity(output_dir, identity) if resume_dir else None
 
         # Latents: each view through the VAE once, when first drawn; the cache lets the VAE go once full.
-        if self.latent_cache is None:
-            self.latent_cache = builders.load_latents(config, parts, image_paths, device, data)  # type: ignore[arg-type]
+        for word in words:
+            word.latent_cache = self.latent_cache
+            if word.latent_cache is None:
+                word.latent_cache = builders.load_latents(word.config, parts, word.image_paths, device, word.data)  # type: ignore[arg-type]
+        self.latent_cache = words[0].latent_cache
         parts.vae = None
 
-        # The placeholder token: the only trainable tensors, [n, dim] per text encoder.
-        trainable = self.trainable = add_placeholder(
-            parts,
-            config.placeholder_token,
-            config.num_vectors,
-            config.initializer_token,
-            start_vectors,
-            config.init_embeddings or "",
-            config.text_encoders,
-        )
+        # The placeholder tokens: the only trainable tensors, [n, dim] per text encoder and word.
+        trainable = self.trainable = concepts.add_words(parts, words, config.text_encoders)
         precision.apply_to_text_encoders(config, trainable)
         trainable.to(device)
 
@@ -172,10 +160,12 @@ class TrainingRecipe:
         if resume_dir is not None:
             resume_state, resume_rng = checkpoints.read_checkpoint(resume_dir, accelerator.process_index)
         seed = run_dir.choose_seed(config, previous_record, resume_state)
-        templates = templates_for(config.learnable_property, language)
-        stream = builders.example_stream(config, self.latent_cache, templates, data, seed)
+        for index, word in enumerate(words):  # each word its own stream (seed + its index)
+            templates = templates_for(word.config.learnable_property, language)
+            word.stream = builders.example_stream(word.config, word.latent_cache, templates, word.data, seed + index)
+        stream = words[0].stream
         num_processes = accelerator.num_processes
-        max_steps = builders.schedule_length(config, stream.epoch_length, num_processes)
+        max_steps = max(builders.schedule_length(w.config, w.stream.epoch_length, num_processes) for w in words)
         # Pivotal tuning (--lora_rank): adapters on the frozen denoiser, before it is compiled or checkpointed.
         self.lora = add_lora(config, parts, trainable, seed)
         parts.denoiser = precision.apply_to_unet(config, parts.denoiser, device)
@@ -216,16 +206,18 @@ class TrainingRecipe:
                 atomic_write_json(output_dir / RUN_FILE, record)
 
         run.save_record = save_record
+        concepts.word_views(run, words)
         run.save_record()
         self.stop_reason = "max_train_steps"
-        self.evaluation = HeldOutEvaluation.for_run(
-            config, parts, self.latent_cache, stream, device, data.weights if data is not None else None, self.lora
-        )  # None with --eval_steps 0
-        if self.evaluation is not None:
-            if resume_state is not None:
-                self.evaluation.load_state_dict(resume_state.held_out, run, self.start_step)
-            if not self.evaluation.history:
-                self.evaluation.evaluate(run, self.start_step)  # where the curve starts
+        for word in words:  # None with --eval_steps 0
+            word.evaluation = HeldOutEvaluation.for_run(
+                word.config, parts, word.latent_cache, word.stream, device, word.weights, self.lora, word.name
+            )
+        if resume_state is not None:
+            concepts.load_held_out_state(words, resume_state.held_out, self.start_step)
+        for word in words:
+            if word.evaluation is not None and not word.evaluation.history:
+                word.evaluation.evaluate(word.run, self.start_step)  # where the curve starts
         self.per_update = config.examples_per_update(num_processes)
         self.loss_settings = LossSettings.from_config(config)
         self.objective_for = ObjectiveFor(parts, self.loss_settings)
@@ -286,15 +278,12 @@ class TrainingRecipe:
                 break  # the last step, or the one --stop_when_converged made the last
 
     def evaluate_if_due(self, step: int) -> Optional[float]:
-        """eval_loss when due (every --eval_steps and at the end); with --stop_when_converged, a converged
-        curve makes this step the run's last (``run.max_steps``), so observers and finish see a normal end."""
-        evaluation, run = self.evaluation, self.run
-        if evaluation is None or not evaluation.due(step, run.max_steps):
-            return None
-        value = evaluation.evaluate(run, step)
-        if self.config.stop_when_converged and step < run.max_steps and evaluation.converged():
-            self.stop_reason, run.max_steps = "converged", step
-            logger.info("%s", evaluation.stop_text())
+        """eval_loss when due (every --eval_steps and at the end; with several words, their mean); with
+        --stop_when_converged, a converged curve makes this step the run's last (``run.max_steps``), so observers and
+        finish see a normal end (several words: a converged word freezes, and the run ends when every word has)."""
+        value, all_converged = concepts.evaluate_due(self.concepts, step, self.run.max_steps)
+        if all_converged:
+            self.stop_reason, self.run.max_steps = "converged", step
         return value
 
     def accumulate_gradients(self, step: int) -> float:
@@ -303,26 +292,29 @@ class TrainingRecipe:
         optimizers.before_gradients(self.optimizer)  # a schedule-free optimizer's gradient point
         num_processes, accumulation = accelerator.num_processes, config.gradient_accumulation_steps
         step_loss = torch.zeros((), device=self.device)
-        for micro in range(accumulation):
-            offset = (micro * num_processes + accelerator.process_index) * config.train_batch_size
-            first = (step - 1) * self.per_update + offset
-            examples = [self.run.stream[index] for index in range(first, first + config.train_batch_size)]
-            is_last_micro = micro == accumulation - 1
-            with accelerator.no_sync(self.model) if not is_last_micro else contextlib.nullcontext():
-                loss = denoising_loss(
-                    self.model,
-                    self.parts,
-                    self.parts.tokenizer,
-                    self.latent_cache,  # type: ignore[arg-type]  # set by setup()
-                    examples,
-                    self.device,
-                    self.loss_settings,
-                    self.data.weights if self.data is not None else None,
-                    self.objective_for,
-                )
-                scaled = loss / accumulation
-                accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
-            step_loss += loss.detach() / accumulation
+        words = concepts.active(self.concepts)  # every word still learning, each its own examples (training.concepts)
+        for word in words:
+            for micro in range(accumulation):
+                offset = (micro * num_processes + accelerator.process_index) * config.train_batch_size
+                first = (step - 1) * self.per_update + offset
+                examples = [word.stream[index] for index in range(first, first + config.train_batch_size)]
+                is_last_micro = micro == accumulation - 1
+                with accelerator.no_sync(self.model) if not is_last_micro else contextlib.nullcontext():
+                    loss = denoising_loss(
+                        self.model,
+                        self.parts,
+                        self.parts.tokenizer,
+                        word.latent_cache,
+                        examples,
+                        self.device,
+                        self.loss_settings,
+                        word.weights,
+                        self.objective_for,
+                    )
+                    scaled = loss / accumulation
+                    accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
+                step_loss += loss.detach() / accumulation
+        step_loss = step_loss / len(words) if len(words) > 1 else step_loss  # the words' mean, for the log
         return float(accelerator.reduce(step_loss, reduction="mean")) if num_processes > 1 else float(step_loss)
 
     def optimizer_step(self, step: int) -> None:
@@ -353,20 +345,25 @@ class TrainingRecipe:
         """Snapshots every --save_steps, checkpoints every --checkpointing_steps, and a clean stop on a signal."""
         config, run = self.config, self.run
         if run.is_main_process and step % config.save_steps == 0 and step < run.max_steps:
-            self.saved.extend(write_snapshot(run, step, self.lora))
+            for word in concepts.active(self.concepts):
+                self.saved.extend(write_snapshot(word.run, step, self.lora))  # type: ignore[arg-type]
         stop = agreed_stop(run)
         every = config.checkpointing_steps
         due = every is not None and every > 0 and step % every == 0 and step < run.max_steps
         if due or stop:
             checkpoint = self.save_checkpoint(step)
             if stop:
-                self.saved.extend(write_embedding_files(run, step, self.lora))  # a stopped run keeps its LoRA too
+                self.saved.extend(self.write_word_files(step))  # a stopped run keeps its LoRA too
                 run_dir.finish_record(run, "interrupted", step, self.losses, self.started, self.saved)
                 raise TrainingInterrupted(step, run.max_steps, stop, str(checkpoint))
 
+    def write_word_files(self, step: int) -> list[Path]:
+        """Every word's current vectors in its files (and with --lora_rank the adapters)."""
+        return [path for word in self.concepts for path in write_embedding_files(word.run, step, self.lora)]  # type: ignore[arg-type]
+
     def save_checkpoint(self, step: int) -> Path:
-        embedding = embedding_of(self.config, self.trainable, step)
-        held_out = self.evaluation.state_dict() if self.evaluation is not None else None
+        embedding = concepts.checkpoint_embeddings(self.concepts, step, embedding_of)
+        held_out = concepts.held_out_state(self.concepts)
         scaler = self.scaler.state_dict() if self.scaler is not None else None
         lora = self.lora.state_dict() if self.lora is not None else None
         return checkpoints.save_checkpoint(
@@ -377,7 +374,7 @@ class TrainingRecipe:
         where = ""
         if good_step > 0:
             checkpoint = self.save_checkpoint(good_step)
-            first = write_embedding_files(self.run, good_step)[:1] or [
+            first = self.write_word_files(good_step)[:1] or [
                 self.run.output_dir / embedding_file_name(self.config.embedding_formats[0])
             ]
             where = f"; the last good vectors (step {good_step}) are in {first[0]} and {checkpoint}"
@@ -402,7 +399,7 @@ class TrainingRecipe:
             where = f"; the last checkpoint is {found[-1]}" if found else ""
         elif good_step > self.start_step:
             checkpoint = self.save_checkpoint(good_step)
-            first = write_embedding_files(run, good_step)[:1] or [
+            first = self.write_word_files(good_step)[:1] or [
                 run.output_dir / embedding_file_name(self.config.embedding_formats[0])
             ]
             where = f"; the vectors of step {good_step} are in {first[0]} and {checkpoint}"
@@ -415,14 +412,16 @@ class TrainingRecipe:
     def finish(self) -> TrainResult:
         run, config = self.run, self.config
         elapsed = time.perf_counter() - self.started
-        embedding = embedding_of(config, self.trainable, run.max_steps)
-        embedding_path = run.output_dir / embedding_file_name(config.embedding_formats[0])
+        words = [(w.name, embedding_of(w.config, w.trainable, run.max_steps)) for w in self.concepts]
+        embedding = words[0][1]
+        embedding_path = run.output_dir / embedding_file_name(config.embedding_formats[0], concept=words[0][0])
         if run.is_main_process:
-            self.saved.extend(write_final_files(run, embedding, self.lora))
+            self.saved.extend(write_final_files(run, embedding, self.lora, words if len(words) > 1 else ()))
         run.record["vectors_sha256_by_rank"] = run_dir.vectors_digest_by_rank(run)
         run.record["stop_reason"] = self.stop_reason
-        if self.evaluation is not None and self.evaluation.best_step is not None and run.is_main_process:
-            self.saved.extend(run.output_dir / name for name in self.evaluation.best_files())
+        for word in self.concepts:
+            if word.evaluation is not None and word.evaluation.best_step is not None and run.is_main_process:
+                self.saved.extend(run.output_dir / name for name in word.evaluation.best_files())
         if run.is_main_process:
             run_dir.finish_record(run, "completed", run.max_steps, self.losses, self.started, self.saved, elapsed)
         self.trainable.detach_hook()
@@ -438,11 +437,9 @@ class TrainingRecipe:
             steps_here,
             self.stop_reason,
         )
-        evaluation = self.evaluation
-        why = f"; {evaluation.stop_text()}" if self.stop_reason == "converged" and evaluation is not None else ""
-        best = evaluation.best_text() if evaluation is not None else ""
         this_run = f"{steps_here} this run, " if steps_here != run.max_steps else ""
-        result.summary = f"learned {config.placeholder_token} in {run.max_steps} steps ({this_run}{elapsed:.1f} s); wrote {embedding_path}{best}{why}"
+        tokens = ", ".join(word.config.placeholder_token for word in self.concepts)
+        result.summary = f"learned {tokens} in {run.max_steps} steps ({this_run}{elapsed:.1f} s); {concepts.files_text(self.concepts, self.run, self.stop_reason)}"
         for observer in self.observers:
             observer.on_end(run, result)
         logger.debug("%s", result.summary)  # the CLI prints it, after the progress bar has closed

@@ -72,7 +72,7 @@ def prepare_output_dir(config: TrainConfig, output_dir: Path, accelerator: Any) 
     if markers and accelerator.is_main_process:
         # Snapshots, best files and every LoRA file: a run without --lora_rank writes none that would replace them, and
         # `generate --lora <folder>` would pair the old adapters with the new word.
-        tagged = ("learned_embeds-steps-*", "learned_embeds-best.*", "pytorch_lora_weights*", "learned_embeds_lora*")
+        tagged = ("learned_embeds-*", "pytorch_lora_weights*", "learned_embeds_lora*")  # -steps-N, -best, -<concept>
         for stale in [path for pattern in tagged for path in output_dir.glob(pattern)]:
             stale.unlink()
         for old in checkpoints.list_checkpoints(output_dir):

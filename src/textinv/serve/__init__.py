@@ -3,7 +3,7 @@
 The page (:mod:`.page`, Gradio) is a thin layer over plain classes a test can drive without a browser:
 :class:`~textinv.serve.state.ServerState` (one training job at a time, exports, generation),
 :class:`~textinv.serve.jobs.TrainingJob` (a :func:`textinv.training.train` call in a thread) and
-:mod:`.uploads` (what a browser sends). Training, formats and generation are the very functions the CLI
+:mod:`.uploads` (what a browser sends); :mod:`.words` lays out a job of several words (``--concepts``). Training, formats and generation are the very functions the CLI
 calls; nothing here trains or writes a file format of its own. :mod:`.server` starts it all.
 
 The page can start work on this machine and read model folders on it, so it listens on the loopback

@@ -22,6 +22,7 @@ from textinv.observers.progress import clock_text
 from textinv.observers.validation import GRID_FILE, VALIDATION_DIR
 from textinv.optimizer_options import OPTIMIZER_DEFAULTS
 from textinv.serve.errors import render_error
+from textinv.serve.words import Word
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class JobSnapshot:
     grid_version: int
     embedding: Optional[Path]
     eval_losses: tuple[tuple[int, float], ...] = ()  # (step, eval_loss) of each held-out evaluation (issue 20)
+    # Every word's file once usable (``embedding`` is the first): one for a one-word job, one per word otherwise.
+    embeddings: tuple[Path, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -94,12 +97,24 @@ class JobSnapshot:
 class TrainingJob:
     """One training run (and its resumes), executed by :func:`textinv.training.train` in a thread."""
 
-    def __init__(self, job_id: str, config: TrainConfig, folder: Path, images: int = 0, captions: int = 0) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        config: TrainConfig,
+        folder: Path,
+        images: int = 0,
+        captions: int = 0,
+        words: Sequence[Word] = (),
+        word_images: Sequence[int] = (),
+    ) -> None:
         self.job_id = job_id
         self.config = config
         self.folder = folder
         self.num_images, self.num_captions = images, captions  # what was uploaded, for the page's message
+        # A several-word job (config.concepts): its words and each one's number of images; () for one word.
+        self.words, self.word_images = tuple(words), tuple(word_images)
         self.output_dir = Path(config.output_dir)
+        self.word_files = tuple(self.output_dir / name for name in _word_file_names(self.words))
         self._lock = threading.Lock()  # the training thread writes, page requests read
         self.status = "starting"
         self.message = ""
@@ -155,8 +170,7 @@ class TrainingJob:
                 grid_version = grid.stat().st_mtime_ns if grid is not None else 0
             except OSError:
                 grid, grid_version = None, 0
-            embedding = self.output_dir / EMBEDDING_FILE
-            usable = self.status not in ACTIVE and embedding.is_file()
+            usable = self.status not in ACTIVE and all(path.is_file() for path in self.word_files)
             return JobSnapshot(
                 self.job_id,
                 self.status,
@@ -166,12 +180,18 @@ class TrainingJob:
                 per_step,
                 eta,
                 self.message,
-                self.config.placeholder_token,
+                self.tokens_text,
                 grid,
                 grid_version,
-                embedding if usable else None,
+                self.word_files[0] if usable else None,
                 tuple(self.eval_losses),
+                self.word_files if usable else (),
             )
+
+    @property
+    def tokens_text(self) -> str:
+        """The job's word, or its words (``<cat-toy>, <my-style>``)."""
+        return ", ".join(word.token for word in self.words) if self.words else self.config.placeholder_token
 
     # --- called from the training thread --------------------------------------------------------
     def _attach(self, run: RunContext) -> None:
@@ -219,7 +239,17 @@ class TrainingJob:
             self._finish("failed", render_error(error))
         else:
             why = " (eval_loss had converged: --stop_when_converged)" if result.stop_reason == "converged" else ""
-            self._finish("done", f"learned {config.placeholder_token} in {result.steps} steps{why}")
+            self._finish("done", f"learned {self.tokens_text} in {result.steps} steps{why}")
+
+
+def _word_file_names(words: Sequence[Word]) -> list[str]:
+    """The file of each word, as training names it: ``learned_embeds.safetensors`` for a one-word job,
+    ``learned_embeds-<name>.safetensors`` per word otherwise (what the page downloads and generates with)."""
+    if not words:
+        return [EMBEDDING_FILE]
+    from textinv.training.export import embedding_file_name
+
+    return [embedding_file_name("diffusers", concept=word.name) for word in words]
 
 
 class _JobObserver(TrainObserver):

@@ -16,6 +16,10 @@ from textinv.serve.captions import CAPTION_SUFFIXES
 from textinv.serve.errors import render_error
 from textinv.serve.jobs import TrainRequest
 from textinv.serve.state import EXPORT_FORMATS, GenerateRequest, LoadedEmbedding, ServerState
+from textinv.serve.words import words_text
+
+DOWNLOAD_HEIGHT = 90  # pixels: the download box with one file
+DOWNLOAD_ROW = 56  # pixels: each further file's row
 
 
 def _guard(action: Callable[[], tuple[Any, ...]], outputs: int) -> tuple[Any, ...]:
@@ -62,7 +66,10 @@ def build_app(state: ServerState) -> Any:
             )
             job = state.start(request)
             captioned = f" ({job.num_captions} with a caption)" if job.num_captions else ""
-            return (f"started {job.job_id}: {job.num_images} image(s){captioned}, {request.max_train_steps} steps",)
+            words = f" for {words_text(job.words, job.word_images)}" if job.words else ""
+            return (
+                f"started {job.job_id}: {job.num_images} image(s){captioned}{words}, {request.max_train_steps} steps",
+            )
 
         return _guard(action, 1)[0]  # one output: Gradio takes the value itself, not a tuple
 
@@ -98,8 +105,13 @@ def build_app(state: ServerState) -> Any:
 
     def export(key: str) -> tuple[Any, ...]:
         def action() -> tuple[Any, ...]:
-            path = state.export(key)
-            return f"wrote {path.name} as {EXPORT_FORMATS[key].label}; download it below", str(path)
+            paths = state.export_all(key)  # one file per word
+            # The box grows by a row per further file (up to five; more scroll), so no word's file is out of sight.
+            height = DOWNLOAD_HEIGHT + DOWNLOAD_ROW * (min(len(paths), 5) - 1)
+            box = gr.update(value=str(paths[0]) if len(paths) == 1 else [str(path) for path in paths], height=height)
+            names = ", ".join(path.name for path in paths)
+            them = "it" if len(paths) == 1 else "them"
+            return f"wrote {names} as {EXPORT_FORMATS[key].label}; download {them} below", box
 
         return _guard(action, 2)
 
@@ -140,7 +152,7 @@ def build_app(state: ServerState) -> Any:
         with gr.Row():
             with gr.Column():
                 files = gr.File(
-                    label="Training images (3-5; PNG, JPEG, WebP or BMP) and their caption files (optional)",
+                    label="Training images (3-5 a word; PNG, JPEG, WebP or BMP) and their caption files (optional)",
                     file_count="multiple",
                     file_types=["image", *CAPTION_SUFFIXES],
                     type="filepath",
@@ -160,12 +172,17 @@ def build_app(state: ServerState) -> Any:
                     ["object", "style"], value="object", label="What it learns", elem_id="learnable-property"
                 )
                 placeholder = gr.Textbox(
-                    label="Placeholder token", placeholder="<cat-toy>", elem_id="placeholder-token"
+                    label="Placeholder token",
+                    placeholder="<cat-toy>",
+                    info="the new word; several at once: separate them with spaces or commas (<cat-toy> <my-style>) "
+                    "and start each image's file name with its word, without the brackets (cat-toy-1.jpg, "
+                    "my-style_02.png); a caption file goes with its image",
+                    elem_id="placeholder-token",
                 )
                 initializer = gr.Textbox(
                     label="Initializer word",
                     placeholder="toy",
-                    info="one word close to it",
+                    info="one word close to it (several words: one each, in the same order, or one for all)",
                     elem_id="initializer-token",
                 )
             with gr.Column():
@@ -200,7 +217,8 @@ def build_app(state: ServerState) -> Any:
                     vprompt = gr.Textbox(
                         label="Validation prompt",
                         value="a photo of {token}",
-                        info="{token} is your placeholder; empty: no validation images",
+                        info="{token} is your placeholder (several words: one prompt each); empty: no validation "
+                        "images",
                         elem_id="validation-prompt",
                     )
                     vsteps = gr.Number(
@@ -251,19 +269,24 @@ def build_app(state: ServerState) -> Any:
             )
             export_button = gr.Button("Write the file", elem_id="export")
         export_message = gr.Textbox(label="Message", interactive=False, elem_id="export-message")
-        download = gr.File(label="Embedding file", interactive=False, height=90, elem_id="download")
+        download = gr.File(
+            label="Embedding file (one per word)", interactive=False, height=DOWNLOAD_HEIGHT, elem_id="download"
+        )
 
         gr.Markdown("## 3 · Generate")
         with gr.Row():
             embedding_file = gr.File(
-                label="Embedding file (optional; else the one trained above)",
+                label="Embedding file (optional; else the word(s) trained above)",
                 file_types=[".safetensors", ".pt", ".bin", ".pdparams", ".png"],
                 type="filepath",
                 elem_id="embedding-file",
             )
             token = gr.Textbox(label="Load it as token (optional)", placeholder="<my-word>", elem_id="embedding-token")
         prompt = gr.Textbox(
-            label="Prompt", value="a photo of {token}", info="{token} is the embedding's word", elem_id="prompt"
+            label="Prompt",
+            value="a photo of {token}",
+            info="{token} is the embedding's word (the words trained together, all of them)",
+            elem_id="prompt",
         )
         with gr.Row():
             gen_steps = gr.Number(label="Sampling steps", value=25, precision=0, minimum=1, elem_id="sampling-steps")

@@ -1,11 +1,15 @@
 """What the page does, without the page: :class:`ServerState` holds one training job behind a lock, writes the
 trained embedding in the format asked for, reads uploaded embeddings and generates images.
 
+A job trains one word, or several at once (``<cat-toy> <my-style>`` in the placeholder field: textinv.serve.words
+lays the job out for ``--concepts``); downloads and generation then use every word's file.
+
 Safe to call from several request threads at once; a test drives it directly (tests/test_serve.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -18,19 +22,33 @@ from pathlib import Path
 from typing import Any, Optional
 
 from textinv.config import TrainConfig, UserError
+from textinv.data.concepts import concept_configs
 from textinv.serve.captions import STORED_SUFFIX, gather_captions, split_uploads, write_captions
 from textinv.serve.checks import check_model_folder
+from textinv.serve.exports import EXPORT_FORMATS, export_format, export_formats_for, export_words, token_slug
 from textinv.serve.jobs import JobSnapshot, TrainingJob, TrainRequest
 from textinv.serve.uploads import UploadLimits, safe_stem, store_embedding_file, store_images
+from textinv.serve.words import (
+    IMAGES_DIR,
+    Word,
+    assign_images,
+    parse_words,
+    store_word_images,
+    validation_prompts,
+    write_concepts_file,
+)
 
 logger = logging.getLogger(__name__)
+
+# The formats' names stay importable from here (the page's and the tests' imports).
+__all__ = ["EXPORT_FORMATS", "GenerateRequest", "LoadedEmbedding", "ServerState", "export_formats_for", "token_slug"]
 
 TINY_MODEL_DIR = "models/tiny-sd1"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # a pivotal-tuning run's adapters, beside its word (issue 26)
 MAX_STEPS = 100_000
 
 
-# --- a model's image size, a token's file name -----------------------------------------------------
+# --- a model's image size ----------------------------------------------------------------------------
 def native_resolution(model_dir: Path) -> int:
     """The image side the model was made for: the UNet's sample size times the VAE's downscaling."""
     try:
@@ -41,46 +59,6 @@ def native_resolution(model_dir: Path) -> int:
         return int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return 512  # SD 1.x's size: a safe guess when the configs say nothing usable
-
-
-def token_slug(token: str) -> str:
-    """A file-name stem for a token: ``<cat-toy>`` -> ``cat-toy`` (the web UI names the word by the file)."""
-    return safe_stem(token.replace(".", "-"), "embedding")
-
-
-# --- embedding formats to download -----------------------------------------------------------------
-@dataclass(frozen=True)
-class ExportFormat:
-    key: str
-    writer_format: str  # textinv.embeddings.write_embedding's format name
-    suffix: str
-    label: str
-    two_encoders: bool = False  # a multi-encoder layout (SDXL, SD3, Flux); the others hold one text encoder's vectors
-
-
-EXPORT_FORMATS: dict[str, ExportFormat] = {
-    f.key: f
-    for f in (
-        ExportFormat("diffusers", "diffusers", ".safetensors", "diffusers .safetensors"),
-        ExportFormat("diffusers-bin", "diffusers", ".bin", "diffusers .bin (torch file)"),
-        ExportFormat("a1111", "a1111", ".pt", "AUTOMATIC1111 .pt"),
-        ExportFormat("a1111-safetensors", "a1111", ".safetensors", "AUTOMATIC1111 .safetensors"),
-        ExportFormat("sdxl", "sdxl", ".safetensors", "SDXL .safetensors (clip_l + clip_g)", two_encoders=True),
-        # SD3 / Flux (issue 25): ComfyUI's keys, and OneTrainer's / diffusers' advanced scripts' (T5 as "t5").
-        ExportFormat("comfyui", "comfyui", ".safetensors", "ComfyUI .safetensors (clip_l, clip_g, t5xxl)", True),
-        ExportFormat("onetrainer", "onetrainer", ".safetensors", "OneTrainer .safetensors (clip_l, clip_g, t5)", True),
-        ExportFormat("pdparams", "pdparams", ".pdparams", "ppdiffusers .pdparams"),
-    )
-}
-
-
-def export_formats_for(embedding: Any) -> list[ExportFormat]:
-    """The formats that can hold this embedding: the multi-encoder layouts for role-keyed vectors (SDXL's only for
-    exactly clip_l + clip_g), the others for one text encoder's."""
-    roles = set(embedding.vectors)
-    if roles == {"text_encoder"}:
-        return [f for f in EXPORT_FORMATS.values() if not f.two_encoders]
-    return [f for f in EXPORT_FORMATS.values() if f.two_encoders and (f.key != "sdxl" or roles == {"clip_l", "clip_g"})]
 
 
 # --- the server's state: one job at a time, exports, generation ------------------------------------
@@ -184,6 +162,12 @@ class ServerState:
             raise UserError("type a placeholder token, the new word to learn, e.g. <cat-toy>")
         if not initializer:
             raise UserError("type an initializer word: one word close to your object or style, e.g. toy or painting")
+        words = parse_words(placeholder, initializer)  # [] for one word: the form as it always was
+        if words and request.lora_rank:
+            raise UserError(
+                f"the LoRA (rank {request.lora_rank}) trains with one word, and the placeholder field holds "
+                f"{len(words)}; train one word, or set the LoRA rank to 0"
+            )
         steps = int(request.max_train_steps or 0)
         if not 1 <= steps <= MAX_STEPS:
             raise UserError(f"steps must be between 1 and {MAX_STEPS}, not {steps}")
@@ -193,15 +177,22 @@ class ServerState:
         job_id = f"job-{next(self._names):03d}"
         folder = self.work_dir / "jobs" / f"{job_id}-{secrets.token_hex(3)}"  # random part: never reuse an old folder
         uploads, caption_files = split_uploads(request.images)
+        owners = assign_images(uploads, words, self.limits) if words else []  # each image's word, by its file name
         captions = gather_captions(caption_files, request.captions, [name for _, name in uploads], self.limits)
         try:
-            images = store_images(uploads, folder / "images", self.limits)
+            if words:
+                images = store_word_images(uploads, owners, words, folder / IMAGES_DIR, self.limits)
+            else:
+                images = store_images(uploads, folder / IMAGES_DIR, self.limits)
             write_captions(images, captions)
             config = self._train_config(request, placeholder, initializer, steps, model_dir, folder, bool(captions))
+            if words:
+                config = self._words_config(config, request, words, owners, captions, folder, job_id)
             config.validate()
             with self._job_lock:
                 self._refuse_if_busy()  # again, atomically: two clicks may both have passed the first check
-                job = TrainingJob(job_id, config, folder, len(images), len(captions))
+                counts = [owners.count(number) for number in range(len(words))]
+                job = TrainingJob(job_id, config, folder, len(images), len(captions), words, counts)
                 self._job = job
                 self.release_pipeline()  # training needs the GPU memory the generation pipeline holds
                 job.launch()
@@ -209,10 +200,11 @@ class ServerState:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         logger.info(
-            "%s: %d image(s) (%d with a caption), %d steps at %d px on %s, into %s",
+            "%s: %d image(s) (%d with a caption)%s, %d steps at %d px on %s, into %s",
             job_id,
             len(images),
             len(captions),
+            f" for {job.tokens_text}" if words else "",
             steps,
             config.resolution,
             model_dir,
@@ -234,7 +226,7 @@ class ServerState:
         every = int(request.validation_steps or 0) or max(1, steps // 5)
         return TrainConfig(
             pretrained_model_name_or_path=str(model_dir),
-            train_data_dir=str(folder / "images"),
+            train_data_dir=str(folder / IMAGES_DIR),
             placeholder_token=placeholder,
             initializer_token=initializer,
             learnable_property=request.learnable_property,
@@ -256,6 +248,32 @@ class ServerState:
             optimizer=request.optimizer or "adamw",
             preserve_embedding_norm=bool(request.preserve_embedding_norm),
         )
+
+    @staticmethod
+    def _words_config(
+        config: TrainConfig,
+        request: TrainRequest,
+        words: list[Word],
+        owners: list[int],
+        captions: dict[int, str],
+        folder: Path,
+        job_id: str,
+    ) -> TrainConfig:
+        """A several-word job's config: the one-word form's options for every word, each word's own (token, start,
+        images, captions) in concepts.toml; the file is read now, as training will, so a mistake is said before
+        anything starts."""
+        concepts = write_concepts_file(folder, words, owners, captions, job_id)
+        config = dataclasses.replace(
+            config,
+            concepts=str(concepts),
+            placeholder_token="",  # each [[concept]] gives its own
+            train_data_dir="",
+            initializer_token=None,
+            caption_extension=None,  # set by the words with captions
+            validation_prompt=validation_prompts(request.validation_prompt, words),
+        )
+        concept_configs(config)
+        return config
 
     def stop(self) -> JobSnapshot:
         with self._job_lock:
@@ -314,37 +332,32 @@ class ServerState:
                 logger.warning("%s did not stop within %.0f s; resume it from its last checkpoint", job.job_id, timeout)
 
     # --- downloads --------------------------------------------------------------------------------------
-    def trained_embedding(self) -> tuple[str, Path]:
-        """(job id, embedding file) of the last job, once it is done or stopped."""
+    def trained_embeddings(self) -> tuple[str, tuple[Path, ...]]:
+        """(job id, every word's file) of the last job, once it is done or stopped: one file, or one per word."""
         snap = self.snapshot()
         if snap is None:
             raise UserError("no embedding yet: train one first (or load an embedding file to generate with)")
         if snap.active:
             raise UserError(f"{snap.job_id} is still training; its embedding is ready when it is done or stopped")
-        if snap.embedding is None:
+        if not snap.embeddings:
             raise UserError(f"{snap.job_id} wrote no embedding (it {snap.status} before its first step)")
-        return snap.job_id, snap.embedding
+        return snap.job_id, snap.embeddings
+
+    def trained_embedding(self) -> tuple[str, Path]:
+        """(job id, embedding file) of the last job; a several-word job's first word."""
+        job_id, files = self.trained_embeddings()
+        return job_id, files[0]
 
     def export(self, format_key: str) -> Path:
-        """The trained embedding written in one of :data:`EXPORT_FORMATS`, under the downloads folder."""
-        from textinv.embeddings import read_embeddings, write_embedding
+        """The trained embedding written in one of :data:`EXPORT_FORMATS` under the downloads folder (a several-word
+        job's first word: :meth:`export_all` writes them all)."""
+        return self.export_all(format_key)[0]
 
-        chosen = EXPORT_FORMATS.get(format_key)
-        if chosen is None:
-            raise UserError(f"unknown format {format_key!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
-        job_id, source = self.trained_embedding()
-        embedding = read_embeddings(source)[0]
-        fitting = export_formats_for(embedding)
-        if chosen not in fitting:
-            raise UserError(
-                f"{chosen.label} does not fit this {embedding.family} embedding "
-                f"({len(embedding.vectors)} text encoder(s)); choose {' or '.join(f.label for f in fitting)}"
-            )
-        # One folder per format: the same token name with different suffixes or layouts never collide.
-        target = self.downloads_dir / job_id / chosen.key / f"{token_slug(embedding.token)}{chosen.suffix}"
-        written = write_embedding(embedding, target, chosen.writer_format)
-        logger.info("exported %s as %s: %s", embedding.token, chosen.key, written)
-        return written
+    def export_all(self, format_key: str) -> list[Path]:
+        """Every trained word's file written in one of :data:`EXPORT_FORMATS`, under the downloads folder."""
+        chosen = export_format(format_key)
+        job_id, sources = self.trained_embeddings()
+        return export_words(sources, chosen, self.downloads_dir / job_id)
 
     # --- generation ----------------------------------------------------------------------------------
     def load_embedding(self, source: str | os.PathLike[str], original_name: str) -> LoadedEmbedding:
@@ -372,30 +385,32 @@ class ServerState:
         if not 1 <= int(request.num_inference_steps) <= 200:
             raise UserError("sampling steps: between 1 and 200")
         model_dir = self.resolve_model(request.model)
-        embedding_path: Optional[Path] = None
+        paths: tuple[Path, ...] = ()  # the embedding files to load: an upload, or every word trained last
         rename = request.token.strip() or None
         if request.embedding is not None:
-            embedding_path = request.embedding.path
+            paths = (request.embedding.path,)
         else:
             snap = self.snapshot()
-            if snap is not None and snap.embedding is not None:
-                embedding_path, rename = snap.embedding, None
-        stamp = embedding_path.stat().st_mtime_ns if embedding_path is not None else None
+            if snap is not None and snap.embeddings:
+                paths, rename = snap.embeddings, None
+        stamps = tuple(path.stat().st_mtime_ns for path in paths)
         # A trained run's LoRA (pivotal tuning) goes with its word; an uploaded embedding comes alone.
-        lora = embedding_path.parent / LORA_FILE if embedding_path is not None and request.embedding is None else None
+        lora = paths[0].parent / LORA_FILE if paths and request.embedding is None else None
         lora = lora if lora is not None and lora.is_file() else None
-        key = (str(model_dir), str(embedding_path), stamp, rename, self.device, str(lora))
+        key = (str(model_dir), tuple(map(str, paths)), stamps, rename, self.device, str(lora))
         with self._generate_lock:
             if key != self._pipeline_key:
                 self._pipeline, self._pipeline_key = None, None  # free the old one before loading
                 pipe = load_pipeline(str(model_dir), device=self.device)
-                tokens = load_embeddings(pipe, embedding_path, token=rename) if embedding_path is not None else []
+                tokens = [token for path in paths for token in load_embeddings(pipe, path, token=rename)]
                 if lora is not None:
                     load_lora(pipe, lora, load_words=False)
                 self._pipeline, self._pipeline_key, self._tokens = pipe, key, tuple(tokens)
             tokens = list(self._tokens)
-            # {token} in the prompt stands for the embedding's word, as in the validation prompt.
-            prompt = request.prompt.replace("{token}", tokens[0]) if tokens else request.prompt
+            # {token} in the prompt stands for the embedding's word, as in the validation prompt; for a several-word
+            # job's words, all of them in order (a prompt can name each word itself too).
+            named = tokens[0] if len(paths) == 1 else " ".join(tokens)
+            prompt = request.prompt.replace("{token}", named) if tokens else request.prompt
             result = generate(
                 self._pipeline,
                 prompt,
@@ -408,5 +423,5 @@ class ServerState:
         with_what = f"with {', '.join(tokens)}" if tokens else "without an embedding (train one or load a file)"
         message = f"{len(result.images)} image(s) of '{prompt}' {with_what}, seed {result.seeds[0]}"
         if tokens and not any(token in prompt for token in tokens):
-            message += f"; note: the prompt does not contain {tokens[0]}"
+            message += f"; note: the prompt does not contain {tokens[0] if len(paths) == 1 else ' or '.join(tokens)}"
         return GenerateOutcome(result.images, result.paths, message)

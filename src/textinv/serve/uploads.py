@@ -115,6 +115,55 @@ def check_image_bytes(data: bytes, shown: str, limits: UploadLimits) -> tuple[st
     return kind, width, height
 
 
+def check_image_count(count: int, limits: UploadLimits) -> None:
+    """Some images, and not more than a request may send (several words: all of theirs together)."""
+    if not count:
+        raise UserError("no images: drop 3-5 pictures of your object or style")
+    if count > limits.max_images:
+        raise UserError(f"{count} images is too many; give at most {limits.max_images} (3-5 is typical)")
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An uploaded image that passed every check, held in memory until it is written."""
+
+    data: bytes
+    original_name: str
+    format: str
+    width: int
+    height: int
+
+
+def check_images(
+    uploads: Sequence[tuple[str | os.PathLike[str], str]], limits: UploadLimits = UploadLimits()
+) -> list[CheckedImage]:
+    """Read and check every uploaded image; the first bad one is refused before anything is written."""
+    check_image_count(len(uploads), limits)
+    checked = []
+    for source, original_name in uploads:
+        shown = Path(str(original_name)).name[:80] or "upload"
+        data = read_limited(Path(source), limits.max_image_bytes, "image", shown)
+        kind, width, height = check_image_bytes(data, shown, limits)
+        checked.append(CheckedImage(data, str(original_name), kind, width, height))
+    return checked
+
+
+def write_images(checked: Sequence[CheckedImage], folder: Path) -> list[StoredImage]:
+    """Checked images copied into ``folder`` (which must be empty or new) under generated names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()):
+        raise UserError(f"the image folder {str(folder)!r} is not empty")  # a server bug, not the person's
+    stored = []
+    for index, image in enumerate(checked):
+        # Index first: names stay unique and keep the upload order (training reads them sorted).
+        name = f"{index:02d}-{safe_stem(image.original_name, 'image')}{IMAGE_SUFFIXES[image.format]}"
+        target = inside_folder(folder, name)
+        target.write_bytes(image.data)  # the original bytes: EXIF orientation is applied when training reads them
+        stored.append(StoredImage(target, image.original_name, image.width, image.height, image.format))
+    logger.info("stored %d uploaded image(s) in %s", len(stored), folder)
+    return stored
+
+
 def store_images(
     uploads: Sequence[tuple[str | os.PathLike[str], str]],
     folder: Path,
@@ -125,28 +174,7 @@ def store_images(
     ``uploads`` are (where the web framework put the file, the name the browser gave it). Nothing
     is written unless every image passes, so a bad file never leaves half a training set behind.
     """
-    if not uploads:
-        raise UserError("no images: drop 3-5 pictures of your object or style")
-    if len(uploads) > limits.max_images:
-        raise UserError(f"{len(uploads)} images is too many; give at most {limits.max_images} (3-5 is typical)")
-    checked: list[tuple[bytes, str, str, int, int]] = []
-    for source, original_name in uploads:
-        shown = Path(str(original_name)).name[:80] or "upload"
-        data = read_limited(Path(source), limits.max_image_bytes, "image", shown)
-        kind, width, height = check_image_bytes(data, shown, limits)
-        checked.append((data, str(original_name), kind, width, height))
-    folder.mkdir(parents=True, exist_ok=True)
-    if any(folder.iterdir()):
-        raise UserError(f"the image folder {str(folder)!r} is not empty")  # a server bug, not the person's
-    stored = []
-    for index, (data, original_name, kind, width, height) in enumerate(checked):
-        # Index first: names stay unique and keep the upload order (training reads them sorted).
-        name = f"{index:02d}-{safe_stem(original_name, 'image')}{IMAGE_SUFFIXES[kind]}"
-        target = inside_folder(folder, name)
-        target.write_bytes(data)  # the original bytes: EXIF orientation is applied when training reads them
-        stored.append(StoredImage(target, original_name, width, height, kind))
-    logger.info("stored %d uploaded image(s) in %s", len(stored), folder)
-    return stored
+    return write_images(check_images(uploads, limits), folder)
 
 
 def store_embedding_file(

@@ -81,15 +81,16 @@ def test_two_words_learn_as_each_would_alone_in_their_own_files_and_rows(
         "learned_embeds-my-style-steps-2.safetensors",
         "learned_embeds-my-style.safetensors",
     ]
-    cat, style = _vectors(out / "learned_embeds-cat-toy.safetensors"), _vectors(out / "learned_embeds-my-style.safetensors")
+    cat, style = (
+        _vectors(out / "learned_embeds-cat-toy.safetensors"),
+        _vectors(out / "learned_embeds-my-style.safetensors"),
+    )
     assert set(cat) == {"<cat-toy>"} and set(style) == {"<my-style>"} and style["<my-style>"].shape[0] == 2
     with safe_open(str(out / "learned_embeds-my-style.safetensors"), "pt") as handle:
         assert handle.metadata()["modelspec.trigger_phrase"] == "<my-style>"
 
     # Each word alone, with the seed its stream has in the two-word run (the run's seed + its place in the file).
-    alone_cat = textinv.train(
-        train_config(tiny_model, train_images, tmp_path / "cat", **settings), show_progress=False
-    )
+    alone_cat = textinv.train(train_config(tiny_model, train_images, tmp_path / "cat", **settings), show_progress=False)
     alone_style = textinv.train(
         train_config(
             tiny_model,
@@ -153,7 +154,9 @@ def test_resume_with_two_words_equals_the_uninterrupted_run(
     tiny_model: Path, train_images: Path, style_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     concepts = _concepts_file(tmp_path, train_images, style_images)
-    settings = dict(FAST, max_train_steps=5, checkpointing_steps=2, eval_steps=2, eval_samples=2, concepts=str(concepts))
+    settings = dict(
+        FAST, max_train_steps=5, checkpointing_steps=2, eval_steps=2, eval_samples=2, concepts=str(concepts)
+    )
     full = textinv.train(train_config(tiny_model, train_images, tmp_path / "full", **settings), show_progress=False)
     sigint_on_loss_call(monkeypatch, 7)  # step 4's first word (two loss calls a step)
     with pytest.raises(TrainingInterrupted) as stopped:
@@ -204,3 +207,47 @@ def test_a_converged_word_freezes_while_the_other_goes_on(
     assert [step for step, _ in record["concepts"][1]["eval"]["losses"]] == [0, 2]
     assert [step for step, _ in record["concepts"][0]["eval"]["losses"]] == [0, 2, 4, 6]
     assert "<my-style>: wrote" in result.summary and "stopped at step 2" in result.summary
+
+
+@pytest.mark.slow
+def test_validation_prompts_may_name_every_word_and_an_unnamed_word_is_warned_of(
+    tiny_model: Path, train_images: Path, style_images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    concepts = _concepts_file(tmp_path, train_images, style_images)
+    validation = dict(validation_steps=2, num_validation_images=1, validation_num_inference_steps=1, eval_steps=0)
+    prompts = ["a <cat-toy> in <my-style>", "a <cat-toy>"]
+    with caplog.at_level("WARNING"):
+        textinv.train(
+            train_config(
+                tiny_model,
+                train_images,
+                tmp_path / "out",
+                concepts=str(concepts),
+                validation_prompt=prompts,
+                **validation,
+                **dict(FAST, max_train_steps=2),
+            ),
+            show_progress=False,
+        )
+    assert not [r for r in caplog.records if "no --validation_prompt names" in r.getMessage()]
+    assert sorted(p.name for p in (tmp_path / "out" / "validation" / "step-000002").glob("*.png")) == [
+        "prompt0-seed42.png",
+        "prompt1-seed42.png",
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        textinv.train(
+            train_config(
+                tiny_model,
+                train_images,
+                tmp_path / "one",
+                concepts=str(concepts),
+                validation_prompt=prompts[1:],
+                **validation,
+                **dict(FAST, max_train_steps=2),
+            ),
+            show_progress=False,
+        )
+    assert [r.getMessage() for r in caplog.records if "no --validation_prompt" in r.getMessage()] == [
+        "no --validation_prompt names <my-style>: its progress is not shown"
+    ]

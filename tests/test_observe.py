@@ -439,3 +439,71 @@ def test_sdxl_model_card_code_loads_both_encoders(tmp_path: Path) -> None:
         ids = tokenizer.convert_tokens_to_ids(["<cat-toy>", "<cat-toy>_1"])
         rows = encoder.get_input_embeddings().weight[ids]
         assert torch.all(rows == expected)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_concepts_model_card_lists_every_word_and_its_code_loads_each_file(tmp_path: Path, family: str) -> None:
+    """With several words (--concepts) the card names each word and file, and its lines load every word."""
+    import re
+
+    import torch
+
+    from textinv.config import TrainConfig
+    from textinv.embeddings import CLIP_G, CLIP_L, TEXT_ENCODER, Embedding, save_diffusers
+    from textinv.observers.model_card import render_model_card
+    from textinv.tiny import TinySpec, build_tiny_pipeline
+
+    spec = TinySpec()
+    base = build_tiny_pipeline(tmp_path / f"tiny-{family}", family=family)
+    out = tmp_path / "out"
+    words = []
+    for value, (token, count) in enumerate((("<cat-toy>", 1), ("<my-style>", 2)), start=1):
+        if family == "sdxl":
+            vectors = {
+                CLIP_L: torch.full((count, spec.text_hidden_size), value),
+                CLIP_G: torch.full((count, spec.text_hidden_size_2), -value),
+            }
+        else:
+            vectors = {TEXT_ENCODER: torch.full((count, spec.text_hidden_size), float(value))}
+        name = token.strip("<>")
+        save_diffusers(Embedding(token, vectors), out / f"learned_embeds-{name}.safetensors")
+        best = {"best_step": 4, "best_loss": 0.5 + value} if value == 1 else {}
+        words.append(
+            dict(
+                name=name,
+                placeholder_token=token,
+                initializer_token="toy",
+                num_vectors=count,
+                learnable_property="object",
+                images=3,
+                eval=best,
+                **({"stop_step": 6} if value == 2 else {}),
+            )
+        )
+    config = TrainConfig(str(base), "images", "<cat-toy>", "toy", concepts="concepts.toml")
+    record = {
+        "model": {"family": family, "source": str(base)},
+        "steps_done": 8,
+        "identity": {"images": []},
+        "concepts": words,
+    }
+    card = render_model_card(config, record, out)
+    assert "# Textual Inversion: `<cat-toy>`, `<my-style>`" in card
+    assert (
+        "| `<cat-toy>` | `toy` | object | 1 | 3 | `learned_embeds-cat-toy.safetensors` | 1.50000 at step 4 | - |"
+        in card
+    )
+    assert (
+        "| `<my-style>` | `toy` | object | 2 | 3 | `learned_embeds-my-style.safetensors` | - | converged at step 6 |"
+        in card
+    )
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = "\n".join(line for line in code.splitlines() if not line.startswith("image = "))
+    scope: dict = {}
+    exec(code, scope)  # the card's own lines, minus generating an image
+    pipe = scope["pipe"]
+    for value, tokens in ((1.0, ["<cat-toy>"]), (2.0, ["<my-style>", "<my-style>_1"])):
+        ids = pipe.tokenizer.convert_tokens_to_ids(tokens)
+        assert torch.equal(
+            pipe.text_encoder.get_input_embeddings().weight[ids], torch.full((len(ids), spec.text_hidden_size), value)
+        )

@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test test-fast bench clean chromium lint paddle-venv
+.PHONY: demo test test-fast bench clean chromium lint docs paddle-venv
 
 $(BIN)/textinv: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,9 +44,16 @@ chromium: $(CHROMIUM)
 
 # ruff (lint + format check) on everything, mypy on src/: the habits CI keeps.
 lint: $(BIN)/textinv
-	$(BIN)/ruff check src tests bench train_textual_inversion.py
-	$(BIN)/ruff format --check src tests bench train_textual_inversion.py
+	$(BIN)/ruff check src tests bench train_textual_inversion.py docs/cli_reference.py
+	$(BIN)/ruff format --check src tests bench train_textual_inversion.py docs/cli_reference.py
 	$(BIN)/mypy
+
+# The documentation site (mkdocs.yml, docs/): regenerate the command-line reference docs/cli.md from the parsers,
+# then build with --strict (a broken link or anchor, a page missing from the nav fail) into site/. Offline: no plugin
+# reaches the network. DOCS_CHECK=1 (CI) fails on a docs/cli.md that differs from the parsers instead of rewriting it.
+docs: $(BIN)/textinv
+	$(BIN)/python docs/cli_reference.py $(if $(DOCS_CHECK),--check)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 # PaddlePaddle + ppdiffusers for tests/test_ppdiffusers.py (the seed's snippets in real ppdiffusers), in a venv
 # of its own (its huggingface_hub pin conflicts with ours). Built once from the pins into a cache folder outside
@@ -71,4 +78,4 @@ bench: $(BIN)/textinv
 	OMP_NUM_THREADS=1 $(BIN)/python bench/learning.py
 
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output .pytest_cache site

@@ -526,7 +526,7 @@ def test_tiny_clip_from_the_cli_works_for_eval(
     assert scored.stdout.startswith("image similarity ")
 
 
-# --- the demo, the README ---------------------------------------------------------------------------------
+# --- the demo, the README and docs ------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_second_demo_replaces_its_own_outputs(tmp_path: Path) -> None:
     from textinv.demo import run_demo
@@ -540,19 +540,22 @@ def test_a_second_demo_replaces_its_own_outputs(tmp_path: Path) -> None:
     assert second.summary.startswith("learned <red-cartoon> in 2 steps")
 
 
-def test_the_readme_api_example_keeps_generated_images_out_of_the_training_images() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    snippet = readme[readme.index("result = textinv.train(textinv.TrainConfig(") :]
+def test_the_docs_api_example_keeps_generated_images_out_of_the_training_images() -> None:
+    page = (REPO / "docs" / "embeddings.md").read_text(encoding="utf-8")  # "Use the result", the Python API
+    snippet = page[page.index("result = textinv.train(textinv.TrainConfig(") :]
     snippet = snippet[: snippet.index("```")]
     train_dir = re.search(r'train_data_dir="([^"]+)"', snippet).group(1)
     generate_dir = re.search(r'textinv\.generate\(.*output_dir="([^"]+)"', snippet).group(1)
     assert train_dir != generate_dir
 
 
-def test_the_quick_start_says_what_make_test_needs() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    quick = readme[readme.index("## Quick start") : readme.index("## Train on a real model")]
-    assert "make test-fast" in quick and "chromium" in quick and "sudo" in quick and "minutes" in quick
+def test_the_docs_say_what_make_test_needs() -> None:
+    page = (REPO / "docs" / "development.md").read_text(encoding="utf-8")
+    tests = page[page.index("## Running the tests") : page.index("## Lint and types")]
+    assert "make test-fast" in tests and "chromium" in tests and "sudo" in tests and "minutes" in tests
+    readme = (REPO / "README.md").read_text(encoding="utf-8")  # the Quick start says it in a line, and links the page
+    quick = readme[readme.index("## Quick start") : readme.index("## Train your own images")]
+    assert "chromium" in quick and "sudo" in quick and "docs/development.md" in quick
 
 
 # --- the latent cache: filled as training draws, the same latents ------------------------------------------

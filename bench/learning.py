@@ -1,9 +1,9 @@
 """Does training find a planted concept, in how many steps, and does eval_loss show when? (issues 8, 20)
 
     OMP_NUM_THREADS=1 python bench/learning.py                    # textinv's defaults vs the README command (seed 0)
-    OMP_NUM_THREADS=1 python bench/learning.py --seeds 0 1 2 3 4  # README "How many steps"
+    OMP_NUM_THREADS=1 python bench/learning.py --seeds 0 1 2 3 4  # docs/quality.md "How many steps"
     OMP_NUM_THREADS=1 python bench/learning.py --variants lr1e-3 batch8_lr1e-3 --seeds 0 1 2
-    OMP_NUM_THREADS=1 python bench/learning.py --variants all     # every variant (README "How many steps")
+    OMP_NUM_THREADS=1 python bench/learning.py --variants all     # every variant (docs/quality.md "How many steps")
     OMP_NUM_THREADS=1 python bench/learning.py --teacher_seed 1 --steps 60 --seeds 0 1 2 3 4 --variants lr4e-3_preserve
                                                                   # issue 27: another teacher, a norm rule
 
@@ -84,7 +84,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "textinv": {},  # TrainConfig's defaults: `textinv train`, the Python API and the web page
     "readme": README_COMMAND,
     "ppdiffusers": PPDIFFUSERS,
-    # Variants measured while choosing the defaults (README "How many steps"): ppdiffusers' defaults with
+    # Variants measured while choosing the defaults (docs/quality.md "How many steps"): ppdiffusers' defaults with
     # the changes the name says, spelled out so they mean the same whatever TrainConfig's defaults are.
     "lr3e-4": {**PPDIFFUSERS, "learning_rate": 3e-4},
     "lr5e-4": {**PPDIFFUSERS, "learning_rate": 5e-4},

@@ -66,7 +66,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 # Flow families: the CLIP encoders learn the word (docs/encoders.md: the tiny teachers read it best there).
 # The other families train the word in every encoder, textinv's default.
 FLOW_ROLES = {"sd3": ["clip_l", "clip_g"], "flux": ["clip_l"]}
-# sd2-v: bench/planted.py's teacher (the README's learning table). sd3/flux: bench/planted_flow.py's, one per seed
+# sd2-v: bench/planted.py's teacher (the learning table of docs/quality.md). sd3/flux: bench/planted_flow.py's, one per seed
 # (as bench/encoders.py). The others: planted_flow.py's teacher on the family's own objective, one per family.
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl", "zh-bert", "zh-xlmr", "sd3", "flux")
 PER_SEED_TEACHER = ("sd3", "flux")

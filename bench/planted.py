@@ -13,7 +13,7 @@ of a star"). The pattern is flat over the latent, so the noisy input gives it aw
 middle noise (64 pixels average the noise out); at high noise only the text tells it, and the
 v-prediction target there is about minus the clean latent, so the UNet must read the word.
 An epsilon (SD1) teacher carries the clean latent at high noise with weight sqrt(SNR) only (0.07
-at t = 999) and did not learn to read the word in a few hundred steps (README "How well it learns").
+at t = 999) and did not learn to read the word in a few hundred steps (docs/quality.md "How well it learns").
 
 **The plant.** The training set is drawn from the ``star`` distribution itself (not sampled from
 the teacher): textual inversion learns from photos of a concept, not from the model's own
@@ -29,7 +29,7 @@ plus the cosine and the norm ratio between the learned vector and the target row
 seeded, so a teacher, a plant and a run are the same for the same seeds (on one machine and thread
 count: CPU float sums may round differently elsewhere).
 
-Used by ``bench/learning.py`` (the table in README "How well it learns") and tests/test_learning.py.
+Used by ``bench/learning.py`` (the table in docs/quality.md "How well it learns") and tests/test_learning.py.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ PLACEHOLDER = "<planted>"
 # has to tell words apart rather than learn "star or not".
 CONCEPT_WORDS = ("star", "shape", "circle", "square", "triangle", "heart", "moon", "cross", "cat", "dog", "toy", "cup")
 # The widths of the tests' and demo's tiny pipelines: text width 32 (= cross-attention width), 2 text
-# layers, UNet channels (32, 64), 64 px so 8x8 latents. README "How well it learns" says why this size.
+# layers, UNet channels (32, 64), 64 px so 8x8 latents. docs/quality.md "How well it learns" says why this size.
 PLANTED_SPEC = TinySpec()
 TEACHER_FORMAT = 1  # bump when the teacher's recipe changes meaning, so old caches are not reused
 
@@ -83,7 +83,7 @@ class TeacherRecipe:
     # Timesteps t = T * u ** (1 / timestep_root), u uniform: 2 draws t with density ~ t, so the noisy
     # steps where only the text tells the pattern come up more often (1 = uniform).
     timestep_root: float = 2.0
-    family: str = "sd2-v"  # textinv.tiny family: v-prediction (README "How well it learns" says why)
+    family: str = "sd2-v"  # textinv.tiny family: v-prediction (docs/quality.md "How well it learns" says why)
     words: tuple[str, ...] = CONCEPT_WORDS
     spec: TinySpec = PLANTED_SPEC
 

@@ -637,7 +637,7 @@ DETERMINISM_FLAGS = [
 def test_cpu_runs_are_bit_identical_at_one_thread_count_and_within_the_stated_tolerance_across_counts(
     tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:
-    """README "On GPUs": separate processes with the same seed give the same bits at the same torch thread
+    """docs/gpus.md "On GPUs": separate processes with the same seed give the same bits at the same torch thread
     count; another count sums in another order, within precision.REPRODUCIBILITY["cpu-other-threads"]."""
     vectors = {}
     for name, threads in (("a", "2"), ("b", "2"), ("one-thread", "1")):

@@ -49,7 +49,7 @@ def _train(concept, scorer, output_dir: Path, **overrides) -> RecoveryCurve:
         placeholder_token=PLACEHOLDER,
         initializer_token=INITIAL_WORD,
         resolution=64,
-        max_train_steps=SHORT_STEPS,  # batch, learning rate and schedule: textinv's defaults (README "How many steps")
+        max_train_steps=SHORT_STEPS,  # batch, learning rate and schedule: textinv's defaults (docs/quality.md "How many steps")
         eval_steps=0,  # the held-out curve is tests/test_held_out.py's
         seed=0,
         output_dir=str(output_dir),

@@ -137,7 +137,7 @@ def test_diffusers_flux_loader_gives_textinvs_prompt_embeddings(
     load_embeddings(ours, result.embedding_path)
     theirs = load_pipeline_folder(flow_models["flux"])
     state = load_file(str(result.embedding_path))
-    # The lines the README shows: CLIP-L into text_encoder, T5 into text_encoder_2 / tokenizer_2.
+    # The lines docs/families.md shows: CLIP-L into text_encoder, T5 into text_encoder_2 / tokenizer_2.
     theirs.load_textual_inversion(
         state["clip_l"], token=TOKEN, text_encoder=theirs.text_encoder, tokenizer=theirs.tokenizer
     )

@@ -191,7 +191,7 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
                         page.screenshot(path=str(shots / "2-training.png"), full_page=True)
                         running_shot = True
                 time.sleep(0.2)
-            # eval_loss: the page trains with `textinv train`'s held-out evaluation (README "How many steps")
+            # eval_loss: the page trains with `textinv train`'s held-out evaluation (docs/quality.md "How many steps")
             assert re.search(
                 r"job-001: done · step 20/20 · loss \d+\.\d{4} · eval_loss \d+\.\d{4} · <red-cartoon> learned", line
             ), line

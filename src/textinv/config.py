@@ -108,7 +108,7 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
     repeats: int = option(100, help="times each image appears per epoch")
 
     # --- optimisation ------------------------------------------------------------------------
-    # textinv's recipe (issue 20, README "How many steps"); ppdiffusers': batch 16, lr 1e-4, constant, 500 warm-up.
+    # textinv's recipe (issue 20, docs/quality.md "How many steps"); ppdiffusers': batch 16, lr 1e-4, constant, 500 warm-up.
     train_batch_size: int = option(4, help="examples per process per micro-batch")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
     num_train_epochs: int = option(100, help="epochs to train when --max_train_steps is not given")

@@ -19,7 +19,7 @@ from textinv.lora_options import LoraOptions
 from textinv.loss_options import LossOptions
 from textinv.optimizer_options import OptimizerOptions
 
-# ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: README "How many steps" (issue 20).
+# ppdiffusers' defaults where TrainConfig's (textinv train, API, web page) differ: docs/quality.md "How many steps" (issue 20).
 PPDIFFUSERS_DEFAULTS: dict[str, Any] = {
     "train_batch_size": 16,
     "learning_rate": 1e-4,
@@ -131,7 +131,7 @@ def checked_configs(config: TrainConfig) -> list[TrainConfig]:
 
 def normalise_flags(argv: Sequence[str]) -> list[str]:
     """``--learning-rate`` means ``--learning_rate``: every flag is accepted with either separator
-    (the help and the README write underscores, as ppdiffusers does)."""
+    (the help and the docs write underscores, as ppdiffusers does)."""
     normalised = []
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2:

@@ -28,7 +28,7 @@ def _option(default: Any, help: str, choices: Optional[tuple[str, ...]] = None) 
 class LossOptions:
     # --- Loss weighting and timestep sampling (issue 8) -------------------------------------------
     # Not in ppdiffusers, which draws t uniformly and weights every example alike (what "uniform"
-    # and snr_gamma=None give). bench/learning.py measures them; README "How well it learns".
+    # and snr_gamma=None give). bench/learning.py measures them; docs/quality.md "How well it learns".
     # logit_normal: t = sigmoid(N(mean, std)) * num_train_timesteps (SD3's rectified-flow sampler,
     # Esser et al. 2024, sec. 3.1), which draws the middle timesteps more often than the ends.
     timestep_sampling: str = _option(

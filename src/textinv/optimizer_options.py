@@ -34,7 +34,7 @@ class OptimizerDefaults:
     uses_epsilon: bool = True
 
 
-# textinv's AdamW recipe (README "How many steps", issue 20): lr 1e-3; betas and decoupled weight decay are
+# textinv's AdamW recipe (docs/quality.md "How many steps", issue 20): lr 1e-3; betas and decoupled weight decay are
 # torch.optim.AdamW's and ppdiffusers' (0.9, 0.999, 1e-2). A default run builds exactly the AdamW it always did.
 _ADAMW = OptimizerDefaults(1e-3, (0.9, 0.999), 1e-2)
 OPTIMIZER_DEFAULTS: dict[str, OptimizerDefaults] = {

@@ -1,6 +1,6 @@
 """Captions: per-image caption files, A1111 template files, and tag shuffling and dropout (issue 17).
 
-Where the placeholder goes (README "Training data"):
+Where the placeholder goes (docs/training-data.md):
 
 - no caption source: a template of the concept (``a photo of a {}``) with the placeholder, as before;
 - ``--caption_extension``: an image's caption file that writes ``[name]`` (A1111), ``{}`` or the token itself

@@ -238,7 +238,7 @@ def _frozen_geglu_forward(geglu: Any, hidden_states: torch.Tensor, *args: Any, *
 def keep_less_for_backward(module: Any) -> dict[str, int]:
     """Make ``module``'s frozen layers keep less for backward, computing the same bits: 2-d convolutions
     keep no input (:class:`_FrozenConv2d`), GEGLU feed-forwards only their projection (:class:`_GatedGelu`).
-    At SD 1.5, 512 px, a step's saved activations go from 1.41 to 1.02 GiB (README "Speed and memory").
+    At SD 1.5, 512 px, a step's saved activations go from 1.41 to 1.02 GiB (docs/speed.md).
     A convolution whose weight needs a gradient, or whose input is not contiguous (channels_last), runs as
     before. Returns how many layers of each kind changed."""
     from diffusers.models.activations import GEGLU

@@ -40,7 +40,7 @@ class TrainRequest:
     learnable_property: str = "object"
     model: str = ""  # empty: the server's default model
     max_train_steps: int = 200
-    # textinv's recipe, as `textinv train` (README "How many steps"); the page puts the optimizer's default in the box.
+    # textinv's recipe, as `textinv train` (docs/quality.md "How many steps"); the page puts the optimizer's default in the box.
     learning_rate: float = OPTIMIZER_DEFAULTS["adamw"].learning_rate
     validation_prompt: str = "a photo of {token}"  # empty: no validation images
     validation_steps: int = 0  # 0: five rounds per run

@@ -1,4 +1,4 @@
-"""Rough edges a new user hit (issue 28), each as the user sees it: the command, what it printed, the exit code and
+"""Rough edges of a first run (issue 28), each as the user sees it: the command, what it printed, the exit code and
 what was left on disk."""
 
 from __future__ import annotations

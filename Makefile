@@ -12,24 +12,31 @@ CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: demo test test-fast bench clean chromium lint docs paddle-venv
 
+# What the demo runs: torch and textinv with its own dependencies, nothing else.
 $(BIN)/textinv: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	test -z "$(TORCH)" || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# The tests' and the linters' tools on top (pytest, playwright, ruff, mypy, gradio, the optimizers' libraries).
+TEST_TOOLS := $(VENV)/.textinv-test-tools
+$(TEST_TOOLS): $(BIN)/textinv
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
 demo: $(BIN)/textinv
 	$(BIN)/textinv demo --output_dir demo-output
 
-test: $(BIN)/textinv $(CHROMIUM)
+test: $(TEST_TOOLS) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 # The quick loop while editing (under 2 minutes on 2 CPUs): leaves out the tests marked slow,
 # browser, multiprocess and interop (see [tool.pytest.ini_options] markers); `make test` runs them all.
 # One torch thread unless OMP_NUM_THREADS says otherwise: the tiny models gain nothing from more, and
 # on a shared 2-CPU machine two threads per process spin against other jobs (3x slower when loaded).
-test-fast: $(BIN)/textinv
+test-fast: $(TEST_TOOLS)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow and not browser and not multiprocess and not interop"
 
 # The web page's browser test drives Debian's chromium (Playwright never downloads a browser here).
@@ -43,7 +50,7 @@ $(CHROMIUM):
 chromium: $(CHROMIUM)
 
 # ruff (lint + format check) on everything, mypy on src/: the habits CI keeps.
-lint: $(BIN)/textinv
+lint: $(TEST_TOOLS)
 	$(BIN)/ruff check src tests bench train_textual_inversion.py docs/cli_reference.py
 	$(BIN)/ruff format --check src tests bench train_textual_inversion.py docs/cli_reference.py
 	$(BIN)/mypy
@@ -51,7 +58,7 @@ lint: $(BIN)/textinv
 # The documentation site (mkdocs.yml, docs/): regenerate the command-line reference docs/cli.md from the parsers,
 # then build with --strict (a broken link or anchor, a page missing from the nav fail) into site/. Offline: no plugin
 # reaches the network. DOCS_CHECK=1 (CI) fails on a docs/cli.md that differs from the parsers instead of rewriting it.
-docs: $(BIN)/textinv
+docs: $(TEST_TOOLS)
 	$(BIN)/python docs/cli_reference.py $(if $(DOCS_CHECK),--check)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 

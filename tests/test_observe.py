@@ -153,7 +153,9 @@ def test_run_json_lists_every_output_with_timings_and_losses(watched) -> None:
     record = json.loads((watched.output_dir / "run.json").read_text())
     losses = watched.result.losses
     assert record["status"] == "completed" and record["steps_done"] == STEPS
-    assert record["final_loss"] == pytest.approx(losses[-1]) and record["best_loss"] == pytest.approx(min(losses))
+    assert record["final_loss"] == pytest.approx(losses[-1]) and record["lowest_train_loss"] == pytest.approx(
+        min(losses)
+    )
     assert record["seed"] == SEED and record["identity"]["placeholder_token"] == "<cat-toy>"  # resume keys stay
     assert record["device"] == "cpu" and {"torch", "diffusers", "transformers"} <= set(record["versions"])
     assert record["timings"]["train_seconds"] > 0 and record["timings"]["validation_seconds"] > 0

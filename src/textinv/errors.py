@@ -19,13 +19,17 @@ def first_line(error: BaseException) -> str:
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a step, and a checkpoint was written."""
+    """SIGINT/SIGTERM stopped training after a step, and a checkpoint was written (or before the first step, and
+    nothing was: step 0, no checkpoint)."""
 
     def __init__(self, step: int, max_steps: int, signum: int, checkpoint: Optional[str]) -> None:
         import signal
 
         self.step, self.max_steps, self.signum, self.checkpoint = step, max_steps, signum, checkpoint
         where = f"; checkpoint {checkpoint}" if checkpoint else ""
+        if step == 0 and checkpoint is None:
+            super().__init__(f"stopped by {signal.Signals(signum).name} before the first step; nothing was written")
+            return
         super().__init__(
             f"stopped by {signal.Signals(signum).name} after step {step} of {max_steps}{where}; "
             "run the same command with --resume_from_checkpoint latest to continue"

@@ -194,9 +194,11 @@ def refuse_another_runs_results(output_dir: Path, overwrite: bool) -> list[str]:
     """
     markers = previous_run_markers(output_dir)
     if markers and not overwrite:
+        # Resuming needs a checkpoint: suggest it only when there is one (a finished run without any has none).
+        resume = any(output_dir.glob("checkpoint-*/state.pt"))
+        continue_it = "pass --resume_from_checkpoint latest to continue it, " if resume else ""
         raise UserError(
             f"--output_dir {str(output_dir)!r} already holds another run's results ({', '.join(markers)}); "
-            "choose a new --output_dir, pass --resume_from_checkpoint latest to continue it, "
-            "or --overwrite_output_dir to replace it"
+            f"choose a new --output_dir, {continue_it}or --overwrite_output_dir to replace it"
         )
     return markers

@@ -88,7 +88,14 @@ def render_model_card(
     num_images = f"{len(images)} image(s)" if isinstance(images, list) else "cached latents"
     losses = ""
     if "final_loss" in record:
-        losses = f" (final loss {record['final_loss']:.4f}, best {record['best_loss']:.4f})"
+        # One meaning of "best" everywhere: the lowest held-out eval_loss (and its file), as the closing line says.
+        held_out = record.get("eval") or {}
+        lowest = (
+            f"; lowest eval_loss {held_out['best_loss']:.5f} at step {held_out['best_step']} ({held_out['best_file']})"
+            if held_out.get("best_step") is not None
+            else ""
+        )
+        losses = f" (final training loss {record['final_loss']:.4f}{lowest})"
     first = files[0][0]
     prompt = f"a photo of {first}" if config.learnable_property == "object" else f"a painting in the style of {first}"
     lines = [

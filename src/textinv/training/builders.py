@@ -148,10 +148,10 @@ _CPU_THREADS_MEASURED = 2
 
 
 def cpu_step_estimate(
-    config: TrainConfig, parts: ModelParts, device: torch.device, num_processes: int = 1
+    config: TrainConfig, parts: ModelParts, device: torch.device, num_processes: int = 1, max_steps: int = 0
 ) -> Optional[str]:
-    """On a CPU, one line on what a step will cost (from the UNet's size, the image size and the batch);
-    None on a GPU or when a step takes under a second."""
+    """On a CPU, one line on what a step will cost (from the UNet's size, the image size and the batch) and, given
+    ``max_steps``, the whole run; None on a GPU or when a step takes under a second."""
     if device.type != "cpu":
         return None
     parameters = sum(p.numel() for p in parts.unet.parameters())
@@ -164,9 +164,10 @@ def cpu_step_estimate(
     if seconds < 1.0:
         return None
     advice = f"; --train_batch_size 1 makes a step about {examples}x cheaper" if examples > 1 else ""
+    whole = f", {max_steps} steps about {_duration_text(seconds * max_steps)}" if max_steps else ""
     return (
         f"on this CPU a step of {examples} example(s) at {config.image_width}x{config.image_height} px will take "
-        f"about {_duration_text(seconds)} (estimated from the UNet's size){advice}"
+        f"about {_duration_text(seconds)}{whole} (estimated from the UNet's size){advice}"
     )
 
 

@@ -90,12 +90,19 @@ def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
     path = Path(spec).expanduser()
     if not path.is_absolute() and not path.exists():
         path = output_dir / spec
-    if not (path / STATE_FILE).is_file():
-        raise UserError(
-            f"--resume_from_checkpoint {spec!r} is not a checkpoint folder (no {STATE_FILE}); "
-            "give 'latest' or a checkpoint-N folder"
+    if (path / STATE_FILE).is_file():
+        return path
+    found = [checkpoint.name for checkpoint in list_checkpoints(output_dir)]
+    there = (
+        f"{str(output_dir)!r} has {', '.join(found)} (or give 'latest')"
+        if found
+        else (
+            f"{str(output_dir)!r} has no checkpoint; train with --checkpointing_steps N to make some, or drop the flag"
         )
-    return path
+    )
+    if not path.exists():
+        raise UserError(f"--resume_from_checkpoint {spec!r} does not exist; {there}")
+    raise UserError(f"--resume_from_checkpoint {spec!r} is not a checkpoint folder (no {STATE_FILE}); {there}")
 
 
 def rng_state() -> dict[str, Any]:

@@ -41,6 +41,7 @@ from textinv.training.stopping import (
     TrainingOutOfMemory,
     agreed_stop,
     out_of_memory_text,
+    setting_up,
     stop_on_signals,
 )
 
@@ -58,13 +59,9 @@ def train(
     (benchmarks that plant a concept use it).
     """
     recipe = TrainingRecipe(config, observers, latent_cache)
-    with stop_on_signals(recipe):  # from the start: a SIGTERM while the model loads stops after step 1
-        try:
+    with stop_on_signals(recipe):  # from the start: a signal while the model loads stops at once, writing nothing
+        with setting_up(recipe, Path(config.output_dir).expanduser()):
             recipe.setup()
-        except torch.OutOfMemoryError:
-            raise TrainingOutOfMemory(
-                out_of_memory_text(recipe.config, getattr(recipe, "device", None), None)
-            ) from None
         recipe.loop()
     return recipe.finish()
 
@@ -83,6 +80,7 @@ class TrainingRecipe:
         self.start_step = 0
         self._run: Optional[RunContext] = None
         self._early_stop: Optional[int] = None  # a signal that came before the run context existed
+        self.setting_up = True  # until the first step: a signal then stops at once (training.stopping)
 
     @property
     def run(self) -> RunContext:
@@ -231,7 +229,7 @@ class TrainingRecipe:
             learning_rate,
             parts.prediction_type,
         )
-        cost = builders.cpu_step_estimate(config, parts, device, num_processes)
+        cost = builders.cpu_step_estimate(config, parts, device, num_processes, max_steps)
         if cost is not None:
             logger.info("%s", cost)
         for observer in self.observers:

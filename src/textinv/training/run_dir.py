@@ -228,7 +228,8 @@ def finish_record(
     record = run.record
     record.update(status=status, steps_done=step, finished_at=now())
     if losses:
-        record.update(final_loss=losses[-1], best_loss=min(losses))
+        # The training loss is each step's draw: its minimum is no "best" (that is eval's best_loss, held out).
+        record.update(final_loss=losses[-1], lowest_train_loss=min(losses))
     if elapsed is None and started is not None:
         elapsed = time.perf_counter() - started
     if elapsed is not None:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from textinv.config import UserError
+from textinv.config import TrainingInterrupted, UserError
 from textinv.events import RunContext
 
 logger = logging.getLogger(__name__)
@@ -56,9 +59,19 @@ def out_of_memory_text(config: Any, device: Any, step: Optional[int], where: str
     return f"out of memory on {device}{gpu} {when} ({asked}); try {fix}{where}{resume}"
 
 
+class StoppedBeforeFirstStep(BaseException):
+    """A SIGINT/SIGTERM while the run was still setting up (loading the model, encoding images): it stops at once.
+    A BaseException, so that no ``except Exception`` in a loader swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 @contextlib.contextmanager
 def stop_on_signals(run: Any) -> Iterator[None]:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once.
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once. While ``run`` is
+    ``setting_up`` (before the first step) they stop at once: :class:`StoppedBeforeFirstStep`.
 
     ``run`` is anything with a ``stop_requested`` attribute (a RunContext, or the recipe before it has one).
     """
@@ -67,6 +80,8 @@ def stop_on_signals(run: Any) -> Iterator[None]:
         return
 
     def ask_to_stop(signum: int, frame: Any) -> None:
+        if getattr(run, "setting_up", False):  # before the first step there is nothing to finish or keep
+            raise StoppedBeforeFirstStep(signum)
         if run.stop_requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         run.stop_requested = signum
@@ -90,3 +105,32 @@ def agreed_stop(run: RunContext) -> int:
         flag = torch.tensor([requested], device=run.accelerator.device)
         requested = int(run.accelerator.reduce(flag, reduction="sum").item() and max(requested, signal.SIGTERM))
     return requested
+
+
+@contextlib.contextmanager
+def setting_up(recipe: Any, output_dir: Path) -> Iterator[None]:
+    """The run's set-up, up to its first step. Anything that ends it there (a wrong data folder, an existing token, a
+    bad resume, running out of memory, a SIGINT/SIGTERM while the model loads) leaves no output folder this run
+    created: nothing was learned yet. Then ``recipe.setting_up`` turns off, and signals wait for a step's end."""
+    missing = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
+    created = missing[-1] if missing else None  # the outermost folder the run will create (out/, or a/b/ of a/b/out)
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        _remove_if_created(created)
+        raise TrainingOutOfMemory(out_of_memory_text(recipe.config, getattr(recipe, "device", None), None)) from None
+    except StoppedBeforeFirstStep as stopped:
+        _remove_if_created(created)
+        raise TrainingInterrupted(0, 0, stopped.signum, None) from None
+    except BaseException:
+        _remove_if_created(created)
+        raise
+    recipe.setting_up = False
+
+
+def _remove_if_created(created: Optional[Path]) -> None:
+    """Remove the folder this run created (the main process's: the others never create it)."""
+    if created is None or int(os.environ.get("RANK", "0")) != 0 or not created.is_dir():
+        return
+    shutil.rmtree(created, ignore_errors=True)
+    logger.debug("removed %s: the run ended before its first step", created)

@@ -12,11 +12,25 @@ import logging
 import os
 import sys
 import traceback
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from textinv.cli_parsers import (  # noqa: F401 (CONVERT_FORMATS: tests/test_sd3_flux.py reaches it through cli)
+    CONVERT_FORMATS,
+    VERBOSE_HELP,
+    ArgParser,
+    add_convert_arguments,
+    add_demo_arguments,
+    add_eval_arguments,
+    add_generate_arguments,
+    add_inspect_arguments,
+    add_serve_arguments,
+    add_tiny_arguments,
+    option_strings,
+    subcommand,
+    unrecognized_message,
+)
 from textinv.config import TrainConfig, TrainingInterrupted, UserError, first_line
 from textinv.flags import (  # noqa: F401 (the tests and the root script reach them through cli)
     PPDIFFUSERS_DEFAULTS,
@@ -32,17 +46,7 @@ from textinv.flags import (  # noqa: F401 (the tests and the root script reach t
 logger = logging.getLogger("textinv")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line and exit 2 (not a usage dump)."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
 # --- commands ------------------------------------------------------------------------------------
-CONVERT_FORMATS = ("diffusers", "a1111", "sdxl", "comfyui", "onetrainer", "diffusers-advanced", "pdparams")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.extra["default_embedding_formats"] = args.default_embedding_formats
@@ -219,92 +223,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.ArgumentParser:
     from textinv import __version__
 
-    parser = _Parser(prog="textinv", description="Textual Inversion for Stable Diffusion.")
+    parser = ArgParser(prog="textinv", description="Textual Inversion for Stable Diffusion.")
     parser.add_argument("--version", action="version", version=f"textinv {__version__}")
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgParser)
 
     train_parser = commands.add_parser("train", help="learn a new token from a few images")
     add_train_arguments(train_parser, train_defaults)
     train_parser.set_defaults(handler=cmd_train)
 
     gen = commands.add_parser("generate", help="generate images with a model and embeddings")
-    gen.add_argument("--model", required=True, help="pipeline folder or hub id (a training output_dir works)")
-    gen.add_argument("--embeddings", action="append", metavar="FILE", help="embedding file to load (repeatable)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative_prompt")
-    gen.add_argument("--num_images", type=_typed(int, "--num_images"), default=1)
-    gen.add_argument("--num_inference_steps", type=_typed(int, "--num_inference_steps"), default=50)
-    gen.add_argument(
-        "--guidance_scale",
-        type=_typed(float, "--guidance_scale"),
-        default=None,
-        help="classifier-free guidance (default: the pipeline's own: SD 7.5, SD3 7.0, Flux 3.5)",
-    )
-    gen.add_argument("--seed", type=_typed(int, "--seed"), help="image i uses seed+i")
-    gen.add_argument("--height", type=_typed(int, "--height"))
-    gen.add_argument("--width", type=_typed(int, "--width"))
-    gen.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    gen.add_argument("--output_dir", default="textinv-images")
-    gen.add_argument("--replace", action="store_true", help="let an embedding replace a token the model already has")
-    gen.add_argument(
-        "--token", help="load the (one) --embeddings file's token under this name, e.g. when the model has it already"
-    )
-    gen.add_argument(
-        "--lora",
-        help="a LoRA to add (pivotal tuning): a run folder (its pytorch_lora_weights.safetensors and word), "
-        "pytorch_lora_weights.safetensors, or learned_embeds_lora.safetensors (kohya's layout, the word inside)",
-    )
-    gen.add_argument(
-        "--lora_scale", type=_typed(float, "--lora_scale"), default=1.0, help="the LoRA's weight (default: 1.0)"
-    )
+    add_generate_arguments(gen)
     gen.set_defaults(handler=cmd_generate)
 
-    tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline folder for trying things out")
-    tiny.add_argument("output_dir")
     from textinv.tiny import FAMILIES as TINY_FAMILIES
 
-    tiny.add_argument(
-        "--family",
-        default="sd1",
-        choices=TINY_FAMILIES,
-        help="model family: sd1, sd2 (512 epsilon), sd2-v (768 v_prediction), sdxl (two text encoders), "
-        "sd3 (CLIP-L, CLIP-G, T5; MMDiT), flux (CLIP-L, T5; Flux.1-dev layout), "
-        "zh-bert (Taiyi: BERT), zh-xlmr (AltDiffusion: XLM-R) (default: sd1)",
-    )
-    tiny.add_argument("--seed", type=_typed(int, "--seed"), default=0)
-    tiny.add_argument(
-        "--clip",
-        action="store_true",
-        help="write a tiny random-weight CLIP model instead, for `textinv eval --clip_model DIR`",
-    )
+    tiny = commands.add_parser("tiny", help="write a tiny random-weight pipeline folder for trying things out")
+    add_tiny_arguments(tiny, TINY_FAMILIES)
     tiny.set_defaults(handler=cmd_tiny)
 
     show = commands.add_parser("inspect", help="show an embedding's format, tokens, shapes, family and metadata")
-    show.add_argument("file", help="embedding file (any format) or a folder holding learned_embeds.*")
-    show.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_inspect_arguments(show)
     show.set_defaults(handler=cmd_inspect)
 
     conv = commands.add_parser("convert", help="convert an embedding file to another format")
-    conv.add_argument("input", help="embedding file to read (any format)")
-    conv.add_argument("output", help="file to write; its suffix picks the format unless --to is given")
-    conv.add_argument(
-        "--lora",
-        metavar="FILE",
-        help="join: write OUTPUT as this kohya-layout LoRA with the input's word bundled (A1111/ComfyUI's bundle_emb)",
-    )
-    conv.add_argument(
-        "--lora_out", metavar="FILE", help="split: also write the input bundle's LoRA adapters, without the word"
-    )
-    conv.add_argument(
-        "--to",
-        # textinv.embeddings.WRITE_FORMATS (not imported here: it needs torch; tests/test_sd3_flux.py compares them)
-        choices=CONVERT_FORMATS,
-        help="output format: diffusers, a1111, pdparams (one text encoder); sdxl (clip_l + clip_g), comfyui "
-        "(clip_l, clip_g, t5xxl: SDXL, SD3, Flux), onetrainer / diffusers-advanced (T5 under 't5')",
-    )
-    conv.add_argument("--token", help="write the token under this name")
-    conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    add_convert_arguments(conv)
     conv.set_defaults(handler=cmd_convert)
 
     from textinv.inference.evaluation import DEFAULT_CLIP_MODEL
@@ -312,59 +255,19 @@ def build_parser(train_defaults: Optional[dict[str, Any]] = None) -> argparse.Ar
     ev = commands.add_parser(
         "eval", help="score a learned word: CLIP image and text similarity (Textual Inversion paper)"
     )
-    ev.add_argument("--model", required=True, help="base pipeline folder or hub id")
-    ev.add_argument(
-        "--embeddings",
-        required=True,
-        metavar="FILE",
-        help="embedding file of the learned word (any format); with --concepts, the run's output folder",
-    )
-    ev.add_argument(
-        "--train_data_dir",
-        help="the word's training images (image similarity compares with them; required unless --concepts)",
-    )
-    ev.add_argument("--concepts", metavar="FILE", help="a --concepts run's TOML: score each word against its images")
-    ev.add_argument(
-        "--prompts", metavar="FILE", help="edit prompts, one a line with {} for the word (default: a built-in list)"
-    )
-    ev.add_argument(
-        "--clip_model", default=DEFAULT_CLIP_MODEL, help=f"CLIP model folder or hub id (default: {DEFAULT_CLIP_MODEL})"
-    )
-    ev.add_argument(
-        "--num_images", type=_typed(int, "--num_images"), default=8, help="images per prompt (the paper: 64)"
-    )
-    ev.add_argument("--num_inference_steps", type=_typed(int, "--num_inference_steps"), default=50)
-    ev.add_argument("--guidance_scale", type=_typed(float, "--guidance_scale"), default=7.5)
-    ev.add_argument("--seed", type=_typed(int, "--seed"), default=0, help="image i of every prompt uses seed+i")
-    ev.add_argument("--batch_size", type=_typed(int, "--batch_size"), default=4, help="images generated at once")
-    ev.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    ev.add_argument("--json", metavar="OUT", help="also write every score to this JSON file")
+    add_eval_arguments(ev, DEFAULT_CLIP_MODEL)
     ev.set_defaults(handler=cmd_eval)
 
     demo = commands.add_parser("demo", help="train and generate on the built-in tiny pipeline and images")
-    demo.add_argument("--output_dir", default="demo-output")
-    demo.add_argument("--steps", type=_typed(int, "--steps"), default=200)
+    add_demo_arguments(demo)
     demo.set_defaults(handler=cmd_demo)
 
     web = commands.add_parser("serve", help="a local web page to train, watch, download and generate")
-    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    web.add_argument("--port", type=_typed(int, "--port"), default=7860, help="port to listen on (default: 7860)")
-    web.add_argument(
-        "--model", help="default model: a local diffusers pipeline folder (default: the tiny demo pipeline)"
-    )
-    web.add_argument(
-        "--allow_remote",
-        action="store_true",
-        help="allow a --host other machines can reach (there is no login: anyone reaching it can train)",
-    )
-    web.add_argument("--work_dir", help="folder for uploads, runs and downloads (default: a new temporary folder)")
+    add_serve_arguments(web)
     web.set_defaults(handler=cmd_serve)
     for command in commands.choices.values():  # `textinv --verbose train` and `textinv train --verbose`
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
-
-
-VERBOSE_HELP = "also show the libraries' info lines and loading bars (transformers, diffusers, httpx...)"
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -393,13 +296,15 @@ def main(
     try:
         parser = build_parser(train_defaults)
         parser.prog = prog
+        if prog != "textinv":  # the root script is `textinv train`: its errors and usage name the script
+            subcommand(parser, "train").prog = prog
         given = normalise_flags(sys.argv[1:] if argv is None else argv)
         args, unknown = parser.parse_known_args(given)
         # The formats an entry point writes unasked may be left out where a model cannot have them (SDXL: pdparams).
         args.default_embedding_formats = not any(arg.split("=")[0] == "--embedding_formats" for arg in given)
         if unknown:
             where = prog if prog != "textinv" else f"{prog} {args.command}"
-            raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see `{where} --help`)")
+            raise UserError(unrecognized_message(unknown, option_strings([subcommand(parser, args.command)]), where))
         _configure_logging(bool(getattr(args, "verbose", False)))
         if args.command in ("train", "generate", "demo", "eval"):
             from textinv.training.memory import return_freed_memory_promptly

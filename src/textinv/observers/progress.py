@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import sys
 from collections import deque
@@ -17,6 +18,10 @@ logger = logging.getLogger(__name__)
 
 class Progress(TrainObserver):
     """A tqdm bar on a terminal; plain log lines (about 20 a run) otherwise. Main process only.
+
+    The lines go to the logger ``textinv.observers.progress`` at INFO, so a program that configures logging
+    decides where they go; when nothing is configured (no handler anywhere), they are written to stderr, so a
+    script calling :func:`textinv.train` still shows them. ``enabled=False`` shows neither.
 
     Both show the step, loss, learning rate, seconds per step and the time left. Seconds per step is
     the median of the last :attr:`RECENT` steps' own time (``StepState.step_seconds``), so neither
@@ -53,7 +58,7 @@ class Progress(TrainObserver):
                 initial=state.step - 1,
                 desc="train",
                 unit="step",
-                dynamic_ncols=True,
+                **bar_size(),
                 bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",  # tqdm puts ", " before the postfix
             )
             self.redirect = logging_redirect_tqdm()  # a checkpoint's or a warning's line, then the bar again
@@ -65,7 +70,11 @@ class Progress(TrainObserver):
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
         elif state.step % self.every == 0 or state.step == state.max_steps:
-            logger.info("step %d/%d %s", state.step, state.max_steps, text)
+            line = f"step {state.step}/{state.max_steps} {text}"
+            if logger.hasHandlers():
+                logger.info("%s", line)
+            else:  # logging is not configured (a script calling textinv.train): its lines would be dropped
+                print(line, file=sys.stderr, flush=True)
 
     def on_end(self, run: RunContext, result: TrainResult) -> None:
         if self.bar is not None:
@@ -74,6 +83,19 @@ class Progress(TrainObserver):
         if self.redirect is not None:
             self.redirect.__exit__(None, None, None)
             self.redirect = None
+
+
+def bar_size() -> dict[str, Any]:
+    """tqdm's size arguments: the terminal's, followed as it is resized; a fixed 100x20 when the terminal says it has
+    no size (a pseudo-terminal nobody sized, e.g. ``script`` or ``docker run -t`` in a pipeline), where tqdm would
+    draw nothing at all."""
+    try:
+        columns, rows = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):  # a stream that says it is a terminal but has no file: tqdm's own choice
+        return {"dynamic_ncols": True}
+    if columns > 0 and rows > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": columns or 100, "nrows": rows or 20}
 
 
 def progress_text(

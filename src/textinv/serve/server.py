@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from textinv.config import UserError, first_line
-from textinv.serve.checks import check_host, check_model_folder, check_port
+from textinv.config import UserError
+from textinv.serve.checks import check_host, check_model_folder, check_port, check_port_free, port_in_use_text
 
 if TYPE_CHECKING:
     from textinv.serve.state import ServerState
@@ -86,6 +87,7 @@ def serve(options: ServeOptions) -> None:
     check_web_extra()
     check_host(options.host, options.allow_remote)
     check_port(options.port)
+    check_port_free(options.host, options.port)  # before the work folder, the page and Gradio: nothing left behind
     default_model = check_model_folder(options.model) if options.model else None
     from textinv.serve.page import build_app
     from textinv.serve.state import ServerState
@@ -93,6 +95,7 @@ def serve(options: ServeOptions) -> None:
     work_dir = (
         Path(options.work_dir).expanduser() if options.work_dir else Path(tempfile.mkdtemp(prefix="textinv-serve-"))
     )
+    own_work_dir = not options.work_dir  # a temporary folder of ours: removed again if the server cannot start
     state = ServerState(work_dir, default_model)
     state.downloads_dir.mkdir(parents=True, exist_ok=True)
     quiet_web_framework(state.work_dir)
@@ -108,11 +111,11 @@ def serve(options: ServeOptions) -> None:
     _stop_on_sigterm()
     try:
         app.launch(**launch_options(options, state))
-    except OSError as error:
+    except OSError as error:  # the port was taken after check_port_free (Gradio's message names launch())
+        if own_work_dir:
+            shutil.rmtree(state.work_dir, ignore_errors=True)
         if re.search(r"port|address", str(error), re.IGNORECASE):
-            raise UserError(
-                f"cannot listen on {options.host}:{options.port} ({first_line(error)}); choose another --port"
-            ) from None
+            raise UserError(port_in_use_text(options.host, options.port)) from None
         raise
     finally:
         state.shutdown()

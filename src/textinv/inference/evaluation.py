@@ -309,7 +309,7 @@ def eval_targets(
     """What ``textinv eval`` scores: ``("", embeddings, train_data_dir)``, or with ``--concepts`` every word of the run
     (:func:`concept_targets`)."""
     if concepts_file:
-        return concept_targets(model, concepts_file, embeddings)  # type: ignore[return-value]
+        return concept_targets(model, concepts_file, embeddings)
     if not train_data_dir:
         raise UserError(
             "--train_data_dir is required: the word's training images (or --concepts FILE for a run of several)"

@@ -16,6 +16,11 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# textinv picks torch's CPU thread count from the cores other jobs leave free (textinv.cpu_threads); the tests compare
+# runs bit for bit, and a count that follows the machine's load would make them differ. So they pin it, for this
+# process and every one it starts: OMP_NUM_THREADS when the caller set it, else one thread per usable core (torch's
+# own default, what the suite ran with before).
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
 REPO = Path(__file__).resolve().parents[1]
 

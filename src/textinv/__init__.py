@@ -73,6 +73,7 @@ def generate(
     token: Optional[str] = None,
     lora: Optional[str | Path] = None,
     lora_scale: float = 1.0,
+    cpu_threads: Optional[int] = None,
 ) -> GenerationResult:
     """Generate ``num_images`` images; image ``i`` uses seed ``seed + i`` so each is reproducible alone.
 
@@ -80,7 +81,8 @@ def generate(
     ``guidance_scale`` None keeps the pipeline's own default). With ``output_dir`` the
     images are written as PNG (never over an existing file). ``token`` loads the one embedding file's
     token under that name (when the pipeline already has the file's own). ``lora`` adds a LoRA at weight
-    ``lora_scale`` (:func:`load_lora`: a pivotal-tuning run's folder loads its word too).
+    ``lora_scale`` (:func:`load_lora`: a pivotal-tuning run's folder loads its word too). On a CPU torch uses
+    ``cpu_threads`` threads, else OMP_NUM_THREADS or the free cores (textinv.cpu_threads), and the caller's count after.
     """
     from textinv.inference.generation import generate as run_generation
 
@@ -101,6 +103,7 @@ def generate(
         token=token,
         lora=lora,
         lora_scale=lora_scale,
+        cpu_threads=cpu_threads,
     )
 
 

@@ -111,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         token=args.token,
         lora=args.lora,
         lora_scale=args.lora_scale,
+        cpu_threads=args.cpu_threads,
     )
     for path in result.paths:
         print(path)

@@ -115,6 +115,11 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     )
     gen.add_argument("--seed", type=_typed(int, "--seed"), help="image i uses seed+i (default: a random seed)")
     gen.add_argument(
+        "--cpu_threads",
+        type=_typed(int, "--cpu_threads"),
+        help="torch threads on a CPU (default: OMP_NUM_THREADS, else the cores free of other jobs)",
+    )
+    gen.add_argument(
         "--height", type=_typed(int, "--height"), help="image height, a multiple of 8 (default: the model's size)"
     )
     gen.add_argument(

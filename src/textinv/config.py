@@ -136,13 +136,13 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
         "(lion: 3e-2)",
     )
     adam_epsilon: float = option(1e-8, help="epsilon of the optimizer (not lion's)")
-    # <= 0 turns clipping off
     max_grad_norm: float = option(-1.0, help="clip the gradient norm to this; <= 0 turns clipping off")
-    seed: Optional[int] = option(
-        None, help="seed for a reproducible run (random when not given, and recorded in run.json)"
-    )
+    seed: Optional[int] = option(None, help="seed for a reproducible run (random when not given, recorded in run.json)")
     dataloader_num_workers: int = option(
         0, help="worker processes decoding and resizing images (once, before training)"
+    )
+    cpu_threads: Optional[int] = option(
+        None, help="torch threads on a CPU (default: OMP_NUM_THREADS, else the free cores)"
     )
 
     # --- outputs -----------------------------------------------------------------------------
@@ -169,7 +169,6 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
     checkpoints_total_limit: Optional[int] = option(
         None, help="keep at most this many checkpoints (the oldest go first)"
     )
-    # "latest" or a checkpoint-N folder
     resume_from_checkpoint: Optional[str] = option(None, help="resume a stopped run: 'latest' or a checkpoint-N folder")
 
     # --- Speed and memory (issue 3) ------------------------------------------------------------
@@ -181,7 +180,6 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
     gradient_checkpointing: bool = option(
         False, help="save memory by recomputing activations in the backward pass (slower steps)"
     )
-    # else PyTorch SDPA, the default anyway
     enable_xformers_memory_efficient_attention: bool = option(
         False, help="use xformers attention when installed (else PyTorch's SDPA)"
     )
@@ -354,10 +352,13 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
             ("--lr_num_cycles", self.lr_num_cycles),
         ):
             check_at_least(name, value, 1)
-        if self.max_train_steps is not None:
-            check_at_least("--max_train_steps", self.max_train_steps, 1)
-        if self.checkpointing_steps is not None:
-            check_at_least("--checkpointing_steps", self.checkpointing_steps, 1)
+        for name, value in (
+            ("--max_train_steps", self.max_train_steps),
+            ("--checkpointing_steps", self.checkpointing_steps),
+            ("--cpu_threads", self.cpu_threads),
+        ):
+            if value is not None:
+                check_at_least(name, value, 1)
         if self.checkpoints_total_limit is not None:
             check_at_least("--checkpoints_total_limit", self.checkpoints_total_limit, 1)
         if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint.strip():

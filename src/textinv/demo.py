@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from textinv.config import TrainConfig
 from textinv.events import RUN_FILE, TrainResult
@@ -39,18 +40,12 @@ def is_previous_demo(output_dir: Path, images: Path) -> bool:
 
 def run_demo(output_dir: Path, steps: int = 200) -> tuple[TrainResult, list[Path]]:
     """Build the tiny pipeline, train, generate one image; returns the run's result and the image paths."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    try:
-        return _train_and_generate(output_dir, steps)
-    finally:
-        torch.set_num_threads(threads)
+    # One thread unless OMP_NUM_THREADS says otherwise: the tiny pipeline gains nothing from more (textinv.cpu_threads).
+    threads = None if "OMP_NUM_THREADS" in os.environ else 1
+    return _train_and_generate(output_dir, steps, threads)
 
 
-def _train_and_generate(output_dir: Path, steps: int) -> tuple[TrainResult, list[Path]]:
+def _train_and_generate(output_dir: Path, steps: int, threads: Optional[int]) -> tuple[TrainResult, list[Path]]:
     from textinv import generate, train
     from textinv.tiny import build_tiny_pipeline, demo_images_dir
 
@@ -74,9 +69,16 @@ def _train_and_generate(output_dir: Path, steps: int) -> tuple[TrainResult, list
         seed=42,
         output_dir=str(output_dir),
         overwrite_output_dir=overwrite,
+        cpu_threads=threads,
     )
     result = train(config)
     generated = generate(
-        str(output_dir), PROMPT, num_images=1, num_inference_steps=25, seed=1, output_dir=output_dir / SAMPLES_DIR
+        str(output_dir),
+        PROMPT,
+        num_images=1,
+        num_inference_steps=25,
+        seed=1,
+        output_dir=output_dir / SAMPLES_DIR,
+        cpu_threads=threads,
     )
     return result, list(generated.paths)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from textinv.config import UserError, first_line
+from textinv.cpu_threads import apply_cpu_threads, choose_cpu_threads, thread_count_kept
 from textinv.files import atomic_write, unique_path
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ def generate(
     token: Optional[str] = None,
     lora: Optional[str | Path] = None,
     lora_scale: float = 1.0,
+    cpu_threads: Optional[int] = None,
 ) -> GenerationResult:
     """Generate ``num_images`` images; image ``i`` uses seed ``seed + i`` so each is reproducible alone.
 
@@ -140,7 +142,8 @@ def generate(
     ``guidance_scale`` None keeps the pipeline's own default). With ``output_dir`` the
     images are written as PNG (never over an existing file). ``token`` loads the one embedding file's
     token under that name (when the pipeline already has the file's own). ``lora`` adds a LoRA at weight
-    ``lora_scale`` (:func:`load_lora`: a pivotal-tuning run's folder loads its word too).
+    ``lora_scale`` (:func:`load_lora`: a pivotal-tuning run's folder loads its word too). On a CPU torch uses
+    ``cpu_threads`` threads, else OMP_NUM_THREADS or the free cores (textinv.cpu_threads), and the caller's count after.
     """
     if token is not None and len(embeddings) != 1:
         raise UserError(f"--token renames the token of one embedding file; {len(embeddings)} --embeddings given")
@@ -148,6 +151,8 @@ def generate(
         raise UserError(f"--num_images {num_images} must be >= 1")
     if num_inference_steps < 1:
         raise UserError(f"--num_inference_steps {num_inference_steps} must be >= 1")
+    if cpu_threads is not None and cpu_threads < 1:
+        raise UserError(f"--cpu_threads {cpu_threads} must be >= 1")
     for name, value in (("--height", height), ("--width", width)):
         if value is not None and (value < 8 or value % 8):
             raise UserError(f"{name} {value} must be a positive multiple of 8")
@@ -177,15 +182,20 @@ def generate(
     prompts = prompt_arguments(pipe, prompt, expand_loaded_tokens)  # SD3: each tokenizer spells the word its way
     # None: the pipeline's own guidance (SD 1.x/2.x/XL 7.5, SD3 7.0, Flux 3.5).
     guidance = {"guidance_scale": guidance_scale} if guidance_scale is not None else {}
-    output = pipe(
-        **{name: [text] * num_images for name, text in prompts.items()},
-        negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
-        num_inference_steps=num_inference_steps,
-        generator=generators,
-        height=height,
-        width=width,
-        **guidance,
-    )
+    with thread_count_kept():
+        if torch.device(pipe.device).type == "cpu":  # the free cores, as training (textinv.cpu_threads)
+            choice = choose_cpu_threads(cpu_threads)
+            apply_cpu_threads(choice)
+            logger.info("%s", choice.text())
+        output = pipe(
+            **{name: [text] * num_images for name, text in prompts.items()},
+            negative_prompt=[negative_prompt] * num_images if negative_prompt else None,
+            num_inference_steps=num_inference_steps,
+            generator=generators,
+            height=height,
+            width=width,
+            **guidance,
+        )
     result = GenerationResult(images=list(output.images), seeds=seeds)
     if output_dir is not None:
         result.paths = save_images(result.images, seeds, prompt, Path(output_dir))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from textinv.config import TrainConfig, TrainingInterrupted
+from textinv.cpu_threads import thread_count_kept
 from textinv.data.latents import LatentCache
 from textinv.data.templates import choose_language, templates_for
 from textinv.events import RUN_FILE, RunContext, StepState, TrainObserver, TrainResult
@@ -59,7 +60,8 @@ def train(
     (benchmarks that plant a concept use it).
     """
     recipe = TrainingRecipe(config, observers, latent_cache)
-    with stop_on_signals(recipe):  # from the start: a signal while the model loads stops at once, writing nothing
+    # A signal while the model loads stops at once, writing nothing; the caller's thread count comes back at the end.
+    with stop_on_signals(recipe), thread_count_kept():
         with setting_up(recipe, Path(config.output_dir).expanduser()):
             recipe.setup()
         recipe.loop()
@@ -113,6 +115,7 @@ class TrainingRecipe:
         logger.info("%s", precision_text)
         resume_dir = run_dir.prepare_output_dir(config, output_dir, accelerator)
         device = self.device = accelerator.device
+        self.threads = run_dir.choose_threads(config, output_dir, resume_dir is not None, device)  # CPU: free cores
 
         # Cheap checks first: a missing image folder should not cost a model load. Captions, buckets, masks and
         # starting vectors are read and checked before the model loads too, for every word (--concepts).
@@ -192,6 +195,7 @@ class TrainingRecipe:
         self.frozen_after = embedding_frozen_after(config, max_steps)  # --embedding_train_frac
 
         record = run_dir.run_record(config, seed, parts, identity, max_steps, learning_rate, device, num_processes)
+        record["cpu_threads"] = self.threads.record() if self.threads is not None else None
         if previous_record is not None:
             record["resumed"] = previous_record.get("resumed", []) + [
                 {"from_step": self.start_step, "at": run_dir.now()}

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from textinv.config import TrainConfig, UserError
+from textinv.cpu_threads import ThreadChoice, apply_cpu_threads, choose_cpu_threads
 from textinv.data.latents import LatentCache
 from textinv.events import RUN_FILE, RunContext
 from textinv.files import atomic_write_json, check_writable_dir, refuse_another_runs_results
@@ -241,6 +242,25 @@ def finish_record(
             timings["seconds_per_step"] = round(elapsed / steps_this_session, 4)
     record["outputs"] = sorted({*record.get("outputs", []), *(str(p.relative_to(run.output_dir)) for p in saved)})
     atomic_write_json(run.output_dir / RUN_FILE, record)
+
+
+def choose_threads(
+    config: TrainConfig, output_dir: Path, resuming: bool, device: torch.device
+) -> Optional[ThreadChoice]:
+    """On a CPU, set torch's thread count (textinv.cpu_threads): --cpu_threads, OMP_NUM_THREADS, a resumed run's, or
+    the free cores; one log line. None elsewhere."""
+    if device.type != "cpu":
+        return None
+    resumed = None
+    if resuming:
+        try:
+            resumed = json.loads((output_dir / RUN_FILE).read_text(encoding="utf-8")).get("torch_threads")
+        except (OSError, ValueError):
+            resumed = None  # check_resume_identity says what is wrong with run.json
+    choice = choose_cpu_threads(config.cpu_threads, resumed, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    apply_cpu_threads(choice)
+    logger.info("%s", choice.text())
+    return choice
 
 
 def warn_if_threads_differ(previous: Optional[dict[str, Any]], device: torch.device) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -374,7 +375,8 @@ def test_a_terminal_run_shows_one_bar_then_one_summary_line(
     assert any(line.startswith("logging to ") for line in before)  # said before the bar, not through it
     assert not any(line.startswith(("logging to", "step ")) for line in lines[bar[0] :])
     assert len(after) == 1 and re.fullmatch(
-        r"learned <cat-toy> in 12 steps \([\d.]+ s\); wrote .*learned_embeds\.safetensors", after[0]
+        r"learned <cat-toy> in 12 steps \([\d.]+ s in all: loading [\d.]+ s, steps [\d.]+ s\); wrote .*learned_embeds\.safetensors",
+        after[0],
     ), after
 
 
@@ -396,9 +398,31 @@ def test_after_a_resume_the_summary_says_both_counts(tiny_model: Path, train_ima
         train_config(tiny_model, train_images, tmp_path / "out", resume_from_checkpoint="latest", **settings),
         show_progress=False,
     )
-    assert re.match(r"learned <cat-toy> in 8 steps \(5 this run, [\d.]+ s\); wrote ", resumed.summary), resumed.summary
+    assert re.match(r"learned <cat-toy> in 8 steps \(5 this run, [\d.]+ s in all: .*\); wrote ", resumed.summary), (
+        resumed.summary
+    )
     fresh = textinv.train(train_config(tiny_model, train_images, tmp_path / "fresh", **settings), show_progress=False)
-    assert re.match(r"learned <cat-toy> in 8 steps \([\d.]+ s\); wrote ", fresh.summary), fresh.summary
+    assert re.match(r"learned <cat-toy> in 8 steps \([\d.]+ s in all: .*\); wrote ", fresh.summary), fresh.summary
+
+
+@pytest.mark.slow
+def test_the_closing_lines_times_add_up_to_the_whole_run(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+    """Issue 28: a 10-step run said "evaluation 34.5 s so far", then "learned <q> in 10 steps (30.6 s)"."""
+    import time
+
+    settings = dict(FAST, max_train_steps=6, eval_steps=2, eval_samples=4, only_save_embeds=True)
+    started = time.perf_counter()
+    result = textinv.train(train_config(tiny_model, train_images, tmp_path / "out", **settings), show_progress=False)
+    wall = time.perf_counter() - started
+    times = re.search(
+        r"\(([\d.]+) s in all: loading ([\d.]+) s, steps ([\d.]+) s, evaluation ([\d.]+) s\)", result.summary
+    )
+    assert times, result.summary
+    total, loading, steps, evaluation = (float(value) for value in times.groups())
+    assert abs(loading + steps + evaluation - total) <= 0.25  # each part rounded to 0.1 s
+    assert evaluation < total <= wall + 0.05
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert evaluation == pytest.approx(record["timings"]["eval_seconds"], abs=0.051)
 
 
 # --- library chatter -------------------------------------------------------------------------------------

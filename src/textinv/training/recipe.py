@@ -77,12 +77,11 @@ class TrainingRecipe:
         self.config = config
         self.observers = list(observers)
         self.latent_cache = latent_cache
-        self.losses: list[float] = []
-        self.saved: list[Path] = []
-        self.start_step = 0
+        self.losses, self.saved, self.start_step = [], [], 0  # type: list[float], list[Path], int
         self._run: Optional[RunContext] = None
         self._early_stop: Optional[int] = None  # a signal that came before the run context existed
         self.setting_up = True  # until the first step: a signal then stops at once (training.stopping)
+        self.created = time.perf_counter()  # the whole run's time counts from here (loading included)
 
     @property
     def run(self) -> RunContext:
@@ -239,6 +238,7 @@ class TrainingRecipe:
         for observer in self.observers:
             observer.on_start(run)
         self.started = time.perf_counter()
+        self.setup_evaluation_seconds = sum(w.evaluation.seconds for w in words if w.evaluation is not None)
         return run
 
     # --- the loop --------------------------------------------------------------------------------
@@ -439,9 +439,10 @@ class TrainingRecipe:
             steps_here,
             self.stop_reason,
         )
-        this_run = f"{steps_here} this run, " if steps_here != run.max_steps else ""
-        tokens = ", ".join(word.config.placeholder_token for word in self.concepts)
-        result.summary = f"learned {tokens} in {run.max_steps} steps ({this_run}{elapsed:.1f} s); {concepts.files_text(self.concepts, self.run, self.stop_reason)}"
+        this_run, tokens = f"{steps_here} this run, " if steps_here != run.max_steps else "", run_dir.tokens_text(self)
+        evaluation = sum(w.evaluation.seconds for w in self.concepts if w.evaluation is not None)
+        times = run_dir.time_text(self, elapsed, evaluation, run.record.get("timings", {}).get("validation_seconds", 0))
+        result.summary = f"learned {tokens} in {run.max_steps} steps ({this_run}{times}); {concepts.files_text(self.concepts, self.run, self.stop_reason)}"
         for observer in self.observers:
             observer.on_end(run, result)
         logger.debug("%s", result.summary)  # the CLI prints it, after the progress bar has closed

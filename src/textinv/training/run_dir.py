@@ -263,6 +263,26 @@ def choose_threads(
     return choice
 
 
+def tokens_text(recipe: Any) -> str:
+    return ", ".join(word.config.placeholder_token for word in recipe.concepts)
+
+
+def time_text(recipe: Any, loop_seconds: float, evaluation_seconds: float, validation_seconds: float) -> str:
+    """The closing line's times, adding up to the whole run's (issue 28): loading (model, images, the set-up before the
+    first step), the steps, the held-out evaluations (the one before the first step included) and validation rounds."""
+    total = time.perf_counter() - recipe.created
+    loading = recipe.started - recipe.created - recipe.setup_evaluation_seconds
+    steps = loop_seconds - (evaluation_seconds - recipe.setup_evaluation_seconds) - validation_seconds
+    parts = [
+        ("loading", loading),
+        ("steps", steps),
+        ("evaluation", evaluation_seconds),
+        ("validation", validation_seconds),
+    ]
+    shown = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts if seconds > 0 or name == "steps")
+    return f"{total:.1f} s in all: {shown}"
+
+
 def warn_if_threads_differ(previous: Optional[dict[str, Any]], device: torch.device) -> None:
     """A CPU run resumed with another torch thread count sums in another order: say it will not be bit-identical."""
     before = (previous or {}).get("torch_threads")

@@ -29,7 +29,7 @@ BUSY = "while True: pass"
 def train_once(model: Path, images: Path, out: Path, steps: int, extra: list[str]) -> dict:
     environment = {name: value for name, value in os.environ.items() if name != "OMP_NUM_THREADS"}
     command = [
-        sys.executable, "-m", "textinv", "train", f"--pretrained_model_name_or_path={model}",
+        sys.executable, "-m", "textinv.cli", "train", f"--pretrained_model_name_or_path={model}",
         f"--train_data_dir={images}", "--placeholder_token=<bench>", "--initializer_token=toy", "--resolution=64",
         f"--max_train_steps={steps}", "--only_save_embeds", "--eval_steps=0", "--report_to=none",
         f"--output_dir={out}", *extra,

@@ -159,3 +159,38 @@ def sigint_on_loss_call(monkeypatch, call_number: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(recipe, "denoising_loss", loss_with_signal)
+
+
+def read_terminal(
+    command: list[str], env: dict[str, str], rows: int = 40, columns: int = 160, timeout: float = 600
+) -> str:
+    """Run ``command`` with stdout and stderr on a pseudo-terminal of that size (default 160 x 40); all it wrote."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    process = subprocess.Popen(command, stdout=follower, stderr=follower, env=env, cwd=REPO)
+    os.close(follower)
+    chunks, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        elif process.poll() is not None:
+            break
+    process.wait(timeout=30)
+    os.close(leader)
+    assert process.returncode == 0, b"".join(chunks)[-3000:]
+    return b"".join(chunks).decode("utf-8", "replace")

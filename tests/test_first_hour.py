@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import re
-import select
 import stat
 import statistics
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import textinv
-from conftest import REPO, train_config
+from conftest import REPO, read_terminal, train_config
 from textinv import cli, events
 from textinv.config import TrainingInterrupted, UserError
 from textinv.data import latents
@@ -322,31 +317,6 @@ def test_the_line_says_the_first_epoch_fills_the_cache() -> None:
     assert full == "loss 0.5000 lr 1.00e-04 0.200 s/step ETA 0:00:00; validation 3.1 s, eval_loss 0.8 s so far"
 
 
-def _read_terminal(command: list[str], env: dict[str, str], timeout: float = 300) -> str:
-    """Run ``command`` with stdout and stderr on a pseudo-terminal; everything it wrote."""
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a 160-column terminal
-    process = subprocess.Popen(command, stdout=follower, stderr=follower, env=env, cwd=REPO)
-    os.close(follower)
-    chunks, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        ready, _, _ = select.select([leader], [], [], 1.0)
-        if ready:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        elif process.poll() is not None:
-            break
-    process.wait(timeout=30)
-    os.close(leader)
-    assert process.returncode == 0, b"".join(chunks)[-3000:]
-    return b"".join(chunks).decode("utf-8", "replace")
-
-
 @pytest.mark.slow
 def test_a_terminal_run_shows_one_bar_then_one_summary_line(
     tiny_model: Path, train_images: Path, tmp_path: Path
@@ -367,7 +337,7 @@ def test_a_terminal_run_shows_one_bar_then_one_summary_line(
         "--eval_steps=0",
         f"--output_dir={tmp_path / 'out'}",
     ]
-    shown = _read_terminal(command, _env())
+    shown = read_terminal(command, _env())
     lines = [line.strip() for line in re.split(r"[\r\n]+", shown) if line.strip()]
     bar = [index for index, line in enumerate(lines) if line.startswith("train ")]
     assert bar, shown

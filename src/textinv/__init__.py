@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from textinv.config import TrainConfig, UserError
@@ -11,18 +10,14 @@ from textinv.config import TrainConfig, UserError
 if TYPE_CHECKING:
     from textinv.data.latents import LatentCache
     from textinv.events import TrainObserver, TrainResult
-    from textinv.inference.generation import GenerationResult
-    from textinv.tiny import TinySpec
 
 __version__ = "0.1.0"
 __all__ = ["TrainConfig", "UserError", "train", "load_embeddings", "generate", "build_tiny_pipeline"]
 
 
-# The functions below import their modules on first call, so that `import textinv` (and
-# `textinv --help`) do not pay for torch. Each has the signature and docstring of the function it calls
-# (tests/test_api.py compares them), so help() and editors show the real parameters. The packages are
-# `training` and `inference`, not `train` and `generate`, because a submodule named like a package
-# attribute replaces it on import.
+# train() imports its modules on first call, so that `import textinv` does not pay for torch. The packages are
+# `training` and `inference`, not `train` and `generate`, because a submodule named like a package attribute
+# replaces it on import.
 
 
 def train(
@@ -56,84 +51,26 @@ def train(
     return run_training(config, observers=watching, latent_cache=latent_cache)
 
 
-def generate(
-    model: str | Any,
-    prompt: str,
-    embeddings: Sequence[str | Path] = (),
-    negative_prompt: Optional[str] = None,
-    num_images: int = 1,
-    num_inference_steps: int = 50,
-    guidance_scale: Optional[float] = None,
-    seed: Optional[int] = None,
-    height: Optional[int] = None,
-    width: Optional[int] = None,
-    output_dir: Optional[str | Path] = None,
-    device: Optional[str] = None,
-    replace: bool = False,
-    token: Optional[str] = None,
-    lora: Optional[str | Path] = None,
-    lora_scale: float = 1.0,
-    cpu_threads: Optional[int] = None,
-) -> GenerationResult:
-    """Generate ``num_images`` images; image ``i`` uses seed ``seed + i`` so each is reproducible alone.
-
-    ``model`` is a pipeline folder / hub id, or an already loaded pipeline (SD 1.x/2.x/XL, SD3, Flux...;
-    ``guidance_scale`` None keeps the pipeline's own default). With ``output_dir`` the
-    images are written as PNG (never over an existing file). ``token`` loads the one embedding file's
-    token under that name (when the pipeline already has the file's own). ``lora`` adds a LoRA at weight
-    ``lora_scale`` (:func:`load_lora`: a pivotal-tuning run's folder loads its word too). On a CPU torch uses
-    ``cpu_threads`` threads, else OMP_NUM_THREADS or the free cores (textinv.cpu_threads), and the caller's count after.
-    """
-    from textinv.inference.generation import generate as run_generation
-
-    return run_generation(
-        model,
-        prompt,
-        embeddings=embeddings,
-        negative_prompt=negative_prompt,
-        num_images=num_images,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        seed=seed,
-        height=height,
-        width=width,
-        output_dir=output_dir,
-        device=device,
-        replace=replace,
-        token=token,
-        lora=lora,
-        lora_scale=lora_scale,
-        cpu_threads=cpu_threads,
-    )
+# The pass-through functions are the implementing functions themselves, imported on first use (PEP 562), so that
+# `import textinv` (and `textinv --help`) does not pay for torch, and help() and editors show their real signatures
+# and docstrings with no copy to keep in step.
+_LAZY = {
+    "generate": ("textinv.inference.generation", "generate"),
+    "load_embeddings": ("textinv.embeddings.load", "load_embeddings"),
+    "build_tiny_pipeline": ("textinv.tiny", "build_tiny_pipeline"),
+}
 
 
-def load_embeddings(
-    pipe: Any,
-    path: str | Path,
-    token: Optional[str] = None,
-    replace: bool = False,
-) -> list[str]:
-    """Add the token(s) of an embedding file (any format) to a pipeline's tokenizer(s) and text encoder(s).
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'textinv' has no attribute {name!r}")
+    import importlib
 
-    Each role's vectors go to the encoder the pipeline's family keeps that role in (SDXL's clip_g in
-    ``text_encoder_2``, Flux's t5xxl in ``text_encoder_2``, SD3's in ``text_encoder_3``), each with its own number of
-    vectors (``token``, ``token_1``...); a file holding some of a multi-encoder family's roles leaves the other
-    tokenizers untouched. ``token`` renames the (single) token in the file; a token the pipeline already has is
-    replaced only with ``replace=True``. Every check runs before the pipeline changes. Returns the tokens loaded.
-    """
-    from textinv.embeddings import load_embeddings as load
-
-    return load(pipe, path, token=token, replace=replace)
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # found directly from now on
+    return value
 
 
-def build_tiny_pipeline(
-    output_dir: str | Path,
-    family: str = "sd1",
-    seed: int = 0,
-    spec: Optional[TinySpec] = None,
-) -> Path:
-    """Write a tiny diffusers pipeline folder of ``family`` with weights drawn from ``seed``; ``spec`` sets its
-    widths (None: :class:`TinySpec`'s, small enough for ~0.05 s/step at 64 px). Returns the folder."""
-    from textinv.tiny import build_tiny_pipeline as build
-
-    return build(output_dir, family=family, seed=seed, spec=spec)
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

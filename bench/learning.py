@@ -128,6 +128,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "snr5": dict(snr_gamma=5.0),
     "vectors2": dict(num_vectors=2),
     "constant": dict(lr_scheduler="constant"),
+    "eval_fixed": dict(eval_spacing=0.0),  # issue 28: evaluations every --eval_steps throughout (before --eval_spacing)
     # Issue 27: faster than the README command with vectors of a real word's size. Batch 4 (the README command's 4
     # examples per step in one micro-batch), no warm-up, with the optimizer, rate, schedule and norm rule the name
     # says (maxX: --max_embedding_norm X; preserve: --preserve_embedding_norm).

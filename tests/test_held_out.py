@@ -383,3 +383,47 @@ def test_the_root_script_keeps_ppdiffusers_defaults_and_textinv_train_has_its_ow
     for name, value in PPDIFFUSERS_DEFAULTS.items():  # each --help shows its own entry point's default
         assert f"(default: {value})" in _flag_help(SCRIPT_DEFAULTS, name), name
         assert f"(default: {getattr(api, name)})" in _flag_help(None, name), name
+
+
+# --- issue 28: the interval grows with the run --------------------------------------------------------------------
+def test_the_interval_grows_with_the_step_past_eval_steps_over_eval_spacing() -> None:
+    from textinv.held_out_options import HeldOutOptions
+
+    options = HeldOutOptions(eval_steps=10, eval_spacing=0.1)
+    # Every 10 steps up to step 100 (10 / 0.1), then 10 % of the step, rounded down to tens.
+    assert [options.evaluation_interval(step) for step in (0, 90, 100, 199, 200, 1000, 4550)] == [
+        10, 10, 10, 10, 20, 100, 450
+    ]  # fmt: skip
+    assert [HeldOutOptions(eval_steps=10, eval_spacing=0.0).evaluation_interval(s) for s in (0, 4550)] == [10, 10]
+    steps, schedule = 0, [0]  # a default run of 5000 steps: 57 evaluations (the start and the end included), not 501
+    while (steps := steps + options.evaluation_interval(steps)) < 5000:
+        schedule.append(steps)
+    assert len(schedule) + 1 == 57 and schedule[:12] == list(range(0, 120, 10)) and schedule[-1] == 4550
+
+
+@pytest.mark.slow
+def test_a_growing_interval_evaluates_where_it_says_and_a_resume_keeps_the_steps(
+    tiny_model: Path, train_images: Path, tmp_path: Path
+) -> None:
+    settings = dict(CURVE, max_train_steps=25, eval_steps=2, eval_spacing=0.2, save_steps=100, checkpointing_steps=12)
+    full = textinv.train(train_config(tiny_model, train_images, tmp_path / "full", **settings), show_progress=False)
+    # Every 2 steps up to step 20 (2 / 0.2), then 20 % of the step rounded down to even: 24; and the end, 25.
+    assert [step for step, _ in _curve(full.output_dir)] == [*range(0, 22, 2), 24, 25]
+    with pytest.raises(TrainingInterrupted):
+        textinv.train(
+            train_config(tiny_model, train_images, tmp_path / "cut", **settings),
+            show_progress=False,
+            observers=[_StopAt(13)],
+        )
+    textinv.train(
+        train_config(tiny_model, train_images, tmp_path / "cut", **settings, resume_from_checkpoint="checkpoint-12"),
+        show_progress=False,
+    )
+    assert _curve(tmp_path / "cut") == _curve(full.output_dir)
+
+
+def test_eval_spacing_outside_zero_to_one_is_one_line(tmp_path: Path) -> None:
+    config = train_config(tmp_path, tmp_path, tmp_path / "out", eval_spacing=1.5)
+    with pytest.raises(UserError) as error:
+        config.validate()
+    assert str(error.value) == "--eval_spacing 1.5 must be in [0, 1), e.g. 0.1 (0 = a fixed interval)"

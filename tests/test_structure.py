@@ -94,10 +94,14 @@ def test_dependencies_point_one_way() -> None:
         "textinv.loss_options",
         "textinv.lora_options",
         "textinv.optimizer_options",
-    }, "config imports nothing of textinv but its exceptions, option(), and its data, loss, LoRA and optimizer options"
+        "textinv.held_out_options",
+    }, (
+        "config imports nothing of textinv but its exceptions, option(), and its data, loss, LoRA, optimizer, held-out options"
+    )
     assert graph["textinv.loss_options"] <= {"textinv.errors", "textinv.fields"}
     assert graph["textinv.lora_options"] <= {"textinv.errors", "textinv.fields"}
     assert graph["textinv.optimizer_options"] <= {"textinv.errors", "textinv.fields"}
+    assert graph["textinv.held_out_options"] <= {"textinv.errors", "textinv.fields"}
     assert graph["textinv.data.options"] <= {"textinv.errors", "textinv.fields", "textinv.data.buckets"}
     importers_of_cli = sorted(name for name, deps in graph.items() if "textinv.cli" in deps)
     assert importers_of_cli == []
@@ -118,6 +122,7 @@ def test_dependencies_point_one_way() -> None:
         "loss_options.py",
         "lora_options.py",
         "optimizer_options.py",
+        "held_out_options.py",
     ],
 )
 def test_config_does_not_import_torch(module: str) -> None:

@@ -26,6 +26,7 @@ from textinv.errors import (  # noqa: F401 (the exceptions' old home)
     require_unless_concepts,
 )
 from textinv.fields import option  # noqa: F401 (re-exported: TrainConfig fields are declared with it)
+from textinv.held_out_options import HeldOutOptions
 from textinv.lora_options import LoraOptions
 from textinv.loss_options import TIMESTEP_SAMPLINGS, WEIGHTING_SCHEMES, LossOptions  # noqa: F401 (re-exported)
 from textinv.optimizer_options import OPTIMIZER_DEFAULTS, OptimizerOptions
@@ -54,7 +55,7 @@ _HUB_REPO_ID = re.compile(r"^([A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 
 
 @dataclass
-class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
+class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions, HeldOutOptions):
     """Every training option. The training-data options (captions, buckets, masks) are DataOptions' fields
     (textinv.data.options) and the loss's (timesteps, weighting, offset noise, flow matching) LossOptions'
     (textinv.loss_options), keyword-only, so the positional order here stays as it was; so are the LoRA's
@@ -250,27 +251,6 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
         choices=LANGUAGES,
     )
 
-    # --- Held-out evaluation, best vectors, stopping (issue 20; textinv.training.held_out) ----------
-    # Not in ppdiffusers: its script keeps eval off (train_textual_inversion.py passes --eval_steps 0).
-    eval_steps: int = option(
-        10,
-        help="every N steps (and at the end) measure eval_loss, the denoising loss on a fixed held-out set of "
-        "(view, timestep, noise) triples, and keep the lowest-eval vectors in learned_embeds-best.safetensors; 0 = off",
-    )
-    eval_samples: int = option(
-        32,
-        help="triples in the held-out set (timesteps spread over the range); each evaluation costs this many forward passes",
-    )
-    stop_when_converged: bool = option(
-        False,
-        help="end the run (writing everything a normal end writes) once eval_loss stops improving: see --convergence_margin and --convergence_patience",
-    )
-    convergence_margin: float = option(
-        0.05,
-        help="--stop_when_converged stops when the last --convergence_patience evaluations gained less than this share of the eval_loss gained before them",
-    )
-    convergence_patience: int = option(2, help="evaluations --stop_when_converged looks back over")
-
     # Things the CLI learned about how the config was given (not options).
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -435,16 +415,4 @@ class TrainConfig(DataOptions, LossOptions, LoraOptions, OptimizerOptions):
 
         self.validate_data_options(self.image_height, self.image_width)  # issue 17
 
-        # Held-out evaluation and stopping (issue 20)
-        for name, value, minimum in (
-            ("--eval_steps", self.eval_steps, 0),
-            ("--eval_samples", self.eval_samples, 1),
-            ("--convergence_patience", self.convergence_patience, 1),
-        ):
-            check_at_least(name, value, minimum)
-        if not 0.0 <= self.convergence_margin < 1.0:
-            raise UserError(f"--convergence_margin {self.convergence_margin} must be in [0, 1), e.g. 0.05")
-        if self.stop_when_converged and not self.eval_steps:
-            raise UserError(
-                "--stop_when_converged watches eval_loss, which --eval_steps 0 turns off; give --eval_steps N, e.g. 10"
-            )
+        self.validate_held_out_options()  # issue 20

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from textinv.config import TrainConfig
 from textinv.data.concepts import concept_configs
 from textinv.data.options import data_option_names
+from textinv.held_out_options import HeldOutOptions
 from textinv.lora_options import LoraOptions
 from textinv.loss_options import LossOptions
 from textinv.optimizer_options import OptimizerOptions
@@ -89,20 +90,21 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict
 def train_options() -> list[dataclasses.Field[Any]]:
     """The TrainConfig fields that are options (every field with help text): the training-data options
     (textinv.data.options, a base of TrainConfig) placed after the image options, the loss options
-    (textinv.loss_options, another base) before the held-out evaluation's, the optimizer's (textinv.optimizer_options)
-    before --learning_rate."""
+    (textinv.loss_options, another base) before the held-out evaluation's (textinv.held_out_options), the
+    optimizer's (textinv.optimizer_options) before --learning_rate."""
     fields = [spec for spec in dataclasses.fields(TrainConfig) if "help" in spec.metadata]
     loss_names = {spec.name for spec in (*dataclasses.fields(LossOptions), *dataclasses.fields(LoraOptions))}
     optimizer_names = {spec.name for spec in dataclasses.fields(OptimizerOptions)}
+    held_out_names = {spec.name for spec in dataclasses.fields(HeldOutOptions)}
     data = [spec for spec in fields if spec.name in data_option_names()]
     loss = [spec for spec in fields if spec.name in loss_names]
     optimizer = [spec for spec in fields if spec.name in optimizer_names]
-    based = data_option_names() | loss_names | optimizer_names
+    held_out = [spec for spec in fields if spec.name in held_out_names]
+    based = data_option_names() | loss_names | optimizer_names | held_out_names
     own = [spec for spec in fields if spec.name not in based]
     after = next(index for index, spec in enumerate(own) if spec.name == "repeats") + 1
     rate = next(index for index, spec in enumerate(own) if spec.name == "learning_rate")
-    before_eval = next(index for index, spec in enumerate(own) if spec.name == "eval_steps")
-    return own[:after] + data + own[after:rate] + optimizer + own[rate:before_eval] + loss + own[before_eval:]
+    return own[:after] + data + own[after:rate] + optimizer + own[rate:] + loss + held_out
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -237,7 +237,10 @@ class HeldOutEvaluation:
         return cls(config, held, device, lora, concept)
 
     def due(self, step: int, max_steps: int) -> bool:
-        return step % self.config.eval_steps == 0 or step == max_steps
+        """At the end, and an interval after the last evaluation: --eval_steps, growing with the step past
+        --eval_steps / --eval_spacing (textinv.held_out_options). Only the curve decides, so a resume keeps the steps."""
+        last = self.history[-1][0] if self.history else 0
+        return step == max_steps or step >= last + self.config.evaluation_interval(last)
 
     def evaluate(self, run: RunContext, step: int) -> float:
         """eval_loss of the current vectors (the same on every process); records it and keeps the best."""

@@ -422,7 +422,7 @@ def test_the_case_ids_are_distinct() -> None:
 def test_a_file_that_cannot_be_read_as_text(folder: Path) -> None:
     (folder / "concepts.toml").write_bytes(b'[[concept]]\nplaceholder_token = "<\xff>"\n')
     assert refusal(base()) == "--concepts 'concepts.toml' is not UTF-8 text (invalid start byte); save it as UTF-8"
-    assert refusal(base("a")) == "--concepts 'a' is a folder; give the TOML file of [[concept]] tables itself"
+    assert refusal(base("a")) == "--concepts 'a' is a folder; give a TOML file with one [[concept]] table per word"
     assert refusal(base("")) == "--concepts is empty; give a TOML file with one [[concept]] table per word"
 
 

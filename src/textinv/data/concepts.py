@@ -43,6 +43,7 @@ from typing import Any
 
 from textinv.config import TrainConfig
 from textinv.errors import UserError, first_line
+from textinv.text_files import read_user_text
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def concept_configs(config: TrainConfig) -> list[TrainConfig]:
         return [config]
     shown = config.concepts
     path = _concepts_path(shown)
-    tables = _read_tables(path, shown)
+    tables = _read_tables(shown)
     checked = [_concept_config(config, table, number, shown, path.parent) for number, table in enumerate(tables, 1)]
     configs = [concept for concept, _ in checked]
     _check_distinct(configs, [where for _, where in checked], tables, shown)
@@ -158,20 +159,9 @@ def _toml_parser() -> Any:
     return tomllib
 
 
-def _read_tables(path: Path, shown: str) -> list[dict[str, Any]]:
+def _read_tables(shown: str) -> list[dict[str, Any]]:
     """The file's ``[[concept]]`` tables, after checking it is a TOML file of nothing else."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not an error
-    except FileNotFoundError:
-        raise UserError(
-            f"--concepts {shown!r} does not exist; give a TOML file with one [[concept]] table per word"
-        ) from None
-    except IsADirectoryError:
-        raise UserError(f"--concepts {shown!r} is a folder; give the TOML file of [[concept]] tables itself") from None
-    except UnicodeDecodeError as error:
-        raise UserError(f"--concepts {shown!r} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
-    except OSError as error:
-        raise UserError(f"--concepts {shown!r} cannot be read: {first_line(error)}") from None
+    text = read_user_text(shown, "--concepts", "a TOML file with one [[concept]] table per word")
     toml = _toml_parser()
     try:
         document = toml.loads(text)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from textinv.errors import UserError, check_at_least, first_line
+from textinv.errors import UserError, check_at_least
 from textinv.fields import option
+from textinv.text_files import read_user_text
 
 LATENT_SAMPLINGS = ("random", "deterministic")
 NAME_MARK, FILEWORDS_MARK = "[name]", "[filewords]"  # A1111's template fields
@@ -156,15 +157,7 @@ def data_option_names() -> set[str]:
 
 def read_template_file(path: str) -> tuple[str, ...]:
     """The templates of an A1111 template file: one a line, blank lines skipped; every one must hold [name]."""
-    source = Path(path).expanduser()
-    try:
-        text = source.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"--template_file {path!r} does not exist; give a text file of templates, one a line") from None
-    except UnicodeDecodeError as error:
-        raise UserError(f"--template_file {path!r} is not UTF-8 text ({error.reason}); save it as UTF-8") from None
-    except OSError as error:
-        raise UserError(f"--template_file {path!r} cannot be read: {first_line(error)}") from None
+    text = read_user_text(path, "--template_file", "a text file of templates, one a line")
     lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise UserError(f"--template_file {path!r} is empty; write one template a line, e.g. 'a photo of [name]'")

@@ -111,14 +111,14 @@ class TrainingRecipe:
         accelerator = Accelerator(cpu=builders.processes_share_cpu(), mixed_precision="no")
         config, precision_text = precision.choose_precision(config, accelerator.device)
         self.config = config
-        logger.info("%s", precision_text)
         resume_dir = run_dir.prepare_output_dir(config, output_dir, accelerator)
         device = self.device = accelerator.device
-        self.threads = run_dir.choose_threads(config, output_dir, resume_dir is not None, device)  # CPU: free cores
 
         # Cheap checks first: a missing image folder should not cost a model load. Captions, buckets, masks and
         # starting vectors are read and checked before the model loads too, for every word (--concepts).
         words = self.concepts = concepts.read_concepts(config, self.latent_cache)
+        logger.info("%s", precision_text)  # after the cheap checks: a user error is the only line
+        self.threads = run_dir.choose_threads(config, output_dir, resume_dir is not None, device)  # CPU: free cores
         concepts.refuse_several_processes(words, accelerator.num_processes)
         config = self.config = words[0].config  # the run's options: the first word's (every word's but its own keys)
         image_paths, data = words[0].image_paths, words[0].data

@@ -194,3 +194,20 @@ def read_terminal(
     os.close(leader)
     assert process.returncode == 0, b"".join(chunks)[-3000:]
     return b"".join(chunks).decode("utf-8", "replace")
+
+
+def train_args(model: Path, images: Path, output_dir: Path, *extra: str) -> list[str]:
+    """``textinv train`` arguments for a fast run on the tiny pipeline (64 px, batch 1, 3 steps), plus ``extra``."""
+    return [
+        "train",
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={images}",
+        "--placeholder_token=<cat-toy>",
+        "--initializer_token=toy",
+        "--resolution=64",
+        "--train_batch_size=1",
+        "--max_train_steps=3",
+        "--seed=1",
+        f"--output_dir={output_dir}",
+        *extra,
+    ]

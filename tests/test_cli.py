@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, train_args
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -33,22 +33,6 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
-
-
-def train_args(model: Path, images: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        f"--pretrained_model_name_or_path={model}",
-        f"--train_data_dir={images}",
-        "--placeholder_token=<cat-toy>",
-        "--initializer_token=toy",
-        "--resolution=64",
-        "--train_batch_size=1",
-        "--max_train_steps=3",
-        "--seed=1",
-        f"--output_dir={output_dir}",
-        *extra,
-    ]
 
 
 def test_missing_train_data_dir(tiny_model: Path, tmp_path: Path) -> None:

@@ -10,24 +10,8 @@ from pathlib import Path
 import pytest
 
 import textinv
-from conftest import train_config
+from conftest import train_args, train_config
 from textinv.cli import main
-
-
-def _train_argv(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        f"--pretrained_model_name_or_path={model}",
-        f"--train_data_dir={images}",
-        "--placeholder_token=<cat-toy>",
-        "--initializer_token=toy",
-        "--resolution=64",
-        "--max_train_steps=2",
-        "--only_save_embeds",
-        "--report_to=none",
-        f"--output_dir={out}",
-        *extra,
-    ]
 
 
 def _one_error_line(capsys: pytest.CaptureFixture) -> str:
@@ -51,7 +35,7 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_output_folder(
         images.mkdir()
     elif case == "resume-without-checkpoint":
         extra = ["--resume_from_checkpoint=latest"]
-    argv = _train_argv(tiny_model, images, out, *extra)
+    argv = train_args(tiny_model, images, out, *extra)
     if case == "existing-word":
         argv = [arg.replace("<cat-toy>", "toy") for arg in argv]
     assert main(argv) == 2
@@ -71,7 +55,7 @@ def test_a_failure_in_a_folder_that_existed_keeps_the_folder_and_its_files(
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert main(_train_argv(tiny_model, tmp_path / "no-such-folder", out)) == 2
+    assert main(train_args(tiny_model, tmp_path / "no-such-folder", out)) == 2
     assert [path.name for path in out.iterdir()] == ["notes.txt"]
 
 
@@ -87,7 +71,7 @@ def test_resume_is_suggested_only_where_there_is_a_checkpoint_and_a_missing_one_
         ),
         show_progress=False,
     )
-    assert main(_train_argv(tiny_model, train_images, finished)) == 2
+    assert main(train_args(tiny_model, train_images, finished)) == 2
     line = _one_error_line(capsys)
     assert "already holds another run's results" in line and "--resume_from_checkpoint" not in line
     assert line.endswith("choose a new --output_dir, or --overwrite_output_dir to replace it")
@@ -106,15 +90,15 @@ def test_resume_is_suggested_only_where_there_is_a_checkpoint_and_a_missing_one_
         ),
         show_progress=False,
     )
-    assert main(_train_argv(tiny_model, train_images, stopped)) == 2
+    assert main(train_args(tiny_model, train_images, stopped)) == 2
     assert "pass --resume_from_checkpoint latest to continue it" in _one_error_line(capsys)
 
-    assert main(_train_argv(tiny_model, train_images, stopped, "--resume_from_checkpoint=checkpoint-999")) == 2
+    assert main(train_args(tiny_model, train_images, stopped, "--resume_from_checkpoint=checkpoint-999")) == 2
     assert _one_error_line(capsys) == (
         f"textinv: error: --resume_from_checkpoint 'checkpoint-999' does not exist; {str(stopped)!r} has "
         "checkpoint-2 (or give 'latest')"
     )
-    assert main(_train_argv(tiny_model, train_images, finished, "--resume_from_checkpoint=checkpoint-1")) == 2
+    assert main(train_args(tiny_model, train_images, finished, "--resume_from_checkpoint=checkpoint-1")) == 2
     assert _one_error_line(capsys) == (
         f"textinv: error: --resume_from_checkpoint 'checkpoint-1' does not exist; {str(finished)!r} has no "
         "checkpoint; train with --checkpointing_steps N to make some, or drop the flag"
@@ -144,7 +128,7 @@ def test_a_signal_while_the_model_loads_stops_at_once_and_writes_nothing(
 
     monkeypatch.setattr(recipe, "load_model_parts", load_with_signal)
     out = tmp_path / "out"
-    code = main(_train_argv(tiny_model, train_images, out))
+    code = main(train_args(tiny_model, train_images, out))
     name = signal.Signals(signum).name
     assert code == 128 + signum
     assert _one_error_line(capsys) == f"textinv: stopped by {name} before the first step; nothing was written"

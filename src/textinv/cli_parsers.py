@@ -53,6 +53,11 @@ class ArgParser(argparse.ArgumentParser):
         return unknown
 
 
+def _numeric(parser: argparse.ArgumentParser, flag: str, kind: type, help: str, default: typing.Any = None) -> None:
+    """A number flag: its type check names the flag in the one-line error (``_typed``)."""
+    parser.add_argument(flag, type=_typed(kind, flag), default=default, help=help)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -98,33 +103,23 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
         "--prompt", required=True, help="what to draw; name the learned word in it, e.g. '<cat-toy> on a beach'"
     )
     gen.add_argument("--negative_prompt", help="what to steer away from (default: none)")
-    gen.add_argument(
-        "--num_images", type=_typed(int, "--num_images"), default=1, help="images to generate (default: 1)"
-    )
-    gen.add_argument(
-        "--num_inference_steps",
-        type=_typed(int, "--num_inference_steps"),
-        default=50,
-        help="denoising steps per image (default: 50)",
-    )
-    gen.add_argument(
+    _numeric(gen, "--num_images", int, "images to generate (default: 1)", default=1)
+    _numeric(gen, "--num_inference_steps", int, "denoising steps per image (default: 50)", default=50)
+    _numeric(
+        gen,
         "--guidance_scale",
-        type=_typed(float, "--guidance_scale"),
-        default=None,
-        help="classifier-free guidance (default: the pipeline's own: SD 7.5, SD3 7.0, Flux 3.5)",
+        float,
+        "classifier-free guidance (default: the pipeline's own: SD 7.5, SD3 7.0, Flux 3.5)",
     )
-    gen.add_argument("--seed", type=_typed(int, "--seed"), help="image i uses seed+i (default: a random seed)")
-    gen.add_argument(
+    _numeric(gen, "--seed", int, "image i uses seed+i (default: a random seed)")
+    _numeric(
+        gen,
         "--cpu_threads",
-        type=_typed(int, "--cpu_threads"),
-        help="torch threads on a CPU (default: OMP_NUM_THREADS, else the cores free of other jobs)",
+        int,
+        "torch threads on a CPU (default: OMP_NUM_THREADS, else the cores free of other jobs)",
     )
-    gen.add_argument(
-        "--height", type=_typed(int, "--height"), help="image height, a multiple of 8 (default: the model's size)"
-    )
-    gen.add_argument(
-        "--width", type=_typed(int, "--width"), help="image width, a multiple of 8 (default: the model's size)"
-    )
+    _numeric(gen, "--height", int, "image height, a multiple of 8 (default: the model's size)")
+    _numeric(gen, "--width", int, "image width, a multiple of 8 (default: the model's size)")
     gen.add_argument("--device", help=DEVICE_HELP)
     gen.add_argument(
         "--output_dir",
@@ -140,9 +135,7 @@ def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
         help="a LoRA to add (pivotal tuning): a run folder (its pytorch_lora_weights.safetensors and word), "
         "pytorch_lora_weights.safetensors, or learned_embeds_lora.safetensors (kohya's layout, the word inside)",
     )
-    gen.add_argument(
-        "--lora_scale", type=_typed(float, "--lora_scale"), default=1.0, help="the LoRA's weight (default: 1.0)"
-    )
+    _numeric(gen, "--lora_scale", float, "the LoRA's weight (default: 1.0)", default=1.0)
 
 
 def add_tiny_arguments(tiny: argparse.ArgumentParser, families: Sequence[str]) -> None:
@@ -155,7 +148,7 @@ def add_tiny_arguments(tiny: argparse.ArgumentParser, families: Sequence[str]) -
         "sd3 (CLIP-L, CLIP-G, T5; MMDiT), flux (CLIP-L, T5; Flux.1-dev layout), "
         "zh-bert (Taiyi: BERT), zh-xlmr (AltDiffusion: XLM-R) (default: sd1)",
     )
-    tiny.add_argument("--seed", type=_typed(int, "--seed"), default=0, help="the random weights' seed (default: 0)")
+    _numeric(tiny, "--seed", int, "the random weights' seed (default: 0)", default=0)
     tiny.add_argument(
         "--clip",
         action="store_true",
@@ -209,30 +202,11 @@ def add_eval_arguments(ev: argparse.ArgumentParser, default_clip_model: str) -> 
     ev.add_argument(
         "--clip_model", default=default_clip_model, help=f"CLIP model folder or hub id (default: {default_clip_model})"
     )
-    ev.add_argument(
-        "--num_images",
-        type=_typed(int, "--num_images"),
-        default=8,
-        help="images per prompt (default: 8; the paper: 64)",
-    )
-    ev.add_argument(
-        "--num_inference_steps",
-        type=_typed(int, "--num_inference_steps"),
-        default=50,
-        help="denoising steps per image (default: 50)",
-    )
-    ev.add_argument(
-        "--guidance_scale",
-        type=_typed(float, "--guidance_scale"),
-        default=7.5,
-        help="classifier-free guidance (default: 7.5)",
-    )
-    ev.add_argument(
-        "--seed", type=_typed(int, "--seed"), default=0, help="image i of every prompt uses seed+i (default: 0)"
-    )
-    ev.add_argument(
-        "--batch_size", type=_typed(int, "--batch_size"), default=4, help="images generated at once (default: 4)"
-    )
+    _numeric(ev, "--num_images", int, "images per prompt (default: 8; the paper: 64)", default=8)
+    _numeric(ev, "--num_inference_steps", int, "denoising steps per image (default: 50)", default=50)
+    _numeric(ev, "--guidance_scale", float, "classifier-free guidance (default: 7.5)", default=7.5)
+    _numeric(ev, "--seed", int, "image i of every prompt uses seed+i (default: 0)", default=0)
+    _numeric(ev, "--batch_size", int, "images generated at once (default: 4)", default=4)
     ev.add_argument("--device", help=DEVICE_HELP)
     ev.add_argument("--json", metavar="OUT", help="also write every score to this JSON file")
 
@@ -241,12 +215,12 @@ def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument(
         "--output_dir", default="demo-output", help="folder for the run and its images (default: demo-output)"
     )
-    demo.add_argument("--steps", type=_typed(int, "--steps"), default=200, help="training steps (default: 200)")
+    _numeric(demo, "--steps", int, "training steps (default: 200)", default=200)
 
 
 def add_serve_arguments(web: argparse.ArgumentParser) -> None:
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    web.add_argument("--port", type=_typed(int, "--port"), default=7860, help="port to listen on (default: 7860)")
+    _numeric(web, "--port", int, "port to listen on (default: 7860)", default=7860)
     web.add_argument(
         "--model", help="default model: a local diffusers pipeline folder (default: the tiny demo pipeline)"
     )

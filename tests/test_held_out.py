@@ -422,6 +422,26 @@ def test_a_growing_interval_evaluates_where_it_says_and_a_resume_keeps_the_steps
     assert _curve(tmp_path / "cut") == _curve(full.output_dir)
 
 
+def test_a_run_no_longer_than_eval_steps_skips_the_evaluation_and_says_so(
+    tiny_model: Path, train_images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 3 steps with --eval_steps 3: the curve would be only its two ends, at the price of two evaluations.
+    settings = dict(CURVE, max_train_steps=3, save_steps=100, checkpointing_steps=100)
+    with caplog.at_level(logging.INFO, logger="textinv.training.held_out"):
+        short = textinv.train(train_config(tiny_model, train_images, tmp_path / "short", **settings), show_progress=False)
+    assert "eval" not in json.loads((short.output_dir / "run.json").read_text())
+    assert not (short.output_dir / BEST_EMBEDDING_FILE).exists()
+    assert "no held-out evaluation: 3 steps is not more than --eval_steps 3" in caplog.text
+    assert "--eval_steps 2 or lower" in caplog.text
+    # One step more and it has a point in between: evaluated at 0, 3 and the end.
+    longer = textinv.train(
+        train_config(tiny_model, train_images, tmp_path / "longer", **{**settings, "max_train_steps": 4}),
+        show_progress=False,
+    )
+    assert [step for step, _ in _curve(longer.output_dir)] == [0, 3, 4]
+    assert (longer.output_dir / BEST_EMBEDDING_FILE).exists()
+
+
 def test_eval_spacing_outside_zero_to_one_is_one_line(tmp_path: Path) -> None:
     config = train_config(tmp_path, tmp_path, tmp_path / "out", eval_spacing=1.5)
     with pytest.raises(UserError) as error:

@@ -29,7 +29,8 @@ class HeldOutOptions:
     eval_steps: int = _option(
         10,
         "every N steps (and at the end) measure eval_loss, the denoising loss on a fixed held-out set of "
-        "(view, timestep, noise) triples, and keep the lowest-eval vectors in learned_embeds-best.safetensors; 0 = off",
+        "(view, timestep, noise) triples, and keep the lowest-eval vectors in learned_embeds-best.safetensors; 0 = off; "
+        "a run of at most N steps skips it (no point between its start and end)",
     )
     eval_spacing: float = _option(
         0.1,

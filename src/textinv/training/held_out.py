@@ -217,10 +217,24 @@ class HeldOutEvaluation:
         weights: Any = None,
         lora: Any = None,
         concept: str = "",
+        max_steps: Optional[int] = None,
     ) -> Optional[HeldOutEvaluation]:
         """The evaluation ``config`` asks for (``--eval_steps`` > 0), or None; ``lora``: the run's adapters;
-        ``concept``: the word's name when the run trains several (--concepts)."""
+        ``concept``: the word's name when the run trains several (--concepts).
+
+        A run of at most ``--eval_steps`` steps (``max_steps``) gets none: its curve would be the start and the end,
+        and the two evaluations cost ~2 x --eval_samples forward passes, more than a short run's steps (issue 29).
+        """
         if not config.eval_steps:
+            return None
+        if max_steps is not None and max_steps <= config.eval_steps:
+            logger.info(
+                "no held-out evaluation: %d steps is not more than --eval_steps %d (a curve needs a point between "
+                "the start and the end)%s",
+                max_steps,
+                config.eval_steps,
+                f"; --eval_steps {max_steps - 1} or lower to measure one" if max_steps > 1 else "",
+            )
             return None
         held = build_held_out(
             latents,

@@ -212,7 +212,7 @@ class TrainingRecipe:
         self.stop_reason = "max_train_steps"
         for word in words:  # None with --eval_steps 0
             word.evaluation = HeldOutEvaluation.for_run(
-                word.config, parts, word.latent_cache, word.stream, device, word.weights, self.lora, word.name
+                word.config, parts, word.latent_cache, word.stream, device, word.weights, self.lora, word.name, max_steps
             )
         if resume_state is not None:
             concepts.load_held_out_state(words, resume_state.held_out, self.start_step)

@@ -7,8 +7,10 @@ but numpy arrays and plain containers. A refusal is a :class:`UserError` naming 
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,9 @@ import torch
 
 from textinv.embeddings.model import MAX_UNPACKED_BYTES
 from textinv.errors import UserError, first_line
+
+logger = logging.getLogger(__name__)
+_PROTOCOL_WARNING = re.compile(r"pickle protocol (\d+)")
 
 
 def _load_torch_zip(path: Path) -> Any:
@@ -35,7 +40,22 @@ def _load_torch_zip(path: Path) -> Any:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns (UserWarning) of a PROTO opcode other than 2; caught here so it never reaches the person, and a
+        # protocol no pickle has (fuzzing found "pickle protocol 88") is a corrupt file, refused in one line.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        for warning in caught:
+            match = _PROTOCOL_WARNING.search(str(warning.message))
+            if match and int(match.group(1)) > pickle.HIGHEST_PROTOCOL:
+                raise UserError(
+                    f"{str(path)!r} is corrupt: its pickle says protocol {match.group(1)}, and none above "
+                    f"{pickle.HIGHEST_PROTOCOL} exists"
+                )
+            logger.debug("reading %s: %s", path, first_line(warning.message))  # type: ignore[arg-type]
+        return loaded
+    except UserError:
+        raise
     except pickle.UnpicklingError as error:
         if "weights only" in str(error).lower():
             raise _refused(path, _weights_only_global(error)) from None
@@ -76,7 +96,8 @@ def _load_raw_pickle(path: Path) -> tuple[Any, str]:
         raise
     except MemoryError:
         raise UserError(f"{str(path)!r} asks for more memory than an embedding could need; refusing it") from None
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - the pickle machine's errors on bad bytes: OverflowError for a FRAME
+        # length past sys.maxsize (found by fuzzing), struct.error, RecursionError...; none is the program's fault.
         raise UserError(
             f"{str(path)!r} is truncated or corrupt ({type(error).__name__}: {first_line(error)})"
         ) from None
@@ -93,11 +114,17 @@ class _RefusedGlobal(pickle.UnpicklingError):
     pass
 
 
-class _DataOnlyUnpickler(pickle.Unpickler):
+class _DataOnlyUnpickler(pickle._Unpickler):
     """Unpickles plain containers, numbers, strings and numpy arrays; refuses every other global.
 
-    A pickle can only call what ``find_class`` hands it, so refusing all else means no code runs.
+    A pickle can only call what ``find_class`` hands it, so refusing all else means no code runs. It is the pure-Python
+    unpickler, for its opcode table: BUILD (which calls ``__setstate__`` or sets attributes) is allowed only on numpy
+    arrays and dtypes made in this pickle, and a dtype only its own state or a byte order. Fuzzing found dtype BUILDs
+    with forged item sizes that broke numpy inside ("get_clear_loop not set") or asked for gigabytes; and BUILD on an
+    allowed global would set attributes on it for every later load (the first half of protectai/modelscan#85).
     """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _allowed_globals().get((module, name))
@@ -107,6 +134,22 @@ class _DataOnlyUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise _RefusedGlobal("a persistent id")
+
+    def _load_build(self) -> None:
+        import numpy as np
+
+        target, state = self.stack[-2], self.stack[-1]
+        if isinstance(target, np.dtype):
+            own = target.__reduce__()[2]
+            if not (isinstance(state, tuple) and len(state) == len(own) and state[1] in ("<", ">", "|", "=")):
+                raise _RefusedGlobal(f"a numpy dtype state {state!r:.60}")
+            if state[:1] + state[2:] != own[:1] + own[2:]:
+                raise _RefusedGlobal(f"a forged numpy dtype state {state!r:.60}")
+        elif type(target) is not np.ndarray:
+            raise _RefusedGlobal(f"BUILD on a {type(target).__name__}")
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {}

@@ -57,7 +57,7 @@ def native_resolution(model_dir: Path) -> int:
         sample = unet["sample_size"]
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         return int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError):
         return 512  # SD 1.x's size: a safe guess when the configs say nothing usable
 
 

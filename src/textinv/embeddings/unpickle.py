@@ -152,7 +152,27 @@ class _DataOnlyUnpickler(pickle._Unpickler):
             raise _RefusedGlobal(f"BUILD on a {type(target).__name__}")
         pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
 
+    def _load_reduce(self) -> None:
+        import numpy as np
+
+        if self.stack[-2] is np.ndarray:  # ndarray(shape) would allocate the shape the pickle names
+            raise _RefusedGlobal("a call of numpy.ndarray")
+        pickle._Unpickler.load_reduce(self)  # type: ignore[attr-defined]
+
+    def _load_newobj(self) -> None:
+        # cls.__new__(cls, *args): numpy and Paddle pickles never use it, and ndarray/bytes would allocate from a count.
+        raise _RefusedGlobal("NEWOBJ")
+
+    def _load_ext(self) -> None:
+        # The extension registry (copyreg) hands out objects from a cache without find_class; no pickle here uses it.
+        raise _RefusedGlobal("an extension code")
+
     dispatch[pickle.BUILD[0]] = _load_build
+    dispatch[pickle.REDUCE[0]] = _load_reduce
+    for _opcode in (pickle.NEWOBJ, pickle.NEWOBJ_EX):
+        dispatch[_opcode[0]] = _load_newobj
+    for _opcode in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_opcode[0]] = _load_ext
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {}
@@ -182,16 +202,32 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
             raise _RefusedGlobal(f"_codecs.encode(..., {encoding!r})")
         return text.encode("latin1")
 
+    def reconstruct(subtype: Any, shape: Any, kind: Any) -> Any:
+        # What ndarray.__reduce__ writes: an empty array, filled by BUILD. Another shape would be allocated here.
+        if subtype is not np.ndarray or shape != (0,):
+            raise _RefusedGlobal(f"numpy _reconstruct of {getattr(subtype, '__name__', subtype)!r:.40} {shape!r:.40}")
+        return multiarray._reconstruct(subtype, shape, kind)
+
+    def from_text(kind: type) -> Any:
+        def make(*args: Any) -> Any:
+            # bytes(2**33) would zero 8 GB: a pickle's bytes come from a string (or nothing), never from a count.
+            if args and not isinstance(args[0], (str, bytes, bytearray)):
+                raise _RefusedGlobal(f"{kind.__name__}() of a {type(args[0]).__name__}")
+            return kind(*args)
+
+        return make
+
     # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core: accept both spellings.
     for package in ("numpy.core", "numpy._core"):
-        _ALLOWED[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        _ALLOWED[(f"{package}.multiarray", "_reconstruct")] = reconstruct
         _ALLOWED[(f"{package}.multiarray", "scalar")] = multiarray.scalar
         _ALLOWED[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]  # private, what pickles of arrays name
     _ALLOWED[("numpy", "ndarray")] = np.ndarray
     _ALLOWED[("numpy", "dtype")] = dtype
     _ALLOWED[("collections", "OrderedDict")] = collections.OrderedDict
-    for builtin in (dict, list, tuple, set, frozenset, int, float, complex, str, bytes, bytearray, bool):
-        _ALLOWED[("builtins", builtin.__name__)] = builtin
-        _ALLOWED[("__builtin__", builtin.__name__)] = builtin
+    for builtin in (dict, list, tuple, set, frozenset, int, float, complex, str, bool, bytes, bytearray):
+        made = from_text(builtin) if builtin in (bytes, bytearray) else builtin
+        _ALLOWED[("builtins", builtin.__name__)] = made
+        _ALLOWED[("__builtin__", builtin.__name__)] = made
     _ALLOWED[("_codecs", "encode")] = latin1_encode
     return _ALLOWED

@@ -32,6 +32,10 @@ def _load_torch_zip(path: Path) -> Any:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
         raise UserError(f"{str(path)!r} is truncated or corrupt (not a complete zip archive)") from None
+    # Nothing is extracted, but a member named outside the archive's folder is no torch.save output (zip-slip names).
+    strange = next((m.filename for m in members if m.filename.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", m.filename)), None)
+    if strange is not None:
+        raise UserError(f"{str(path)!r} has a member named {strange[:80]!r}, outside its archive; it is not a torch file")
     if not any(m.filename.endswith("data.pkl") for m in members):
         raise UserError(f"{str(path)!r} is a zip archive but not a torch file (it has no data.pkl)")
     if sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
@@ -95,6 +99,11 @@ def _load_raw_pickle(path: Path) -> tuple[Any, str]:
                 raise UserError(f"{str(path)!r} has data after its pickle; it is not an embedding file")
     except _RefusedGlobal as error:
         raise _refused(path, str(error)) from None
+    except _TooManyOperations:
+        raise UserError(
+            f"{str(path)!r} holds over {MAX_PICKLE_OPERATIONS:,} pickle operations; an embedding's pickle has a few "
+            "dozen, so it is not one"
+        ) from None
     except UserError:
         raise
     except MemoryError:
@@ -115,6 +124,26 @@ def _torch_legacy_magic() -> int:
 
 class _RefusedGlobal(pickle.UnpicklingError):
     pass
+
+
+class _TooManyOperations(pickle.UnpicklingError):
+    pass
+
+
+MAX_PICKLE_OPERATIONS = 100_000
+
+
+def _counted(step: Any) -> Any:
+    """An opcode's step that counts: the pure-Python unpickler runs ~200,000 operations a second, so a file of
+    millions of one-byte opcodes (a nesting bomb) would take minutes. An embedding's pickle has a few dozen."""
+
+    def run(self: Any) -> None:
+        self.operations += 1
+        if self.operations > MAX_PICKLE_OPERATIONS:
+            raise _TooManyOperations
+        step(self)
+
+    return run
 
 
 class _DataOnlyUnpickler(pickle._Unpickler):
@@ -173,6 +202,9 @@ class _DataOnlyUnpickler(pickle._Unpickler):
         dispatch[_opcode[0]] = _load_newobj
     for _opcode in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
         dispatch[_opcode[0]] = _load_ext
+    operations = 0
+
+    dispatch = {code: _counted(step) for code, step in dispatch.items()}
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {}

@@ -257,8 +257,8 @@ def npy_object_array(canary: Path) -> bytes:
 
 def oversize_zip() -> bytes:
     """A torch zip whose last member's central directory entry says it unpacks to 300 MB."""
-    data = torch_zip(None, [("archive/data/0", b"\x00" * 16)])
-    at = data.rindex(b"PK\x01\x02")  # the central header of archive/data/0; its uncompressed size is at +24
+    data = torch_zip(None, [("archive/data/1", b"\x00" * 16)])
+    at = data.rindex(b"PK\x01\x02")  # the central header of archive/data/1; its uncompressed size is at +24
     return data[: at + 24] + struct.pack("<I", 300 * 2**20) + data[at + 28 :]
 
 

@@ -27,7 +27,10 @@ EXPECTED: dict[str, tuple[str, str]] = {
         + REFUSED.format("a numpy dtype state (3, '<', None, None, None, -1, -1, -1, 0)"),
     ),
     "long4-forged-length.pt": ("refused", "'W/long4-forged-length.pt' is truncated or corrupt (EOFError: EOFError)"),
-    "protocol-88.bin": ("refused", "'W/protocol-88.bin' is corrupt: its pickle says protocol 88, and none above 5 exists"),
+    "protocol-88.bin": (
+        "refused",
+        "'W/protocol-88.bin' is corrupt: its pickle says protocol 88, and none above 5 exists",
+    ),
     "concepts-nested-5000.toml": (
         "refused",
         "--concepts 'W/c.toml' nests arrays or tables too deeply; a concept's values are words, numbers and paths",

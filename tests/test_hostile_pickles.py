@@ -28,7 +28,9 @@ P = pickle  # opcode constants: P.GLOBAL, P.REDUCE, ...
 def text(value: str) -> bytes:
     """SHORT_BINUNICODE (or BINUNICODE past 255 bytes) of ``value``."""
     data = value.encode()
-    return (P.SHORT_BINUNICODE + bytes([len(data)]) if len(data) < 256 else P.BINUNICODE + struct.pack("<I", len(data))) + data
+    return (
+        P.SHORT_BINUNICODE + bytes([len(data)]) if len(data) < 256 else P.BINUNICODE + struct.pack("<I", len(data))
+    ) + data
 
 
 def glob0(module: str, name: str) -> bytes:
@@ -66,7 +68,9 @@ def torch_zip(data_pkl: bytes | None = None, extra: list[tuple[str, bytes]] = ()
     with real, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
         for info in real.infolist():
             body = real.read(info)
-            archive.writestr(info.filename, data_pkl if data_pkl is not None and info.filename.endswith("data.pkl") else body)
+            archive.writestr(
+                info.filename, data_pkl if data_pkl is not None and info.filename.endswith("data.pkl") else body
+            )
         for name, body in extra:
             archive.writestr(name, body)
     data = out.getvalue()
@@ -81,21 +85,50 @@ def torch_zip(data_pkl: bytes | None = None, extra: list[tuple[str, bytes]] = ()
 Builder = Callable[[Path], bytes]
 CASES: dict[str, tuple[str, Builder, str]] = {
     # REDUCE straight to code (the textbook payloads; fickling's and picklescan's unsafe-globals lists).
-    "reduce-os-system": (".pdparams", lambda c: framed(call(stack_global("os", "system"), text(touch(c)))), "os.system"),
-    "reduce-posix-system": (".pdparams", lambda c: framed(call(glob0("posix", "system"), text(touch(c))), 2), "posix.system"),
+    "reduce-os-system": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("os", "system"), text(touch(c)))),
+        "os.system",
+    ),
+    "reduce-posix-system": (
+        ".pdparams",
+        lambda c: framed(call(glob0("posix", "system"), text(touch(c))), 2),
+        "posix.system",
+    ),
     "reduce-subprocess": (
         ".pdparams",
-        lambda c: framed(call(stack_global("subprocess", "check_call"), P.MARK + text("touch") + text(str(c)) + P.LIST)),
+        lambda c: framed(
+            call(stack_global("subprocess", "check_call"), P.MARK + text("touch") + text(str(c)) + P.LIST)
+        ),
         "subprocess.check_call",
     ),
-    "reduce-eval": (".pdparams", lambda c: framed(call(stack_global("builtins", "eval"), text(f"open({str(c)!r}, 'w')"))), "builtins.eval"),
-    "reduce-exec": (".pdparams", lambda c: framed(call(stack_global("builtins", "exec"), text(f"open({str(c)!r}, 'w')"))), "builtins.exec"),
-    "reduce-import": (".pdparams", lambda c: framed(call(stack_global("builtins", "__import__"), text("os"))), "builtins.__import__"),
+    "reduce-eval": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("builtins", "eval"), text(f"open({str(c)!r}, 'w')"))),
+        "builtins.eval",
+    ),
+    "reduce-exec": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("builtins", "exec"), text(f"open({str(c)!r}, 'w')"))),
+        "builtins.exec",
+    ),
+    "reduce-import": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("builtins", "__import__"), text("os"))),
+        "builtins.__import__",
+    ),
     # builtins.getattr(builtins.__import__('os'), 'system')(cmd): a chain of allowed-looking builtins.
     "getattr-chain": (
         ".pdparams",
         lambda c: framed(
-            call(call(stack_global("builtins", "getattr"), call(stack_global("builtins", "__import__"), text("os")), text("system")), text(touch(c)))
+            call(
+                call(
+                    stack_global("builtins", "getattr"),
+                    call(stack_global("builtins", "__import__"), text("os")),
+                    text("system"),
+                ),
+                text(touch(c)),
+            )
         ),
         "builtins.getattr",
     ),
@@ -103,12 +136,21 @@ CASES: dict[str, tuple[str, Builder, str]] = {
     # (picklescan PR #40's additions), collections' and copyreg's internals, torch._utils in a raw pickle.
     "numpy-builtins": (
         ".pdparams",
-        lambda c: framed(call(call(stack_global("builtins", "dict.get"), stack_global("numpy", "__builtins__"), text("exec")), text(f"open({str(c)!r}, 'w')"))),
+        lambda c: framed(
+            call(
+                call(stack_global("builtins", "dict.get"), stack_global("numpy", "__builtins__"), text("exec")),
+                text(f"open({str(c)!r}, 'w')"),
+            )
+        ),
         "builtins.dict.get",
     ),
     "numpy-runstring": (
         ".pdparams",
-        lambda c: framed(call(stack_global("numpy.testing._private.utils", "runstring"), text(f"open({str(c)!r}, 'w')"), P.EMPTY_DICT)),
+        lambda c: framed(
+            call(
+                stack_global("numpy.testing._private.utils", "runstring"), text(f"open({str(c)!r}, 'w')"), P.EMPTY_DICT
+            )
+        ),
         "numpy.testing._private.utils.runstring",
     ),
     "collections-internals": (
@@ -118,7 +160,9 @@ CASES: dict[str, tuple[str, Builder, str]] = {
     ),
     "copyreg-reconstructor": (
         ".pdparams",
-        lambda c: framed(call(stack_global("copyreg", "_reconstructor"), stack_global("os", "system"), text("x"), text(touch(c)))),
+        lambda c: framed(
+            call(stack_global("copyreg", "_reconstructor"), stack_global("os", "system"), text("x"), text(touch(c)))
+        ),
         "copyreg._reconstructor",
     ),
     "torch-utils-in-raw-pickle": (
@@ -129,7 +173,18 @@ CASES: dict[str, tuple[str, Builder, str]] = {
     # In a torch zip, torch's weights-only unpickler decides: _rebuild_from_type_v2 calls its first argument.
     "torch-rebuild-from-type": (
         ".bin",
-        lambda c: torch_zip(framed(call(glob0("torch._tensor", "_rebuild_from_type_v2"), glob0("os", "system"), P.NONE, P.MARK + text(touch(c)) + P.TUPLE, P.EMPTY_DICT), 2)),
+        lambda c: torch_zip(
+            framed(
+                call(
+                    glob0("torch._tensor", "_rebuild_from_type_v2"),
+                    glob0("os", "system"),
+                    P.NONE,
+                    P.MARK + text(touch(c)) + P.TUPLE,
+                    P.EMPTY_DICT,
+                ),
+                2,
+            )
+        ),
         "os.system",
     ),
     # Object arrays and allow_pickle paths: a numpy object dtype; numpy.load(allow_pickle=True) of a .npy.
@@ -154,7 +209,9 @@ CASES: dict[str, tuple[str, Builder, str]] = {
     # Nested: the payload deep inside the structure, and a pickle that unpickles another.
     "nested-deep": (
         ".pdparams",
-        lambda c: framed(as_token_dict(P.EMPTY_LIST * 50 + call(stack_global("os", "system"), text(touch(c))) + P.APPEND * 50)),
+        lambda c: framed(
+            as_token_dict(P.EMPTY_LIST * 50 + call(stack_global("os", "system"), text(touch(c))) + P.APPEND * 50)
+        ),
         "os.system",
     ),
     "nested-pickle-loads": (
@@ -163,55 +220,143 @@ CASES: dict[str, tuple[str, Builder, str]] = {
         "pickle.loads",
     ),
     # Memory and recursion bombs.
-    "bytes-from-a-count": (".pdparams", lambda c: framed(as_token_dict(call(stack_global("builtins", "bytes"), P.BININT + struct.pack("<i", 2**31 - 1)))), "bytes() of a int"),
+    "bytes-from-a-count": (
+        ".pdparams",
+        lambda c: framed(
+            as_token_dict(call(stack_global("builtins", "bytes"), P.BININT + struct.pack("<i", 2**31 - 1)))
+        ),
+        "bytes() of a int",
+    ),
     "ndarray-shape-bomb": (
         ".pdparams",
-        lambda c: framed(as_token_dict(call(stack_global("numpy.core.multiarray", "_reconstruct"), stack_global("numpy", "ndarray"), P.MARK + P.LONG1 + b"\x05\x00\x00\x00\x00\x04" + P.TUPLE, text("b")))),
+        lambda c: framed(
+            as_token_dict(
+                call(
+                    stack_global("numpy.core.multiarray", "_reconstruct"),
+                    stack_global("numpy", "ndarray"),
+                    P.MARK + P.LONG1 + b"\x05\x00\x00\x00\x00\x04" + P.TUPLE,
+                    text("b"),
+                )
+            )
+        ),
         "numpy _reconstruct",
     ),
     "forged-length": (".pdparams", lambda c: framed(P.BINBYTES8 + struct.pack("<Q", 2**62)), "truncated or corrupt"),
-    "recursion-bomb": (".pdparams", lambda c: framed(P.EMPTY_LIST * 200_000 + P.APPEND * 199_999), "holds over 100,000 pickle operations"),
-    "torch-recursion-bomb": (".bin", lambda c: torch_zip(framed(P.EMPTY_LIST * 100_000 + P.APPEND * 99_999, 2)), "holds a list"),
+    "recursion-bomb": (
+        ".pdparams",
+        lambda c: framed(P.EMPTY_LIST * 200_000 + P.APPEND * 199_999),
+        "holds over 100,000 pickle operations",
+    ),
+    "torch-recursion-bomb": (
+        ".bin",
+        lambda c: torch_zip(framed(P.EMPTY_LIST * 100_000 + P.APPEND * 99_999, 2)),
+        "holds a list",
+    ),
     # Zip archives: zip-slip member names (nothing is extracted), a member claiming 300 MB, a bad CRC with a payload.
     "zip-slip": (".bin", lambda c: torch_zip(None, [(f"../../{c.name}", b"x"), (str(c), b"x")]), "outside its archive"),
     "oversize-member": (".bin", lambda c: oversize_zip(), "unpacks to over 256 MiB"),
-    "bad-crc-with-payload": (".bin", lambda c: torch_zip(framed(call(glob0("os", "system"), text(touch(c))), 2), bad_crc=True), "(os.system)"),
+    "bad-crc-with-payload": (
+        ".bin",
+        lambda c: torch_zip(framed(call(glob0("os", "system"), text(touch(c))), 2), bad_crc=True),
+        "(os.system)",
+    ),
     # protectai/modelscan#85: BUILD sets attributes on an allowed global, then a dotted STACK_GLOBAL reads them.
     "build-on-allowed-global": (
         ".pdparams",
         lambda c: framed(
-            stack_global("collections", "OrderedDict") + P.NONE + P.MARK + text("a") + text("os") + P.DICT + P.TUPLE2 + P.BUILD
-            + P.POP + call(stack_global("collections", "OrderedDict.a"), text(touch(c)))
+            stack_global("collections", "OrderedDict")
+            + P.NONE
+            + P.MARK
+            + text("a")
+            + text("os")
+            + P.DICT
+            + P.TUPLE2
+            + P.BUILD
+            + P.POP
+            + call(stack_global("collections", "OrderedDict.a"), text(touch(c)))
         ),
         "BUILD on a type",
     ),
-    "dotted-stack-global": (".pdparams", lambda c: framed(call(stack_global("numpy", "dtype.__globals__"), P.NONE)), "numpy.dtype.__globals__"),
+    "dotted-stack-global": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("numpy", "dtype.__globals__"), P.NONE)),
+        "numpy.dtype.__globals__",
+    ),
     # mmaitre314/picklescan#14: BINPUT and MEMOIZE mixed so a scanner's memo differs from the real one.
     "memo-confusion": (
         ".pdparams",
         lambda c: framed(
-            text("os") + P.BINPUT + b"\x00" + text("system") + P.BINPUT + b"\x01" + text("torch._utils") + P.MEMOIZE
-            + text("_rebuild_tensor_v2") + P.MEMOIZE + P.POP * 4 + P.BINGET + b"\x00" + P.BINGET + b"\x01" + P.STACK_GLOBAL
-            + P.MARK + text(touch(c)) + P.TUPLE + P.REDUCE
+            text("os")
+            + P.BINPUT
+            + b"\x00"
+            + text("system")
+            + P.BINPUT
+            + b"\x01"
+            + text("torch._utils")
+            + P.MEMOIZE
+            + text("_rebuild_tensor_v2")
+            + P.MEMOIZE
+            + P.POP * 4
+            + P.BINGET
+            + b"\x00"
+            + P.BINGET
+            + b"\x01"
+            + P.STACK_GLOBAL
+            + P.MARK
+            + text(touch(c))
+            + P.TUPLE
+            + P.REDUCE
         ),
         "os.system",
     ),
     # Gadgets that call what they are given (fickling's list, trailofbits/fickling#190).
-    "operator-methodcaller": (".pdparams", lambda c: framed(call(stack_global("operator", "methodcaller"), text("system"), text(touch(c)))), "operator.methodcaller"),
-    "functools-partial": (".pdparams", lambda c: framed(call(stack_global("functools", "partial"), stack_global("os", "system"), text(touch(c)))), "functools.partial"),
-    "importlib": (".pdparams", lambda c: framed(call(stack_global("importlib", "import_module"), text("os"))), "importlib.import_module"),
-    "marshal-code": (".pdparams", lambda c: framed(call(stack_global("marshal", "loads"), P.SHORT_BINBYTES + b"\x01\x00")), "marshal.loads"),
-    "copyreg-extension": (".pdparams", lambda c: framed(P.EXT1 + b"\x01" + text(touch(c)) + P.TUPLE1 + P.REDUCE), "an extension code"),
+    "operator-methodcaller": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("operator", "methodcaller"), text("system"), text(touch(c)))),
+        "operator.methodcaller",
+    ),
+    "functools-partial": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("functools", "partial"), stack_global("os", "system"), text(touch(c)))),
+        "functools.partial",
+    ),
+    "importlib": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("importlib", "import_module"), text("os"))),
+        "importlib.import_module",
+    ),
+    "marshal-code": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("marshal", "loads"), P.SHORT_BINBYTES + b"\x01\x00")),
+        "marshal.loads",
+    ),
+    "copyreg-extension": (
+        ".pdparams",
+        lambda c: framed(P.EXT1 + b"\x01" + text(touch(c)) + P.TUPLE1 + P.REDUCE),
+        "an extension code",
+    ),
     # CVE-2025-1716: pip.main as the callable (picklescan allowed it); CVE-2025-10157: a submodule of a module a
     # list names (asyncio's); CVE-2025-10155: a protocol-0 pickle named .bin/.pt, which scanners skipped by name.
-    "cve-2025-1716-pip-main": (".pdparams", lambda c: framed(call(stack_global("pip", "main"), P.MARK + text("--version") + P.LIST)), "pip.main"),
+    "cve-2025-1716-pip-main": (
+        ".pdparams",
+        lambda c: framed(call(stack_global("pip", "main"), P.MARK + text("--version") + P.LIST)),
+        "pip.main",
+    ),
     "cve-2025-10157-submodule": (
         ".pdparams",
         lambda c: framed(call(stack_global("asyncio.unix_events", "_UnixSubprocessTransport"), P.NONE)),
         "asyncio.unix_events._UnixSubprocessTransport",
     ),
-    "cve-2025-10155-protocol-0-bin": (".bin", lambda c: b"cos\nsystem\n(V" + touch(c).encode() + b"\ntR.", "is a text file"),
-    "cve-2025-10155-protocol-0-pt": (".pt", lambda c: b"(cos\nsystem\nV" + touch(c).encode() + b"\no.", "is a text file"),
+    "cve-2025-10155-protocol-0-bin": (
+        ".bin",
+        lambda c: b"cos\nsystem\n(V" + touch(c).encode() + b"\ntR.",
+        "is a text file",
+    ),
+    "cve-2025-10155-protocol-0-pt": (
+        ".pt",
+        lambda c: b"(cos\nsystem\nV" + touch(c).encode() + b"\no.",
+        "is a text file",
+    ),
     # CVE-2025-32434 (torch <= 2.5.1 weights_only bypass): torch's legacy (pre-zip) format, whose later pickles
     # torch reads; the payload sits in them.
     "cve-2025-32434-legacy-format": (".pt", lambda c: legacy_torch_file(c), "posix.system"),
@@ -282,7 +427,7 @@ def test_a_hostile_file_is_refused_in_one_line_and_runs_nothing(
         code = main(["inspect", str(path)])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
-    assert len(err.splitlines()) == 1 and err.startswith(f"textinv: error: ") and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("textinv: error: ") and "Traceback" not in err, err
     assert expected in err, err
     assert not canary.exists() and not (tmp_path.parent / canary.name).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing extracted or written beside it

@@ -50,7 +50,9 @@ def test_hostile_upload_names_are_stored_under_generated_names_inside_the_folder
     source = png(tmp_path / "upload")
     server = tmp_path / "server"
     with guarded(server):  # any write outside the server's folder fails the test
-        stored = store_images([(str(source), name) for name in HOSTILE_NAMES], server / "images", UploadLimits(max_images=20))
+        stored = store_images(
+            [(str(source), name) for name in HOSTILE_NAMES], server / "images", UploadLimits(max_images=20)
+        )
     names = [entry.path.name for entry in stored]
     assert names == [
         "00-pwned.png",
@@ -225,13 +227,19 @@ def test_the_live_page_refuses_other_sites_other_host_names_and_oversize_uploads
         assert (status, body) == (403, b"refused: this page answers only to 127.0.0.1 and localhost\n")
         data, content_type = multipart("cat.txt", b"hello")
         headers = {"Content-Type": content_type, "Host": own}
-        status, body = request(server.url, "POST", "/gradio_api/upload", {**headers, "Origin": "http://evil.example"}, data)
+        status, body = request(
+            server.url, "POST", "/gradio_api/upload", {**headers, "Origin": "http://evil.example"}, data
+        )
         assert (status, body) == (403, b"refused: this page only answers requests from itself\n")
         assert not any(p.is_file() for p in server.work.rglob("*") if "gradio-uploads" in p.parts)
         # The page's own upload, named to climb out of the work folder: stored inside it under its last part.
         data, content_type = multipart("../../../../../" + str(tmp_path / "pwned.txt"), b"hello")
         status, body = request(
-            server.url, "POST", "/gradio_api/upload", {**headers, "Content-Type": content_type, "Origin": f"http://{own}"}, data
+            server.url,
+            "POST",
+            "/gradio_api/upload",
+            {**headers, "Content-Type": content_type, "Origin": f"http://{own}"},
+            data,
         )
         stored = Path(json.loads(body)[0])
         assert status == 200 and stored.name == "pwned.txt" and server.work.resolve() in stored.resolve().parents

@@ -33,9 +33,14 @@ def _load_torch_zip(path: Path) -> Any:
     except (zipfile.BadZipFile, OSError, ValueError):
         raise UserError(f"{str(path)!r} is truncated or corrupt (not a complete zip archive)") from None
     # Nothing is extracted, but a member named outside the archive's folder is no torch.save output (zip-slip names).
-    strange = next((m.filename for m in members if m.filename.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", m.filename)), None)
+    strange = next(
+        (m.filename for m in members if m.filename.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", m.filename)),
+        None,
+    )
     if strange is not None:
-        raise UserError(f"{str(path)!r} has a member named {strange[:80]!r}, outside its archive; it is not a torch file")
+        raise UserError(
+            f"{str(path)!r} has a member named {strange[:80]!r}, outside its archive; it is not a torch file"
+        )
     if not any(m.filename.endswith("data.pkl") for m in members):
         raise UserError(f"{str(path)!r} is a zip archive but not a torch file (it has no data.pkl)")
     if sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
@@ -156,7 +161,9 @@ class _DataOnlyUnpickler(pickle._Unpickler):
     allowed global would set attributes on it for every later load (the first half of protectai/modelscan#85).
     """
 
-    dispatch = dict(pickle._Unpickler.dispatch)
+    _steps: dict[int, Any] = dict(pickle._Unpickler.dispatch)  # opcode -> step; counted below
+    stack: list[Any]  # the unpickler's own, set by load()
+    operations = 0
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _allowed_globals().get((module, name))
@@ -196,15 +203,13 @@ class _DataOnlyUnpickler(pickle._Unpickler):
         # The extension registry (copyreg) hands out objects from a cache without find_class; no pickle here uses it.
         raise _RefusedGlobal("an extension code")
 
-    dispatch[pickle.BUILD[0]] = _load_build
-    dispatch[pickle.REDUCE[0]] = _load_reduce
+    _steps[pickle.BUILD[0]] = _load_build
+    _steps[pickle.REDUCE[0]] = _load_reduce
     for _opcode in (pickle.NEWOBJ, pickle.NEWOBJ_EX):
-        dispatch[_opcode[0]] = _load_newobj
+        _steps[_opcode[0]] = _load_newobj
     for _opcode in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
-        dispatch[_opcode[0]] = _load_ext
-    operations = 0
-
-    dispatch = {code: _counted(step) for code, step in dispatch.items()}
+        _steps[_opcode[0]] = _load_ext
+    dispatch = {code: _counted(step) for code, step in _steps.items()}
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {}

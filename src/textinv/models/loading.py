@@ -374,7 +374,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise UserError(f"{str(path)!r} is not valid JSON ({first_line(error)}); the model folder is damaged") from None
     except RecursionError:
-        raise UserError(f"{str(path)!r} nests its JSON too deeply to be a config; the model folder is damaged") from None
+        raise UserError(
+            f"{str(path)!r} nests its JSON too deeply to be a config; the model folder is damaged"
+        ) from None
     if not isinstance(document, dict):
         raise UserError(f"{str(path)!r} is not a JSON object; the model folder is damaged")
     return document

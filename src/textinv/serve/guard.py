@@ -13,7 +13,8 @@ Both refusals are a 403 with one line of text, and a log line.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from textinv.serve.checks import is_loopback

@@ -7,7 +7,6 @@ to do, and never branches on a family's name. Adding a family is a module here a
 from __future__ import annotations
 
 import json
-
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,7 +144,10 @@ def _unet_family(
     if prediction_type == "v_prediction":
         return SD2_V
     # OpenCLIP ViT-H (SD 2.x) is 1024 wide and uses gelu; OpenAI CLIP ViT-L (SD 1.x) quick_gelu.
-    if _config_int(first_config, "hidden_size", 0, f"{where}: text_encoder/config.json") == 1024 or first_config.get("hidden_act") == "gelu":
+    if (
+        _config_int(first_config, "hidden_size", 0, f"{where}: text_encoder/config.json") == 1024
+        or first_config.get("hidden_act") == "gelu"
+    ):
         return SD2
     return SD1
 
@@ -154,7 +156,9 @@ def _config_int(config: dict[str, Any], key: str, default: int, where: str) -> i
     """A config's whole-number setting; a damaged file (a string, a list, a fraction) is a one-line UserError."""
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{where} has {key} = {json.dumps(value)[:40]}, not a whole number; the model folder is damaged")
+        raise UserError(
+            f"{where} has {key} = {json.dumps(value)[:40]}, not a whole number; the model folder is damaged"
+        )
     return value
 
 

@@ -106,7 +106,8 @@ def main() -> int:
                     case()
                 except Exception as error:  # noqa: BLE001 - a finding: kept, and the run goes on
                     where = save_finding(corpus / "findings", name, last[0], error)
-                    findings.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]} ({where})")
+                    first = (str(error).splitlines() or [""])[0][:200]
+                    findings.append(f"{name}: {type(error).__name__}: {first} ({where})")
     elapsed = time.monotonic() - started
     summary = {"seconds": round(elapsed), "executions": sum(counts.values()), "by_target": counts, "findings": findings}
     print(json.dumps(summary, indent=2))

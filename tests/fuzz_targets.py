@@ -251,7 +251,7 @@ def run_model_folder(files: dict[str, bytes], work: Path) -> str:
         lambda: (local_model_dir(str(folder)), check_model_folder(str(folder)), inspect_pipeline(folder))
     )
     resolution_outcome, resolution = check_property(lambda: native_resolution(folder))
-    assert resolution_outcome == "ok" and isinstance(resolution, int)
+    assert resolution_outcome == "ok" and isinstance(resolution, int) and 8 <= resolution <= 8192, resolution
     if outcome == "ok":
         assert result[0] == folder and result[1] == folder.resolve() and result[2].family.name
     return outcome

@@ -70,6 +70,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
         "model 'W/model' is a StableDiffusionPipeline with no UNet or transformer (scheduler: PNDMScheduler, "
         f"text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, vae: AutoencoderKL); textinv trains {SUPPORTED}",
     ),
+X
     "upload-newline-name.json": ("refused", "'?' is an HTML page (a failed download?), not an embedding file"),
     "captions-box-newline-name.json": (
         "refused",
@@ -85,6 +86,7 @@ def replay(file: Path, work: Path) -> tuple[str, Any]:
     from textinv.embeddings import read_embeddings
     from textinv.models.loading import inspect_pipeline, local_model_dir
     from textinv.serve.captions import gather_captions
+    from textinv.serve.state import native_resolution
     from textinv.serve.uploads import store_embedding_file
 
     if file.suffix in (".pdparams", ".pt", ".bin"):
@@ -95,10 +97,12 @@ def replay(file: Path, work: Path) -> tuple[str, Any]:
         config = TrainConfig(pretrained_model_name_or_path="x", concepts=str(work / "c.toml"))
         return check_property(lambda: concept_configs(config))
     case = json.loads(file.read_text(encoding="utf-8"))
-    if file.name.startswith("model-"):
+    if file.name.startswith(("model-", "resolution-")):
         for name, text in case.items():
             (work / "model" / name).parent.mkdir(parents=True, exist_ok=True)
             (work / "model" / name).write_text(text, encoding="utf-8")
+        if file.name.startswith("resolution-"):
+            return check_property(lambda: repr(native_resolution(work / "model")))
         return check_property(lambda: inspect_pipeline(local_model_dir(str(work / "model"))).family.name)
     if file.name.startswith("upload-"):
         (work / "upload").write_text(case["data"], encoding="utf-8")

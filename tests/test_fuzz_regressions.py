@@ -70,7 +70,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
         "model 'W/model' is a StableDiffusionPipeline with no UNet or transformer (scheduler: PNDMScheduler, "
         f"text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, vae: AutoencoderKL); textinv trains {SUPPORTED}",
     ),
-X
+    "resolution-vae-no-blocks.json": ("ok", "8"),  # textinv serve's image size: the sample size, not 4.0
     "upload-newline-name.json": ("refused", "'?' is an HTML page (a failed download?), not an embedding file"),
     "captions-box-newline-name.json": (
         "refused",

@@ -3,6 +3,7 @@ under the property of tests/fuzz_harness.py, each with the exact outcome its fix
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -71,6 +72,15 @@ EXPECTED: dict[str, tuple[str, str]] = {
         f"text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, vae: AutoencoderKL); textinv trains {SUPPORTED}",
     ),
     "resolution-vae-no-blocks.json": ("ok", "8"),  # textinv serve's image size: the sample size, not 4.0
+    "bytearray8-forged-length.pdparams": (
+        "refused",
+        "'W/bytearray8-forged-length.pdparams' is truncated or corrupt "
+        "(UnpicklingError: pickle exhausted before end of frame)",  # read first: no 4.4e18-byte allocation
+    ),
+    "mask-broken-png.json": (
+        "refused",
+        "mask 'W/masks/0.png' is not a readable image (broken PNG file (chunk b'\\x82')); replace it",
+    ),
     "upload-newline-name.json": ("refused", "'?' is an HTML page (a failed download?), not an embedding file"),
     "captions-box-newline-name.json": (
         "refused",
@@ -97,6 +107,14 @@ def replay(file: Path, work: Path) -> tuple[str, Any]:
         config = TrainConfig(pretrained_model_name_or_path="x", concepts=str(work / "c.toml"))
         return check_property(lambda: concept_configs(config))
     case = json.loads(file.read_text(encoding="utf-8"))
+    if file.name.startswith("mask-"):
+        from textinv.data.images import discover_images
+        from textinv.data.masks import load_masks
+
+        for folder, key in (("images", "image"), ("masks", "mask")):
+            (work / folder).mkdir()
+            (work / folder / "0.png").write_bytes(base64.b64decode(case[key]))
+        return check_property(lambda: load_masks(discover_images(work / "images"), str(work / "masks"), False))
     if file.name.startswith(("model-", "resolution-")):
         for name, text in case.items():
             (work / "model" / name).parent.mkdir(parents=True, exist_ok=True)

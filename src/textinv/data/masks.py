@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from textinv.data.images import has_alpha, image_suffixes, make_view, open_upright, upright_size
-from textinv.errors import UserError
+from textinv.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def load_masks(image_paths: Sequence[Path], mask_dir: Optional[str], alpha_mask:
             )
         try:
             mask = open_upright(found)
-        except (OSError, ValueError) as error:
-            raise UserError(f"mask {str(found)!r} is not a readable image ({error}); replace it") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as error:  # Pillow's SyntaxError: a broken PNG (fuzzing)
+            raise UserError(f"mask {str(found)!r} is not a readable image ({first_line(error)}); replace it") from None
         image_height, image_width = upright_size(path)
         if mask.size != (image_width, image_height):
             raise UserError(

@@ -11,6 +11,7 @@ import io
 import logging
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -203,6 +204,15 @@ class _DataOnlyUnpickler(pickle._Unpickler):
         # The extension registry (copyreg) hands out objects from a cache without find_class; no pickle here uses it.
         raise _RefusedGlobal("an extension code")
 
+    def _load_bytearray8(self) -> None:
+        # The library's step allocates the length it reads before reading (fuzzing found 10**19): read, then check.
+        (size,) = struct.unpack("<Q", self.read(8))  # type: ignore[attr-defined]
+        data = self.read(size)  # type: ignore[attr-defined]
+        if len(data) != size:
+            raise pickle.UnpicklingError(f"BYTEARRAY8 of {size} bytes runs past the end of the file")
+        self.stack.append(bytearray(data))
+
+    _steps[pickle.BYTEARRAY8[0]] = _load_bytearray8
     _steps[pickle.BUILD[0]] = _load_build
     _steps[pickle.REDUCE[0]] = _load_reduce
     for _opcode in (pickle.NEWOBJ, pickle.NEWOBJ_EX):

@@ -81,6 +81,11 @@ EXPECTED: dict[str, tuple[str, str]] = {
         "refused",
         "mask 'W/masks/0.png' is not a readable image (broken PNG file (chunk b'\\x82')); replace it",
     ),
+    "image-bomb-header.json": (
+        "refused",
+        "--train_data_dir 'W/images' has no readable image: 0.png is 4353x32770 pixels, more than the limit of "
+        "67108864 pixels; shrink it; replace these with valid images",
+    ),
     "upload-newline-name.json": ("refused", "'?' is an HTML page (a failed download?), not an embedding file"),
     "captions-box-newline-name.json": (
         "refused",
@@ -107,7 +112,7 @@ def replay(file: Path, work: Path) -> tuple[str, Any]:
         config = TrainConfig(pretrained_model_name_or_path="x", concepts=str(work / "c.toml"))
         return check_property(lambda: concept_configs(config))
     case = json.loads(file.read_text(encoding="utf-8"))
-    if file.name.startswith("mask-"):
+    if file.name.startswith(("mask-", "image-")):
         from textinv.data.images import discover_images
         from textinv.data.masks import load_masks
 

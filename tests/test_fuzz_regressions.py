@@ -79,7 +79,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
     ),
     "mask-broken-png.json": (
         "refused",
-        "mask 'W/masks/0.png' is not a readable image (broken PNG file (chunk b'\\x82')); replace it",
+        "mask 'W/masks/0.png' is a damaged image: broken PNG file (bad header checksum in b'IDAT'); replace it",
     ),
     "image-bomb-header.json": (
         "refused",

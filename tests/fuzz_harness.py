@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import pickletools
+import re
 import resource
 import shutil
 import signal
@@ -178,7 +179,7 @@ def check_property(call: Callable[[], Any], allowed: Optional[Path] = None) -> t
         if not message.strip() or "\n" in message or "\r" in message:
             raise Violation(f"UserError of {len(message.splitlines())} lines: {message!r}")
         # Under the 1 GiB limit an allocation failed: without the limit the reader would have used that memory.
-        if "memory" in message.lower() or "allocat" in message.lower():
+        if re.search(r"asks for more memory|allocate memory|MemoryError|DefaultCPUAllocator", message):
             raise Violation(f"hit the memory limit: {message}")
     return outcome
 

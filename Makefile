@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test test-fast bench clean chromium lint docs paddle-venv
+.PHONY: demo test test-fast bench clean chromium lint docs paddle-venv fuzz
 
 # What the demo runs: torch and textinv with its own dependencies, nothing else.
 $(BIN)/textinv: pyproject.toml
@@ -83,6 +83,14 @@ paddle-venv:
 bench: $(BIN)/textinv
 	$(BIN)/python bench/train_step.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/learning.py
+
+# The fuzz suite (issue 31) for a set time with random seeds: every reader of untrusted input under the property of
+# tests/fuzz_harness.py. The corpus (hypothesis' database of failing cases, findings/) stays outside the repository;
+# `make test` runs the seeded CI set (tests/test_fuzz.py) instead. Prints executions and findings; exit 1 on a finding.
+FUZZ_SECONDS ?= 600
+FUZZ_CORPUS ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/textinv/fuzz-corpus
+fuzz: $(TEST_TOOLS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python bench/fuzz.py --seconds $(FUZZ_SECONDS) --corpus "$(FUZZ_CORPUS)"
 
 clean:
 	rm -rf demo-output .pytest_cache site

@@ -165,10 +165,14 @@ def _read_tables(shown: str) -> list[dict[str, Any]]:
     toml = _toml_parser()
     try:
         document = toml.loads(text)
-    except toml.TOMLDecodeError as error:  # its message ends "(at line L, column C)"
+    except (toml.TOMLDecodeError, ValueError) as error:  # its message ends "(at line L, column C)"
         raise UserError(
             f"--concepts {shown!r} is not valid TOML: {first_line(error)}; write one [[concept]] table per word "
             'with key = value lines, e.g. placeholder_token = "<cat-toy>"'
+        ) from None
+    except RecursionError:  # found by fuzzing: tomllib recurses once per nested [ or {
+        raise UserError(
+            f"--concepts {shown!r} nests arrays or tables too deeply; a concept's values are words, numbers and paths"
         ) from None
     for key in document:
         if key != "concept":
@@ -306,16 +310,18 @@ def _example(key: str, value: Any, kind: type) -> str:
     return _EXAMPLES[key]
 
 
-def _toml(value: Any) -> str:
-    """``value`` as TOML writes it (at most 60 characters), for messages."""
-    if isinstance(value, bool):
+def _toml(value: Any, depth: int = 0) -> str:
+    """``value`` as TOML writes it (at most 60 characters, 3 levels deep: fuzzing nested 700), for messages."""
+    if isinstance(value, (dict, list)) and depth >= 3:
+        text = "{ ... }" if isinstance(value, dict) else "[...]"
+    elif isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
         text = json.dumps(value, ensure_ascii=False)
     elif isinstance(value, dict):
-        text = "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
+        text = "{ " + ", ".join(f"{key} = {_toml(item, depth + 1)}" for key, item in value.items()) + " }"
     elif isinstance(value, list):
-        text = "[" + ", ".join(_toml(item) for item in value) + "]"
+        text = "[" + ", ".join(_toml(item, depth + 1) for item in value) + "]"
     else:
         text = str(value)
     return text if len(text) <= 60 else text[:57] + "..."

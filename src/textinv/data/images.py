@@ -7,6 +7,7 @@ each goes through the VAE once (textinv.data.latents).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -79,7 +80,11 @@ def check_image(
     any pixel is decoded; ``verify()`` then checks the structure and a fresh open decodes it all.
     Shared by the CLI's folder and the web page's uploads, so both accept the same images."""
     try:
-        with Image.open(source) as image:
+        with warnings.catch_warnings():
+            # Pillow warns past 89M pixels; the limit below refuses in one line (fuzzing: the warning reached the user).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source)
+        with opened as image:
             width, height = image.size
             if width * height > max_pixels:
                 return f"is {width}x{height} pixels, more than the limit of {max_pixels} pixels; shrink it"

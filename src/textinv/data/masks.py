@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from textinv.data.images import has_alpha, image_suffixes, make_view, open_upright, upright_size
-from textinv.errors import UserError
+from textinv.data.images import check_image, has_alpha, image_suffixes, make_view, open_upright, upright_size
+from textinv.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,13 @@ def load_masks(image_paths: Sequence[Path], mask_dir: Optional[str], alpha_mask:
             raise UserError(
                 f"--mask_dir {mask_dir!r} has no mask for {path.name}; add {path.stem}.png (white = trained, black = ignored)"
             )
+        problem = check_image(found)  # the training images' checks: pixel limit before decoding, a full decode
+        if problem is not None:
+            raise UserError(f"mask {str(found)!r} {problem}; replace it")
         try:
             mask = open_upright(found)
-        except (OSError, ValueError) as error:
-            raise UserError(f"mask {str(found)!r} is not a readable image ({error}); replace it") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as error:  # Pillow's SyntaxError: a broken PNG (fuzzing)
+            raise UserError(f"mask {str(found)!r} is not a readable image ({first_line(error)}); replace it") from None
         image_height, image_width = upright_size(path)
         if mask.size != (image_width, image_height):
             raise UserError(

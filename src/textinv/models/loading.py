@@ -151,12 +151,7 @@ def check_pipeline_dir(path: Path) -> dict[str, Any]:
             f"model folder {str(path)!r} has no model_index.json, so it is not a diffusers pipeline; "
             "convert single-file checkpoints with diffusers first, or make one with `textinv tiny DIR`"
         )
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"{str(index_file)!r} is not valid JSON ({error}); the model folder is damaged") from None
-    if not isinstance(index, dict):
-        raise UserError(f"{str(index_file)!r} is not a JSON object; the model folder is damaged")
+    index = _read_json(index_file)
     _check_supported_components(path, index)
     declared_parts = [name for name in ENCODER_AND_DENOISER_SLOTS if declared(index, name)]
     missing = [part for part in REQUIRED_PARTS + tuple(declared_parts) if not (path / part).is_dir()]
@@ -174,7 +169,7 @@ def _components_text(index: dict[str, Any]) -> str:
     found = [
         f"{name}: {spec[1]}"
         for name, spec in index.items()
-        if not name.startswith("_") and isinstance(spec, list) and spec[-1]
+        if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[-1]
     ]
     return ", ".join(found) or "no components"
 
@@ -371,9 +366,17 @@ def _text_encoder_class(class_name: str) -> Any:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file, which must hold an object (fuzzing found ``null`` and ``[[[...]]]`` configs)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{str(path)!r} is missing; the model folder is incomplete") from None
     except (OSError, ValueError) as error:
-        raise UserError(f"{str(path)!r} is not valid JSON ({error}); the model folder is damaged") from None
+        raise UserError(f"{str(path)!r} is not valid JSON ({first_line(error)}); the model folder is damaged") from None
+    except RecursionError:
+        raise UserError(
+            f"{str(path)!r} nests its JSON too deeply to be a config; the model folder is damaged"
+        ) from None
+    if not isinstance(document, dict):
+        raise UserError(f"{str(path)!r} is not a JSON object; the model folder is damaged")
+    return document

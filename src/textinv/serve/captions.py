@@ -20,7 +20,14 @@ from pathlib import Path
 from textinv.config import UserError
 from textinv.data.captions import caption_text
 from textinv.files import atomic_write_text
-from textinv.serve.uploads import StoredImage, UploadLimits, inside_folder, read_limited, safe_stem_with_suffix
+from textinv.serve.uploads import (
+    StoredImage,
+    UploadLimits,
+    inside_folder,
+    read_limited,
+    safe_stem_with_suffix,
+    shown_name,
+)
 
 CAPTION_SUFFIXES = (".txt", ".caption")
 STORED_SUFFIX = ".txt"  # what training is told: TrainConfig(caption_extension=".txt")
@@ -41,7 +48,7 @@ def split_uploads(uploads: Sequence[Upload]) -> tuple[list[Upload], list[Upload]
 
 
 def _shown(original_name: str) -> str:
-    return safe_stem_with_suffix(original_name)[:80] or "upload"
+    return shown_name(original_name)
 
 
 def _keys(image_name: str) -> tuple[str, str]:

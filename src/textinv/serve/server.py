@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from textinv.config import UserError
-from textinv.serve.checks import check_host, check_model_folder, check_port, check_port_free, port_in_use_text
+from textinv.serve.checks import (
+    check_host,
+    check_model_folder,
+    check_port,
+    check_port_free,
+    is_loopback,
+    port_in_use_text,
+)
+from textinv.serve.guard import middleware
 
 if TYPE_CHECKING:
     from textinv.serve.state import ServerState
@@ -69,6 +77,8 @@ def launch_options(options: ServeOptions, state: ServerState) -> dict[str, Any]:
         ssr_mode=False,
         footer_links=[],
         quiet=True,  # its banner suggests share=True; serve() logs the address itself
+        # Only requests from the page itself, to this machine's name: no other site, no DNS rebinding (serve/guard.py).
+        app_kwargs={"middleware": middleware(is_loopback(options.host))},
     )
 
 

@@ -56,9 +56,11 @@ def native_resolution(model_dir: Path) -> int:
         vae = json.loads((model_dir / "vae" / "config.json").read_text(encoding="utf-8"))
         sample = unet["sample_size"]
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-        return int(sample) * 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        size = int(sample) * 2 ** max(len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1, 0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError):
         return 512  # SD 1.x's size: a safe guess when the configs say nothing usable
+    # Fuzzing found an empty block_out_channels (a size of 4.0) and negative sizes: also nothing usable.
+    return size if 8 <= size <= 8192 else 512
 
 
 # --- the server's state: one job at a time, exports, generation ------------------------------------

@@ -141,7 +141,7 @@ def check_images(
     check_image_count(len(uploads), limits)
     checked = []
     for source, original_name in uploads:
-        shown = Path(str(original_name)).name[:80] or "upload"
+        shown = shown_name(original_name)
         data = read_limited(Path(source), limits.max_image_bytes, "image", shown)
         kind, width, height = check_image_bytes(data, shown, limits)
         checked.append(CheckedImage(data, str(original_name), kind, width, height))
@@ -190,7 +190,7 @@ def store_embedding_file(
     """
     from textinv.embeddings import read_embeddings
 
-    shown = Path(str(original_name)).name[:80] or "upload"
+    shown = shown_name(original_name)
     data = read_limited(Path(source), limits.max_embedding_bytes, "embedding file", shown)
     suffix = Path(safe_stem_with_suffix(original_name)).suffix.lower()
     suffix = suffix if suffix in EMBEDDING_SUFFIXES else ".bin"
@@ -204,6 +204,13 @@ def store_embedding_file(
         # Name the file as the person knows it, not by the server's copy.
         raise UserError(str(error).replace(str(target), shown)) from None
     return target
+
+
+def shown_name(original_name: str) -> str:
+    """A browser's file name as a message shows it: the last path part, 80 characters, control characters as '?'
+    (fuzzing found a name of one newline breaking the one-line error)."""
+    name = safe_stem_with_suffix(original_name)[:80]
+    return "".join(char if char.isprintable() else "?" for char in name) or "upload"
 
 
 def safe_stem_with_suffix(original_name: str) -> str:

@@ -6,6 +6,7 @@ to do, and never branches on a family's name. Adding a family is a module here a
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def get_family(name: str) -> ModelFamily:
 
 def declared(index: dict[str, Any], name: str) -> bool:
     spec = index.get(name)
-    return isinstance(spec, list) and len(spec) == 2 and spec[1] is not None
+    return isinstance(spec, list) and len(spec) == 2 and isinstance(spec[1], str)
 
 
 def detect(path: Path, index: dict[str, Any], read_json: Callable[[Path], dict[str, Any]]) -> FolderLayout:
@@ -79,8 +80,9 @@ def detect(path: Path, index: dict[str, Any], read_json: Callable[[Path], dict[s
         if not declared(index, slot):
             continue
         config = read_json(path / slot / "config.json")
-        class_name = (config.get("architectures") or [index[slot][1]])[0]
-        if class_name not in TEXT_ENCODER_CLASSES:
+        architectures = config.get("architectures")
+        class_name = architectures[0] if isinstance(architectures, list) and architectures else index[slot][1]
+        if not isinstance(class_name, str) or class_name not in TEXT_ENCODER_CLASSES:
             raise UserError(
                 f"{where} has a {class_name} {slot}; textinv trains with CLIP (SD 1.x/2.x/XL/3, Flux), T5 (SD3, Flux), "
                 "BertModel (Taiyi) or RobertaSeriesModelWithTransformation (AltDiffusion) text encoders"
@@ -113,7 +115,7 @@ def _unet_family(
     unet_class = unet.get("_class_name", "UNet2DConditionModel")
     if unet_class != "UNet2DConditionModel":
         raise UserError(f"{where} has a {unet_class} denoiser; textinv trains {SUPPORTED_TEXT} (UNet2DConditionModel)")
-    in_channels = int(unet.get("in_channels", 4))
+    in_channels = _config_int(unet, "in_channels", 4, f"{where}: unet/config.json")
     if in_channels != 4:
         raise UserError(
             f"{where} has a UNet with {in_channels} input channels (an inpainting, depth or upscaling model); "
@@ -142,9 +144,22 @@ def _unet_family(
     if prediction_type == "v_prediction":
         return SD2_V
     # OpenCLIP ViT-H (SD 2.x) is 1024 wide and uses gelu; OpenAI CLIP ViT-L (SD 1.x) quick_gelu.
-    if int(first_config.get("hidden_size", 0)) == 1024 or first_config.get("hidden_act") == "gelu":
+    if (
+        _config_int(first_config, "hidden_size", 0, f"{where}: text_encoder/config.json") == 1024
+        or first_config.get("hidden_act") == "gelu"
+    ):
         return SD2
     return SD1
+
+
+def _config_int(config: dict[str, Any], key: str, default: int, where: str) -> int:
+    """A config's whole-number setting; a damaged file (a string, a list, a fraction) is a one-line UserError."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(
+            f"{where} has {key} = {json.dumps(value)[:40]}, not a whole number; the model folder is damaged"
+        )
+    return value
 
 
 def family_of_roles(dims: dict[str, int]) -> str:

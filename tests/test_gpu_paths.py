@@ -695,9 +695,13 @@ def test_cpu_runs_are_bit_identical_at_one_thread_count_and_within_the_stated_to
         vectors[name] = load_file(str(out / "learned_embeds.safetensors"))["<cat-toy>"]
         assert json.loads((out / "run.json").read_text())["torch_threads"] == int(threads)
     assert torch.equal(vectors["a"], vectors["b"])
-    assert precision.vectors_agree(
-        vectors["one-thread"], vectors["a"], precision.vector_tolerance("cpu", same_threads=False)
-    )
+    # Measured 2026-12-02 on this project's machine (AMD EPYC, 2 cores) with `python bench/threads.py --vectors`:
+    # 1 against 2 or 4 threads, this setting (6 steps, batch 4 x 2), seeds 1-3: 2.5e-5, 2.4e-6, 4.6e-7; seed 42 (this
+    # test's): 1.3e-6. Adam's g / sqrt(v) turns a last-bit change of a small gradient entry into a larger step, so the
+    # spread depends on the seed; the bound is twice the largest measured.
+    spread = float((vectors["one-thread"] - vectors["a"]).abs().max() / vectors["a"].abs().max())
+    assert spread <= 5e-5, spread
+    assert precision.vector_tolerance("cpu", same_threads=False) >= 5e-5  # what resume checks allow covers it
 
 
 def test_a_resume_with_another_thread_count_says_it_will_not_be_bit_identical(caplog: pytest.LogCaptureFixture) -> None:

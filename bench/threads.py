@@ -5,6 +5,10 @@ steady-state timing) and the threads each run used; the settings are interleaved
 
     python bench/threads.py                 # 3 rounds, 30 steps at 64 px
     python bench/threads.py --rounds 5 --steps 60
+    python bench/threads.py --vectors       # how far apart the learned vectors of 1, 2, 4 threads end (seeds 1-3)
+
+--vectors measures the bound docs/gpus.md states and tests/test_gpu_paths.py checks: the largest absolute difference
+over the largest absolute entry, 12 steps at batch 4 (the tests' setting: batch 4 x accumulation 2, 6 steps, too).
 """
 
 from __future__ import annotations
@@ -39,11 +43,71 @@ def train_once(model: Path, images: Path, out: Path, steps: int, extra: list[str
     return {"seconds_per_step": record["timings"]["seconds_per_step"], "threads": record["torch_threads"]}
 
 
+VECTOR_SETTINGS = {
+    "12 steps, batch 4": ["--train_batch_size=4", "--max_train_steps=12"],
+    "6 steps, batch 4 x 2": ["--train_batch_size=4", "--gradient_accumulation_steps=2", "--max_train_steps=6"],
+}
+
+
+def learned_vector(model: Path, images: Path, out: Path, threads: int, seed: int, extra: list[str]):
+    from safetensors.torch import load_file
+
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    command = [
+        sys.executable, "-m", "textinv.cli", "train", f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={images}", "--placeholder_token=<cat-toy>", "--initializer_token=toy", "--resolution=64",
+        "--learning_rate=5e-3", "--lr_warmup_steps=0", f"--seed={seed}", "--only_save_embeds", "--eval_steps=0",
+        "--report_to=none", f"--output_dir={out}", *extra,
+    ]  # fmt: skip
+    subprocess.run(command, check=True, env=environment, capture_output=True)
+    assert json.loads((out / "run.json").read_text())["torch_threads"] == threads
+    return load_file(str(out / "learned_embeds.safetensors"))["<cat-toy>"]
+
+
+def vectors_main(seeds: list[int]) -> None:
+    """The relative spread of the learned vectors across torch thread counts (precision.vectors_agree's measure)."""
+    from textinv.tiny import build_tiny_pipeline, demo_images_dir
+
+    started = time.time()
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {cpu_name()}, {os.cpu_count()} cores, "
+        f"tiny SD1 pipeline at 64 px, seeds {seeds}, each run its own process"
+    )
+    print("| setting | seed | 1 vs 2 threads | 1 vs 4 threads | 2 threads twice |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="textinv-thread-vectors-") as scratch:
+        work = Path(scratch)
+        model = build_tiny_pipeline(work / "tiny", seed=0)
+        # Only the first three demo images, as the tests train on.
+        images = work / "images"
+        images.mkdir()
+        for source in sorted(demo_images_dir().glob("*.jpg"))[:3]:
+            (images / source.name).write_bytes(source.read_bytes())
+        for name, extra in VECTOR_SETTINGS.items():
+            for seed in seeds:
+                runs = {
+                    label: learned_vector(
+                        model, images, work / f"{name}-{seed}-{label}".replace(" ", "_"), t, seed, extra
+                    )
+                    for label, t in (("1", 1), ("2", 2), ("2 again", 2), ("4", 4))
+                }
+                scale = float(runs["1"].abs().max())
+                spread = {k: float((runs[k] - runs["1"]).abs().max()) / scale for k in ("2", "4")}
+                same = "bit-identical" if runs["2"].equal(runs["2 again"]) else "DIFFER"
+                print(f"| {name} | {seed} | {spread['2']:.2e} | {spread['4']:.2e} | {same} |")
+    print(f"total {time.time() - started:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--vectors", action="store_true", help="measure the vectors' spread across thread counts")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args()
+    if args.vectors:
+        vectors_main(args.seeds)
+        return
     from textinv.tiny import build_tiny_pipeline, demo_images_dir
 
     started = time.time()

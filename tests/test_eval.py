@@ -47,15 +47,27 @@ def test_training_images_score_higher_than_unrelated_images(scorer: ClipScorer, 
     assert -1.0 <= scorer.image_similarity(_noise_images(), references) <= 1.0
 
 
-def test_image_similarity_is_the_mean_pairwise_cosine(scorer: ClipScorer, train_images: Path) -> None:
+def test_both_scores_equal_clipmodels_own_cosines(scorer: ClipScorer, tiny_clip: Path, train_images: Path) -> None:
+    """CLIP-I and CLIP-T as the paper defines them, computed here with transformers' CLIPModel and CLIPProcessor
+    alone: CLIPModel's forward returns unit-length image/text embeddings and logits_per_image = exp(logit_scale) x
+    their cosine, so neither number passes through ClipScorer."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
     references = load_reference_images(train_images)
     generated = _noise_images(2)
-    pairwise = [
-        float(torch.nn.functional.cosine_similarity(scorer.embed_images([g]), scorer.embed_images([r])))
-        for g in generated
-        for r in references
-    ]
-    assert scorer.image_similarity(generated, references) == pytest.approx(sum(pairwise) / len(pairwise), abs=1e-5)
+    text = "a toy on the beach"
+    with torch.no_grad():
+        out = model(**processor(text=[text], images=[*generated, *references], return_tensors="pt", padding=True))
+    image_embeds = out.image_embeds  # generated rows first, then the references
+    pairwise = image_embeds[:2] @ image_embeds[2:].T
+    assert pairwise.shape == (2, 3)
+    cosines = out.logits_per_image[:2, 0] / model.logit_scale.detach().exp()
+    assert scorer.image_similarity(generated, references) == pytest.approx(float(pairwise.mean()), abs=1e-6)
+    assert scorer.text_similarity(generated, text) == pytest.approx(float(cosines.mean()), abs=1e-6)
+    # Which text is scored matters: another caption gives another number (0.305 against 0.190 with the tiny CLIP).
+    assert scorer.text_similarity(generated, "an oil painting") != pytest.approx(float(cosines.mean()), abs=1e-4)
 
 
 def test_prompt_files_and_the_text_clip_reads(tmp_path: Path) -> None:

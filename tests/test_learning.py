@@ -79,8 +79,11 @@ def test_the_teacher_prefers_the_planted_word(planted) -> None:
 def test_training_recovers_the_planted_word(planted, tmp_path: Path) -> None:
     concept, scorer = planted
     score = _train(concept, scorer, tmp_path / "run").scores[SHORT_STEPS]
-    # Fails if the vectors do not move, move the wrong rows, lose their gradient or chase another target.
-    assert score.recovery >= 0.5, score
+    # Fails if the vectors do not move, move the wrong rows, lose their gradient or chase another target, or learn at
+    # half the speed: measured 2026-12-02 (AMD EPYC, 2 cores, this fixture) recovery at 40 steps 1.18-1.36 over
+    # training seeds 0-5 (1.32 for seed 0), 1.16 at 30 steps and 0.87 at 20. 1.0 is 3 standard deviations (0.06)
+    # of the seeds' spread below the lowest.
+    assert score.recovery >= 1.0, score
     start_cosine = float(torch.nn.functional.cosine_similarity(concept.initial, concept.target, dim=0))
     assert score.cosine > start_cosine and 0.5 < score.norm_ratio < 2.0, score  # it turned towards "star"
 

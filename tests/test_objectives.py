@@ -64,14 +64,19 @@ def _former_min_snr(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return weights.float()
 
 
-@pytest.mark.parametrize("sampling", ["uniform", "logit_normal"])
-def test_ddpm_draws_are_the_former_draws(sampling: str) -> None:
-    settings = ObjectiveSettings(timestep_sampling=sampling, timestep_logit_mean=0.3, timestep_logit_std=1.2)
+@pytest.mark.parametrize(
+    "sampling, mean, std",
+    [("uniform", 0.0, 1.0), ("logit_normal", 0.0, 1.0), ("logit_normal", 0.3, 1.2), ("logit_normal", -1.2, 0.7)],
+)
+def test_ddpm_draws_are_the_former_draws(sampling: str, mean: float, std: float) -> None:
+    # logit_normal now draws through diffusers' compute_density_for_timestep_sampling: the same timesteps as the
+    # former hand-written draw (_former_draw), and the generator left in the same state.
+    settings = ObjectiveSettings(timestep_sampling=sampling, timestep_logit_mean=mean, timestep_logit_std=std)
     objective = DenoisingDiffusion(_ddpm())
     drawn = []
-    for seed in range(200):
+    for seed in range(2000):
         a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        expected = _former_draw(a, sampling, 0.3, 1.2)
+        expected = _former_draw(a, sampling, mean, std)
         got = objective.draw_timestep(b, settings)
         assert torch.equal(got, expected) and got.dtype == expected.dtype == torch.long
         assert torch.equal(torch.randn(3, generator=a), torch.randn(3, generator=b))  # same state after

@@ -164,38 +164,100 @@ def _train_command(model: Path, images: Path, out: Path, *extra: str) -> list[st
     ]
 
 
+# A child `textinv train` that gets a real signal while its loss_call-th micro-batch loss is computed (the point
+# sigint_on_loss_call picks in-process): SIGKILL ends it there with no handler run, as `kill -9` would.
+SIGNAL_AT_LOSS_CALL = """
+import signal, sys
+from textinv import cli
+from textinv.training import recipe
+signum, call_number = int(sys.argv[1]), int(sys.argv[2])
+real, calls = recipe.denoising_loss, [0]
+def loss_with_signal(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == call_number:
+        signal.raise_signal(signum)
+    return real(*args, **kwargs)
+recipe.denoising_loss = loss_with_signal
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def _resume_settings_args(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    """`textinv train` flags for RESUME_SETTINGS (the uninterrupted fixture's run) with a checkpoint every step."""
+    return [
+        "train",
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={images}",
+        "--placeholder_token=<cat-toy>",
+        "--initializer_token=toy",
+        "--resolution=64",
+        "--train_batch_size=1",
+        "--learning_rate=5e-3",
+        "--max_train_steps=8",
+        "--gradient_accumulation_steps=2",
+        "--repeats=2",
+        "--lr_scheduler=cosine",
+        "--lr_warmup_steps=2",
+        "--only_save_embeds",
+        "--checkpointing_steps=1",
+        "--seed=11",
+        f"--output_dir={out}",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "signum, returncode, loss_call, checkpoints",
+    [
+        # SIGTERM inside step 6's accumulation cycle: textinv finishes the cycle, checkpoints step 6, exits 143.
+        (signal.SIGTERM, 143, 11, ["checkpoint-4", "checkpoint-5", "checkpoint-6"]),
+        # kill -9 at the same point: no handler runs; step 5's checkpoint (written before) is the last one.
+        (signal.SIGKILL, -signal.SIGKILL, 11, ["checkpoint-3", "checkpoint-4", "checkpoint-5"]),
+    ],
+    ids=["sigterm", "kill-9"],
+)
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_resume_finishes(tiny_model: Path, train_images: Path, tmp_path: Path) -> None:
+def test_a_signalled_process_resumes_bit_identical(
+    tiny_model: Path,
+    train_images: Path,
+    tmp_path: Path,
+    uninterrupted: torch.Tensor,
+    signum: int,
+    returncode: int,
+    loss_call: int,
+    checkpoints: list[str],
+) -> None:
     out = tmp_path / "out"
-    command = _train_command(tiny_model, train_images, out, "--max_train_steps=100000", "--only_save_embeds")
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "run.json").is_file() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143, stderr[-2000:]
-    last = stderr.strip().splitlines()[-1]
-    assert "SIGTERM" in last and "--resume_from_checkpoint latest" in last and "Traceback" not in stderr
-    checkpoint = list_checkpoints(out)[-1]
-    stopped_step = read_checkpoint(checkpoint)[0].step
-    assert stopped_step >= 1
-    finish = subprocess.run(
-        _train_command(
-            tiny_model,
-            train_images,
-            out,
-            f"--max_train_steps={stopped_step + 3}",
-            "--only_save_embeds",
-            "--resume_from_checkpoint=latest",
-        ),
+    args = _resume_settings_args(tiny_model, train_images, out, "--checkpoints_total_limit=3")
+    killed = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_LOSS_CALL, str(int(signum)), str(loss_call), *args],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
+    )
+    assert killed.returncode == returncode, killed.stderr[-2000:]
+    assert "Traceback" not in killed.stderr
+    if signum == signal.SIGTERM:
+        last = killed.stderr.strip().splitlines()[-1]
+        assert "SIGTERM" in last and "--resume_from_checkpoint latest" in last, last
+    assert [p.name for p in list_checkpoints(out)] == checkpoints
+    record = json.loads((out / "run.json").read_text())
+    # SIGTERM's handler records the stop; after kill -9 the record still says what it said mid-run.
+    assert (record["status"], record.get("steps_done")) == (
+        ("interrupted", 6) if signum == signal.SIGTERM else ("running", None)
+    )
+    finish = subprocess.run(
+        [sys.executable, "-m", "textinv.cli", *args, "--resume_from_checkpoint=latest"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert finish.returncode == 0, finish.stderr[-2000:]
-    assert json.loads((out / "run.json").read_text())["steps_done"] == stopped_step + 3
+    assert json.loads((out / "run.json").read_text())["steps_done"] == 8
+    resumed = load_file(str(out / "learned_embeds.safetensors"))["<cat-toy>"]
+    assert same_vectors(resumed, uninterrupted)  # bit-identical on the CPU, as after SIGINT in-process
 
 
 def _load_everything(out: Path) -> int:

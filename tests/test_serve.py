@@ -26,7 +26,7 @@ from textinv.data.captions import image_captions
 from textinv.embeddings import read_embeddings
 from textinv.events import RUN_FILE
 from textinv.serve.captions import gather_captions, split_uploads, write_captions
-from textinv.serve.checks import check_host, check_model_folder
+from textinv.serve.checks import check_host, check_model_folder, is_loopback
 from textinv.serve.errors import render_error
 from textinv.serve.jobs import TrainRequest
 from textinv.serve.state import EXPORT_FORMATS, GenerateRequest, ServerState
@@ -236,8 +236,12 @@ def test_path_like_caption_file_names_stay_inside_the_image_folder(tmp_path: Pat
 
 # --- host, model folder, errors ------------------------------------------------------------------------
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "localhost", "::1", "[::1]"])
-def test_loopback_hosts_are_served_without_a_flag(host: str) -> None:
-    check_host(host, allow_remote=False)
+def test_loopback_hosts_are_served_without_a_flag(host: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="textinv.serve.checks"):
+        assert check_host(host, allow_remote=False) is None  # no UserError: served as asked
+        assert check_host(host, allow_remote=True) is None
+    assert is_loopback(host)
+    assert caplog.records == []  # and no "reachable from other machines" warning, with or without the flag
 
 
 def test_a_non_loopback_host_needs_allow_remote(caplog: pytest.LogCaptureFixture) -> None:

@@ -46,6 +46,25 @@ CHROMIUM_ARGS = [
 ]
 TIMEOUT_MS = 120_000
 
+# `textinv serve` with one change: after the first validation round (step 5) the training thread waits until the
+# file argv[1] exists. The test opens that gate once the page showed the round's grid, so it sees a grid smaller than
+# the final one however fast or slow the machine trains (no polling that must catch it in passing).
+SERVE_WITH_GATE = """
+import sys, time
+from pathlib import Path
+from textinv import cli
+from textinv.observers import validation
+gate, real_round = Path(sys.argv[1]), validation.Validation.run_round
+def run_round(self, run, step):
+    written = real_round(self, run, step)
+    deadline = time.monotonic() + 300
+    while step == 5 and not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return written
+validation.Validation.run_round = run_round
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -58,6 +77,7 @@ class Server:
     url: str
     work: Path
     log: Path
+    gate: Path  # training goes on past its first validation round once this file exists
     returncode: Optional[int] = None  # set once it has stopped
 
 
@@ -70,17 +90,18 @@ def running_server(tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     work = tmp_path / "work"
     log_path = tmp_path / "server.log"
+    gate = tmp_path / "go-on-after-round-1"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "textinv.cli", "serve", "--port", str(port), "--work_dir", str(work)],
+            [sys.executable, "-c", SERVE_WITH_GATE, str(gate), "serve", "--port", str(port), "--work_dir", str(work)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
             env=env,
         )
     url = f"http://127.0.0.1:{port}/"
-    server = Server(url, work, log_path)
+    server = Server(url, work, log_path, gate)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -177,20 +198,20 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
             stored = sorted(p.name for p in work.glob("jobs/job-001-*/images/*.txt"))
             assert stored == ["00-00.txt", "01-01.txt"], stored
             progress = text_field(page, "train-progress")
-            heights: list[int] = []
-            running_shot = False
-            deadline = time.monotonic() + 120
-            while "done" not in (line := progress.input_value()):
-                assert "failed" not in line, line
-                assert time.monotonic() < deadline, f"training did not finish: {line!r}"
-                if re.search(r"running · step \d+/20 · loss \d+\.\d{4} · .* ETA \d+:\d\d:\d\d", line):
-                    height = grid_height(page)
-                    if height and (not heights or height != heights[-1]):
-                        heights.append(height)
-                    if height and not running_shot:
-                        page.screenshot(path=str(shots / "2-training.png"), full_page=True)
-                        running_shot = True
-                time.sleep(0.2)
+            # Training waits after its first validation round (step 5): the page shows that round's grid while the
+            # progress line says running, at step 4 (the page's observer hears of step 5 after the validation round).
+            expect(progress).to_have_value(
+                re.compile(r"running · step 4/20 · loss \d+\.\d{4} · .* ETA \d+:\d\d:\d\d"), timeout=TIMEOUT_MS
+            )
+            page.wait_for_function(
+                "() => { const img = document.querySelector('#validation-grid img'); "
+                "return img && img.complete && img.naturalHeight > 0; }"
+            )
+            first_height = grid_height(page)
+            page.screenshot(path=str(shots / "2-training.png"), full_page=True)
+            server.gate.touch()
+            expect(progress).to_have_value(re.compile(r"done|failed"), timeout=TIMEOUT_MS)
+            line = progress.input_value()
             # eval_loss: the page trains with `textinv train`'s held-out evaluation (docs/quality.md "How many steps")
             assert re.search(
                 r"job-001: done · step 20/20 · loss \d+\.\d{4} · eval_loss \d+\.\d{4} · <red-cartoon> learned", line
@@ -208,7 +229,7 @@ def test_train_watch_download_generate_in_a_browser(tmp_path: Path) -> None:
                 "return img && img.complete && img.naturalHeight === h; }",
                 arg=final_height,
             )
-            assert heights and heights[0] < final_height, (heights, final_height)
+            assert first_height < final_height, (first_height, final_height)
             page.screenshot(path=str(shots / "3-trained.png"), full_page=True)
 
             # --- download -----------------------------------------------------------------------------

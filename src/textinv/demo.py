@@ -7,8 +7,8 @@ image); a folder holding another run's results is refused as ``textinv train`` r
 
 The demo runs torch on one thread (unless ``OMP_NUM_THREADS`` says otherwise): the tiny pipeline's
 operations are too small to share out, and on a machine other jobs keep busy, torch's threads wait on
-each other. On this project's 2-core VM at load 7 the demo's training took 369 s on two threads and
-15 s on one, with the same result.
+each other: with two busy processes beside it, one thread per core was 4.4x slower per step on this project's 2-core
+VM (``python bench/threads.py``, 2026-12-02; docs/speed.md).
 """
 
 from __future__ import annotations

@@ -2,6 +2,11 @@
 
 The root ``train_textual_inversion.py`` and ``textinv train`` share the flags; their defaults differ
 where :data:`SCRIPT_DEFAULTS` says (ppdiffusers' values for the root script).
+
+Not transformers.HfArgumentParser, which also makes flags from dataclass fields: tried 2026-12-02 (transformers 5.24),
+HfArgumentParser(TrainConfig) fails to build (TypeError: _StoreFalseAction got 'choices', from option()'s metadata),
+and it would add ``--no_X`` flags and ``--X True`` spellings, allow abbreviations, print argparse's usage block instead
+of one error line, and has no ppdiffusers aliases or "did you mean" (issue 25): all of which this module keeps.
 """
 
 from __future__ import annotations

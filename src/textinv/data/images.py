@@ -129,6 +129,8 @@ def load_rgb(path: Path) -> Image.Image:
 
 def make_view(image: Image.Image, height: int, width: int, center_crop: bool, interpolation: str) -> Image.Image:
     """Resize to ``width x height``; with ``center_crop``, first crop the centre to that aspect ratio."""
+    # Not PIL.ImageOps.fit: it crops with a fractional box inside resize(box=...), and gave other pixels in 124 of
+    # 175 cases (7 source sizes x 5 targets x 5 filters, up to 8 levels; 2026-12-02): every cached latent would move.
     if center_crop:
         src_w, src_h = image.size
         target_ratio = width / height

@@ -15,6 +15,9 @@ from textinv.errors import UserError, first_line
 
 def _load_png(path: Path) -> dict[str, Any]:
     """The web UI's embedding dictionary from a PNG's ``sd-ti-embedding`` text chunk."""
+    # Not Pillow's PngImagePlugin (Image.open(path).text): a text chunk after the image data is only read once
+    # every pixel is decoded (load()), its text limit is PngImagePlugin.MAX_TEXT_CHUNK (1 MiB) rather than this
+    # reader's MAX_FILE_BYTES, and its errors are SyntaxError/ValueError texts, not the checksum/truncation lines here.
     data = path.read_bytes()
     text: Optional[bytes] = None
     position = len(PNG_SIGNATURE)

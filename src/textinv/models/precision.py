@@ -33,8 +33,9 @@ HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # How closely the vectors of two runs with the same seed agree (an uninterrupted run and one resumed
 # from a checkpoint too): the largest absolute difference over the largest absolute value. On the CPU
 # with the same torch thread count every run is bit-identical (measured: separate processes, a kill -9
-# resume); another thread count sums in another order (1e-7 after 12 steps at batch 4). On CUDA some
-# kernels are nondeterministic (atomic adds in backward passes); these bounds are not yet measured on a GPU.
+# resume); another thread count sums in another order: 1.0-1.3e-6 after 12 steps at batch 4, up to 2.5e-5 at batch
+# 4 x 2 (`python bench/threads.py --vectors`, 2026-12-02, AMD EPYC, 2 cores; seeds 1-3). On CUDA some kernels are
+# nondeterministic (atomic adds in backward passes); these bounds are not yet measured on a GPU.
 REPRODUCIBILITY = {"cpu": 0.0, "cpu-other-threads": 1e-4, "cuda": 1e-3, "cuda-half": 2e-2}
 
 

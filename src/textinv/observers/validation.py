@@ -322,6 +322,8 @@ def progress_layout(
 
 def write_progress_grid(output_dir: Path, prompts: Sequence[str]) -> Optional[Path]:
     """Draw every round on disk into validation/progress.png (atomically); None if there is none."""
+    # Not diffusers.utils.make_image_grid: it pastes equal tiles edge to edge, with no room for the seed header,
+    # the prompt titles and the step labels that GridLayout places; the tiling itself is the few paste() calls below.
     from PIL import Image, ImageDraw, ImageFont
 
     found = progress_layout(output_dir, len(prompts))

@@ -62,6 +62,8 @@ def safe_stem(original_name: str, fallback: str = "file") -> str:
 
     ``../../etc/passwd.png`` -> ``passwd``; ``C:\\x\\my photo.JPG`` -> ``my-photo``.
     """
+    # Not werkzeug.utils.secure_filename: it keeps the folders in the name ('etc_passwd.png', 'Cxmy_photo.JPG'),
+    # keeps '---.png' and 'a..b.c.png' whole, and returns the extension, which the stored name makes itself.
     name = unicodedata.normalize("NFKC", str(original_name or ""))
     name = re.split(r"[\\/]", name)[-1]  # the last part of a path in either spelling
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name

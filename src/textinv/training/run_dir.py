@@ -288,7 +288,7 @@ def warn_if_threads_differ(previous: Optional[dict[str, Any]], device: torch.dev
     before = (previous or {}).get("torch_threads")
     if device.type == "cpu" and before is not None and before != torch.get_num_threads():
         logger.warning(
-            "the run used %d CPU threads and this resume uses %d: the vectors will differ slightly (about 1e-7) from an "
+            "the run used %d CPU threads and this resume uses %d: the vectors will differ slightly (about 1e-6 of the largest entry) from an "
             "uninterrupted run; set OMP_NUM_THREADS=%d for bit-identical ones",
             before,
             torch.get_num_threads(),

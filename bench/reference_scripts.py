@@ -220,7 +220,10 @@ def run_diffusers_script(
         raise SystemExit(f"{folder / DIFFUSERS_SCRIPT.name} has no line `{TORCHVISION_IMPORT}` for the tv_shim")
     script = output_dir / DIFFUSERS_SCRIPT.name
     script.write_text(text.replace(f"\n{TORCHVISION_IMPORT}\n", f"\n{SHIM_IMPORT}\n"), encoding="utf-8")
-    argv = [*common_arguments(model, images, resolution, steps, output_dir / "out"), f"--checkpointing_steps={steps + 1}"]
+    argv = [
+        *common_arguments(model, images, resolution, steps, output_dir / "out"),
+        f"--checkpointing_steps={steps + 1}",
+    ]
     environment = thread_environment({**os.environ, "HF_HUB_OFFLINE": "1"}, threads)
     return run_wrapped(
         "diffusers", Path(sys.executable), "torch", script, argv, environment, threads, output_dir, (str(folder),)
@@ -264,7 +267,6 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
     args = parser.parse_args()
     from bench_models import DEFAULT_CACHE, ensure_models
-
     from textinv.tiny import demo_images_dir
 
     if args.model in ("tiny", "sd15"):

@@ -27,7 +27,8 @@ import runpy
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EVENTS: dict[str, Any] = {"wrapper_started": time.time(), "step_ends": [], "step_cpu": []}
 

@@ -21,7 +21,8 @@ Definitions (``ReferenceRun``): wall seconds from launch to exit, measured here;
 the process starts) to the start of step 1, which is the first forward call of any model in the process (the VAE
 encoding step 1's batch: both scripts run none before their loop); step 1 lasts from there to its optimizer step,
 step k from step k-1's optimizer step to its own (data loading and logging included); peak RSS is the child's
-``ru_maxrss``; ``cores_used`` is the CPU time the process spent per wall second over the steps after the first.
+``ru_maxrss``; ``cores_used`` is the CPU time the process spent per wall second over the steps after the first (on a
+busy machine it stays below the thread count); ``framework_threads`` is the thread count the framework took.
 
     python bench/reference_scripts.py --tool ppdiffusers --model tiny --resolution 64 --steps 3
     python bench/reference_scripts.py --tool both --model sd15 --resolution 256 --steps 3 --threads 1
@@ -70,7 +71,7 @@ class ReferenceRun:
     peak_rss_bytes: int
     threads: Optional[int]  # what was asked: None = the tool's own default
     cores_used: Optional[float]
-    torch_threads: Optional[int]
+    framework_threads: Optional[int]  # what the framework used (reference_wrapper.py says how it is read)
     output_dir: str
     stderr_tail: str = ""
     facts: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +79,11 @@ class ReferenceRun:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and bool(self.step_seconds)
+
+    @property
+    def threads_applied(self) -> bool:
+        """The framework ran with the asked count (always true for the tool's own default)."""
+        return self.threads is None or self.framework_threads == self.threads
 
     @property
     def steady_seconds_per_step(self) -> Optional[float]:
@@ -142,7 +148,7 @@ def run_wrapped(
         peak_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
         threads=threads,
         cores_used=cores_used(events),
-        torch_threads=events.get("torch_threads"),
+        framework_threads=events.get("framework_threads"),
         output_dir=str(output_dir),
         stderr_tail="" if code == 0 else log.read_text(encoding="utf-8", errors="replace")[-3000:],
         facts={k: events[k] for k in ("framework_version", "os_threads") if k in events},
@@ -252,6 +258,7 @@ def describe(run: ReferenceRun) -> str:
     return (
         f"{run.tool:<12} threads {run.threads if run.threads is not None else 'default':<8} wall {run.wall_seconds:7.1f} s"
         f"  start-up {startup:>6} s  steady {steady:.3f} s/step  peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB"
+        f"  threads used {run.framework_threads}{'' if run.threads_applied else ' (NOT the asked count)'}"
         f"  cores used {run.cores_used}  steps {run.step_seconds}"
     )
 

@@ -5,6 +5,8 @@
 SPEC holds ``framework`` ("torch" or "paddle"), ``script``, ``argv`` (the script's arguments), ``result`` (where to
 write the timings as JSON), ``sys_path`` (folders the script imports from besides its own) and ``threads`` (null: the
 framework's own default; a number: the parent has set OMP_NUM_THREADS/MKL_NUM_THREADS, and Paddle is told as well).
+``framework_threads`` in the result is the count the framework uses: torch.get_num_threads(), or Paddle's
+OMP_NUM_THREADS as its import left it.
 
 The wrapper registers its hooks, then runs the script as ``python script.py argv...`` would (``runpy.run_path`` with
 ``run_name="__main__"``, the script's folder first on ``sys.path``). Nothing of the script changes. Hooks:
@@ -68,16 +70,17 @@ def hook_torch() -> Callable[[], dict[str, Any]]:
 
     handle.append(torch.nn.modules.module.register_module_forward_pre_hook(first_forward))
     register_optimizer_step_post_hook(lambda optimizer, args, kwargs: mark_step_end())
-    return lambda: {"torch_threads": torch.get_num_threads(), "framework_version": torch.__version__}
+    return lambda: {"framework_threads": torch.get_num_threads(), "framework_version": torch.__version__}
 
 
 def hook_paddle(threads: Any) -> Callable[[], dict[str, Any]]:
     import paddle
 
+    # Paddle's import sets OMP_NUM_THREADS to 1 unless it is set (paddle/base/__init__.py, __bootstrap__): its default
+    # of one core. What it left there is the count its OpenMP kernels use.
+    omp_threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
     if threads is not None:
-        # Paddle's CPU kernels take their thread count from this call, not from OMP_NUM_THREADS alone (measured:
-        # the environment variable by itself leaves a step on one core).
-        paddle.base.core.set_num_threads(int(threads))
+        paddle.base.core.set_num_threads(int(threads))  # its math library's count too (MKL / OpenBLAS)
     layer_call = paddle.nn.Layer.__call__
 
     def first_call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -104,7 +107,7 @@ def hook_paddle(threads: Any) -> Callable[[], dict[str, Any]]:
         cls = getattr(paddle.optimizer, name)
         if isinstance(cls, type) and issubclass(cls, paddle.optimizer.Optimizer) and "step" in cls.__dict__:
             cls.step = timed(cls.__dict__["step"])
-    return lambda: {"framework_version": paddle.__version__}
+    return lambda: {"framework_threads": omp_threads, "framework_version": paddle.__version__}
 
 
 def main(spec_file: str) -> int:

@@ -60,7 +60,7 @@ def pdparams(
         paddle_model, train_images, 64, STEPS, 1, root / "run", paddle_python=paddle_python, reference=reference_scripts
     )
     assert run.exit_code == 0, run.stderr_tail
-    assert len(run.step_seconds) == STEPS  # the wrapper saw every optimizer step
+    assert len(run.step_seconds) == STEPS and run.framework_threads == 1  # every optimizer step seen; one thread
     out = Path(run.output_dir) / "out"
     assert sorted(path.name for path in out.glob("learned_embeds*")) == ["learned_embeds.pdparams"]  # no snapshot
     return out / "learned_embeds.pdparams"

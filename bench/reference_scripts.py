@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -124,7 +125,7 @@ def run_wrapped(
     """Run ``script argv`` under the wrapper in ``python``; wait for it with wait4 to read its own peak RSS."""
     output_dir.mkdir(parents=True, exist_ok=True)
     spec_file, result_file = output_dir / "wrapper-spec.json", output_dir / "wrapper-result.json"
-    spec = {"framework": framework, "script": str(script), "argv": argv, "result": str(result_file)}
+    spec: dict[str, Any] = {"framework": framework, "script": str(script), "argv": argv, "result": str(result_file)}
     spec.update(sys_path=list(sys_path), threads=threads)
     spec_file.write_text(json.dumps(spec), encoding="utf-8")
     log = output_dir / "stderr.txt"
@@ -282,7 +283,10 @@ def main() -> None:
         model = Path(args.model)
     images = images_only(Path(args.images) if args.images else demo_images_dir(), DEFAULT_CACHE)
     tools = ("ppdiffusers", "diffusers") if args.tool == "both" else (args.tool,)
-    runners = {"ppdiffusers": run_seed_script, "diffusers": run_diffusers_script}
+    runners: dict[str, Callable[..., ReferenceRun]] = {
+        "ppdiffusers": run_seed_script,
+        "diffusers": run_diffusers_script,
+    }
     runs = [runners[tool](model, images, args.resolution, args.steps, args.threads) for tool in tools]
     for run in runs:
         print(json.dumps(asdict(run)) if args.json else describe(run))

@@ -103,11 +103,16 @@ def hook_paddle(threads: Any) -> Callable[[], dict[str, Any]]:
 
         return step_and_mark
 
-    for name in dir(paddle.optimizer):
-        cls = getattr(paddle.optimizer, name)
-        if isinstance(cls, type) and issubclass(cls, paddle.optimizer.Optimizer) and "step" in cls.__dict__:
-            cls.step = timed(cls.__dict__["step"])
+    for cls in optimizers_with_own_step(paddle):
+        cls.step = timed(cls.__dict__["step"])
     return lambda: {"framework_threads": omp_threads, "framework_version": paddle.__version__}
+
+
+def optimizers_with_own_step(paddle: Any) -> list[Any]:
+    """paddle.optimizer's classes that define ``step`` themselves (Optimizer, Adam, AdamW, LBFGS in Paddle 3.3)."""
+    classes = [getattr(paddle.optimizer, name) for name in dir(paddle.optimizer)]
+    base = paddle.optimizer.Optimizer
+    return [cls for cls in classes if isinstance(cls, type) and issubclass(cls, base) and "step" in vars(cls)]
 
 
 def main(spec_file: str) -> int:

@@ -47,10 +47,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def pdparams(
+    paddle_python: Path,  # first: without the venv or the scripts the tests skip before building anything
+    reference_scripts: Path,
     tiny_model: Path,
     train_images: Path,
-    paddle_python: Path,
-    reference_scripts: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     """The seed's script's learned_embeds.pdparams after 10 steps (one thread: CI's machines are shared)."""

@@ -8,6 +8,7 @@ third-party originals, from an optional folder (see INTEROP_ENV below).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -68,6 +69,47 @@ def _skip_or_fail_without_interop_data() -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"interop data: {INTEROP_DATA}" if INTEROP_DATA else f"interop data: none ({_NO_INTEROP_REASON})"
+
+
+# --- interop(needs="paddle"): real ppdiffusers in the Paddle venv, and the reference training scripts -----------
+# bench/reference_env.py finds both (the benches need them too): the venv `make paddle-venv` builds (or
+# $TEXTINV_PADDLE_PYTHON), and the reference scripts in $TEXTINV_REFERENCE_DIR or ../shared/reference beside the clone.
+# Without them the tests that need them skip, saying how to get them; with TEXTINV_REQUIRE_INTEROP=1 (CI) they fail.
+sys.path.append(str(REPO / "bench"))  # appended: nothing in bench/ shadows a module the tests import
+import reference_env  # noqa: E402
+
+
+def _skip_or_fail(what: str, why: str) -> None:
+    if os.environ.get(REQUIRE_INTEROP_ENV, "").strip() == "1":
+        pytest.fail(f"{what} cannot run: {why} ({REQUIRE_INTEROP_ENV}=1)", pytrace=False)
+    pytest.skip(f"{what}: {why}")
+
+
+@pytest.fixture(scope="session")
+def paddle_python() -> Path:
+    """The Paddle venv's python (PaddlePaddle + ppdiffusers, tests/paddle-requirements.txt)."""
+    python, why = reference_env.find_paddle_python()
+    if python is None:
+        _skip_or_fail("ppdiffusers interop", why)
+    assert python is not None
+    return python
+
+
+@pytest.fixture(scope="session")
+def reference_scripts() -> Path:
+    """The folder of reference training scripts (ppdiffusers/ and diffusers/, each with its SOURCE.md)."""
+    folder, why = reference_env.reference_dir()
+    if folder is None:
+        _skip_or_fail("reference scripts", why)
+    assert folder is not None
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ppdiffusers_base(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base in the layout of Stable Diffusion checkpoints on the Hub, which ppdiffusers reads (PyTorch
+    weights, loaded with ``from_diffusers=True``): reference_env.write_hub_layout."""
+    return reference_env.write_hub_layout(tiny_model, tmp_path_factory.mktemp("ppd-base") / "tiny-sd1")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -7,9 +7,11 @@ It runs, in real ppdiffusers, the two ways the seed's README uses a textual-inve
    ``add_tokens``, ``resize_token_embeddings``, and write ``embeds`` into the token's row.
 
 Usage: ``python paddle_snippets.py JOBS.json``. JOBS holds ``prompt`` (with the token in it), ``token``,
-``snippet1`` (a list of ``{"folder", "from_diffusers"}``) and ``snippet2`` (a list of ``{"base", "embeds"}``).
+``snippet1`` (a list of ``{"folder", "from_diffusers"}``), ``snippet2`` (a list of ``{"base", "embeds"}``) and,
+optionally, ``arrays`` (a list of ``{"embeds", "folder"}``: what ``paddle.load`` reads, saved as .npy files).
 The last stdout line is ``RESULT <json>``: per job the prompt's pieces and ids, the token's id and row, the
-text encoder's last hidden state for the prompt, and (snippet 1) whether a 2-step 64 px image is finite.
+text encoder's last hidden state for the prompt, and (snippet 1) whether a 2-step 64 px image is finite;
+per ``arrays`` job each tensor's name and .npy file.
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ def snippet2(base: str, embeds_file: str, prompt: str, token: str) -> dict[str, 
     return facts
 
 
+def arrays(embeds_file: str, folder: str) -> list[dict[str, Any]]:
+    """What ``paddle.load`` reads from a .pdparams, each tensor written as ``<folder>/<index>.npy`` (exact values)."""
+    found = []
+    for index, (name, tensor) in enumerate(paddle.load(embeds_file).items()):
+        path = os.path.join(folder, f"{index}.npy")
+        np.save(path, tensor.numpy())
+        found.append({"token": name, "npy": path})
+    return found
+
+
 def main(jobs_file: str) -> int:
     with open(jobs_file, encoding="utf-8") as handle:
         jobs = json.load(handle)
@@ -81,6 +93,7 @@ def main(jobs_file: str) -> int:
         "versions": {"paddle": paddle.__version__, "ppdiffusers": __import__("ppdiffusers").__version__},
         "snippet1": [snippet1(job["folder"], job["from_diffusers"], prompt, token) for job in jobs["snippet1"]],
         "snippet2": [snippet2(job["base"], job["embeds"], prompt, token) for job in jobs["snippet2"]],
+        "arrays": [arrays(job["embeds"], job["folder"]) for job in jobs.get("arrays", [])],
     }
     print("RESULT " + json.dumps(result), flush=True)
     return 0

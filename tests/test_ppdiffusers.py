@@ -6,84 +6,31 @@ textinv trains a tiny pipeline through the root train_textual_inversion.py; then
 1. ``StableDiffusionPipeline.from_pretrained(output_dir)`` and a 2-step generation;
 2. the base model, plus ``paddle.load("learned_embeds(-steps-N).pdparams")`` written into new token rows.
 
-Without the venv these tests skip, saying how to build it; with TEXTINV_REQUIRE_INTEROP=1 (CI) they fail.
+Without the venv these tests skip, saying how to build it; with TEXTINV_REQUIRE_INTEROP=1 (CI) they fail (the
+fixtures paddle_python and ppdiffusers_base are in tests/conftest.py, shared with tests/test_seed_script.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, REQUIRE_INTEROP_ENV
+import reference_env
+from conftest import REPO
 
 pytestmark = [pytest.mark.interop(needs="paddle"), pytest.mark.slow]
 
 TOKEN = "<cat-toy>"
 PROMPT = f"a photo of {TOKEN}"
-PYTHON_ENV = "TEXTINV_PADDLE_PYTHON"
-# The files the Makefile's paddle-venv target hashes to name the venv's folder (keep the two in step).
-PADDLE_PINS = (REPO / "tests" / "paddle-requirements.txt", REPO / "tests" / "paddle-constraints.txt")
-COMPLETE_MARKER = ".textinv-complete"
 SAVE_STEPS, MAX_STEPS = 2, 4
-
-
-def paddle_venv_dir() -> Path:
-    """Where `make paddle-venv` builds the venv: ${XDG_CACHE_HOME:-~/.cache}/textinv/paddle-venv-<hash>."""
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in PADDLE_PINS)).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "textinv" / f"paddle-venv-{digest}"
-
-
-def find_paddle_python() -> tuple[Optional[Path], str]:
-    """(the Paddle venv's python or None, why there is none)."""
-    given = os.environ.get(PYTHON_ENV, "").strip()
-    if given:
-        python = Path(given).expanduser()
-        return (python, "") if python.is_file() else (None, f"{PYTHON_ENV}={given} is not a file")
-    venv = paddle_venv_dir()
-    if (venv / COMPLETE_MARKER).is_file():
-        return venv / "bin" / "python", ""
-    return None, f"no Paddle venv at {venv}: run `make paddle-venv` (or set {PYTHON_ENV})"
-
-
-@pytest.fixture(scope="module")
-def paddle_python() -> Path:
-    python, why = find_paddle_python()
-    if python is None:
-        if os.environ.get(REQUIRE_INTEROP_ENV, "").strip() == "1":
-            pytest.fail(f"ppdiffusers interop cannot run: {why} ({REQUIRE_INTEROP_ENV}=1)", pytrace=False)
-        pytest.skip(f"ppdiffusers interop: {why}")
-    return python
-
-
-@pytest.fixture(scope="module")
-def ppdiffusers_base(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base in the layout of Stable Diffusion checkpoints on the Hub, which ppdiffusers reads:
-    the tiny builder writes transformers 5's (no vocab.json/merges.txt, no ``text_model.`` key prefix)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from textinv.training.paddle_layout import save_text_encoder, save_tokenizer
-
-    base = tmp_path_factory.mktemp("ppd-base") / "tiny-sd1"
-    shutil.copytree(tiny_model, base)
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
-    for part in ("tokenizer", "text_encoder"):
-        shutil.rmtree(base / part)
-    save_tokenizer(tokenizer, base / "tokenizer")
-    save_text_encoder(encoder, base / "text_encoder")
-    return base
 
 
 def train_with_root_script(base: Path, images: Path, output_dir: Path, *extra: str) -> Path:
@@ -130,8 +77,7 @@ def paddle(
     }
     jobs_file = tmp_path_factory.mktemp("ppd-jobs") / "jobs.json"
     jobs_file.write_text(json.dumps(jobs), encoding="utf-8")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", AISTUDIO_BOS_OFFLINE="1", PYTHONNOUSERSITE="1")
-    env.pop("PYTHONPATH", None)  # nothing of our venv leaks into Paddle's
+    env = reference_env.paddle_environment()  # offline; nothing of our venv leaks into Paddle's
     command = [str(paddle_python), str(REPO / "tests" / "paddle_snippets.py"), str(jobs_file)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]

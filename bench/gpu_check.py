@@ -353,10 +353,7 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.child:  # one setting, in its own process, set up as the textinv command sets itself up
-        from textinv.training.memory import return_freed_memory_promptly
-
-        return_freed_memory_promptly()
+    if args.child:  # one setting, in its own process
         print(json.dumps(child(json.loads(args.child))))
         return 0
 

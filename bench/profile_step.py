@@ -95,9 +95,7 @@ def main() -> None:
 
     from textinv import train
     from textinv.events import TrainObserver
-    from textinv.training.memory import return_freed_memory_promptly
 
-    return_freed_memory_promptly()
     model_key, resolution, extra = train_step.SETTINGS[args.setting]
     model = train_step.ensure_models(args.cache, {model_key})[model_key]
     timers, floor_timers = Timers(), Timers()

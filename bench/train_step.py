@@ -4,6 +4,7 @@
     python bench/train_step.py --only tiny         # just the tiny pipeline (seconds)
     python bench/train_step.py --settings sd15-256 --runs 3 --threads 2
     python bench/train_step.py --compare lora --settings sd15-256-lora4 --threads 1   # pivotal vs plain TI
+    python bench/train_step.py --user [user_speed.py's options]   # each side in its own process, the scripts too
 
 **The floor** is what a textual-inversion step cannot go below: the text encoder's and the UNet's own
 forward and backward passes with frozen weights and the gradient taken only at the token embeddings
@@ -13,24 +14,27 @@ forward and backward passes with frozen weights and the gradient taken only at t
 is the UNet's own ``enable_gradient_checkpointing()`` when the setting asks for it.
 
 **Speed: interleaved, in one process** (``--runs`` of them, each fresh). The process runs
-``textinv.train()`` with the CLI's defaults (progress line and TensorBoard logs on; the held-out
-evaluation, snapshots and checkpoints off) from a ready latent cache of the training latents' shape
-(random latents: no step pays a VAE pass), with an observer, last in line, that runs one floor step
+``textinv.train()`` with the CLI's defaults except three, turned off: the held-out evaluation, snapshots and
+checkpoints (progress line and TensorBoard logs stay on; ``--user`` times whole runs with all the defaults), from a
+ready latent cache of the training latents' shape (random latents: no step pays a VAE pass), with an observer, last in line, that runs one floor step
 before step 1 and one after every textinv step: floor, textinv, floor, textinv, ... A textinv step is
 timed from the end of the floor step before it to the start of the floor step after it: the whole loop
 iteration (divergence and signal checks, optimizer, the other observers, the saving checks). The floor's
 UNet is a plain ``UNet2DConditionModel`` built on the weight tensors textinv loaded (the same memory, no
 copy; none of textinv's changes to the modules, checkpointing when textinv's has it) and it loads its own
-copy of the text encoder (textinv's carries its hook). After ``--warmup``
-pairs, each run gives the median of its floor steps and of its textinv steps, and their ratio; the
-table shows the median over the runs and each run's ratio.
+copy of the text encoder (textinv's carries its hook). After ``--warmup`` pairs, each run gives the median of its
+floor steps and of its textinv steps, and their ratio; the table shows the median over the runs and each run's ratio.
 
 **Memory: one process per component.** Peak RSS (``ru_maxrss``, the process's high-water mark) is
 that of a fresh process doing one thing: textinv's ``train()`` as the CLI runs it (images from the
 demo folder through the lazy latent cache, so the VAE and its passes count), or the floor alone (text
-encoder and UNet loaded with ``from_pretrained``, the same number of steps). Every child sets up
-glibc's allocator as the ``textinv`` command does (``textinv.training.memory``). The reference
-figures are diffusers' example script as measured for issue 3 (not re-run here).
+encoder and UNet loaded with ``from_pretrained``, the same number of steps). Every child keeps glibc's and
+Python's defaults, as the ``textinv`` command does (issue 29: bench/memory_options.py chose them).
+
+**As a user measures it** (issue 29): ``--user`` runs bench/user_speed.py instead, where every side is a process of
+its own with its own defaults: the floor (which never imports textinv), textinv's steps, diffusers' example script
+and the seed's own script (ppdiffusers in real PaddlePaddle, at 1 thread and at its default) run as they are, and
+whole ``textinv train`` runs with the defaults; those are the reference figures (nothing here is a constant).
 
 Pipelines are built once (bench/bench_models.py), with seeded random weights, into ``--cache`` (outside
 the repository): the SD1.5-architecture one is about 4 GB on disk. Nothing is downloaded. The children run
@@ -82,13 +86,6 @@ SETTINGS: dict[str, tuple[str, int, dict[str, Any]]] = {
 }
 
 
-# Diffusers' example script (train_textual_inversion.py) on the same kind of machine, measured for issue 3.
-REFERENCE: dict[str, tuple[float, float]] = {  # setting -> (s/step, peak RSS GiB)
-    "tiny-64": (0.17, 575 / 1024),
-    "sd15-256": (9.0, 5.9),
-    "sd15-512": (30.7, 7.6),
-    "sd15-512-gc": (38.6, 6.3),
-}
 CAPTION = "a photo of a toy"
 
 
@@ -324,10 +321,7 @@ def run_in_child(mode: str, spec: dict[str, Any], threads: int) -> Optional[dict
 
 
 def child_main(spec: dict[str, Any]) -> None:
-    """One measurement, in a fresh process set up as the ``textinv`` command sets itself up."""
-    from textinv.training.memory import return_freed_memory_promptly
-
-    return_freed_memory_promptly()
+    """One measurement, in a fresh process (glibc's and Python's defaults, as the ``textinv`` command leaves them)."""
     args = (Path(spec["model"]), spec["resolution"], spec["steps"], spec["warmup"], spec["extra"])
     if spec["mode"] == "interleaved":
         result = run_interleaved(*args)
@@ -368,6 +362,13 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--user", action="store_true", help="run bench/user_speed.py with the options after it")
+    if sys.argv[1:2] == ["--user"]:
+        import user_speed
+
+        sys.argv = [user_speed.__file__, *sys.argv[2:]]
+        user_speed.main()
+        return
     args = parser.parse_args()
     if args.child:
         child_main(json.loads(args.child))
@@ -424,7 +425,7 @@ def print_table(rows: list[dict[str, Any]], threads: int) -> None:
     print(f"OMP_NUM_THREADS={threads}")
     print(
         f"{'setting':<17} {'floor s':>8} {'textinv s':>9} {'ratio':>6}  {'runs':<20} {'RSS textinv':>11} "
-        f"{'RSS floor':>9} {'RSS ref':>8} {'start-up':>8} {'s/eval':>7}"
+        f"{'RSS floor':>9} {'start-up':>8} {'s/eval':>7}"
     )
     for row in rows:
         runs = row["runs"]
@@ -438,10 +439,9 @@ def print_table(rows: list[dict[str, Any]], threads: int) -> None:
             )
         own = row.get("textinv") or {}
         floor = row.get("floor") or {}
-        reference = REFERENCE.get(row["setting"])
         print(
             f"{row['setting']:<17} {speed} {own.get('peak_rss_gib', float('nan')):>9.2f} G "
-            f"{floor.get('peak_rss_gib', float('nan')):>7.2f} G {reference[1] if reference else float('nan'):>6.2f} G "
+            f"{floor.get('peak_rss_gib', float('nan')):>7.2f} G "
             f"{own.get('startup_s', float('nan')):>7.1f}s {own.get('s_per_eval', float('nan')):>7.2f}"
         )
 

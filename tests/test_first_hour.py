@@ -662,21 +662,21 @@ def test_a_cpu_run_says_what_a_step_will_cost(monkeypatch: pytest.MonkeyPatch) -
     )
     line = builders.cpu_step_estimate(config, sd15, torch.device("cpu"))
     assert line == (
-        "on this CPU a step of 16 example(s) at 512x512 px will take about 5 min (estimated from the UNet's size); "
+        "on this CPU a step of 16 example(s) at 512x512 px will take about 3 min (estimated from the UNet's size); "
         "--train_batch_size 1 makes a step about 16x cheaper"
     )
     one = builders.cpu_step_estimate(
         TrainConfig(**{**config.to_dict(), "train_batch_size": 1}), sd15, torch.device("cpu")
     )
     assert (
-        one == "on this CPU a step of 1 example(s) at 512x512 px will take about 19 s (estimated from the UNet's size)"
+        one == "on this CPU a step of 1 example(s) at 512x512 px will take about 11 s (estimated from the UNet's size)"
     )
-    # textinv train's defaults (5000 steps at 512 px, issue 28): the whole run's time too, 18.8 s x 5000 = 26.1 h.
+    # textinv train's defaults (5000 steps at 512 px, issue 28): the whole run's time too, 10.95 s x 5000 = 15.2 h.
     whole = builders.cpu_step_estimate(
         TrainConfig(**{**config.to_dict(), "train_batch_size": 1}), sd15, torch.device("cpu"), max_steps=5000
     )
     assert whole == (
-        "on this CPU a step of 1 example(s) at 512x512 px will take about 19 s, 5000 steps about 26.1 h "
+        "on this CPU a step of 1 example(s) at 512x512 px will take about 11 s, 5000 steps about 15.2 h "
         "(estimated from the UNet's size)"
     )
     assert builders.cpu_step_estimate(config, sd15, torch.device("cuda")) is None

@@ -428,7 +428,9 @@ def test_a_run_no_longer_than_eval_steps_skips_the_evaluation_and_says_so(
     # 3 steps with --eval_steps 3: the curve would be only its two ends, at the price of two evaluations.
     settings = dict(CURVE, max_train_steps=3, save_steps=100, checkpointing_steps=100)
     with caplog.at_level(logging.INFO, logger="textinv.training.held_out"):
-        short = textinv.train(train_config(tiny_model, train_images, tmp_path / "short", **settings), show_progress=False)
+        short = textinv.train(
+            train_config(tiny_model, train_images, tmp_path / "short", **settings), show_progress=False
+        )
     assert "eval" not in json.loads((short.output_dir / "run.json").read_text())
     assert not (short.output_dir / BEST_EMBEDDING_FILE).exists()
     assert "no held-out evaluation: 3 steps is not more than --eval_steps 3" in caplog.text

@@ -142,9 +142,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """The local web page; Gradio is imported here only, so the other commands never load it."""
     from textinv.serve import ServeOptions, serve
-    from textinv.training.memory import return_freed_memory_promptly
 
-    return_freed_memory_promptly()  # it trains like `textinv train`
     options = ServeOptions(
         host=args.host, port=args.port, model=args.model, allow_remote=args.allow_remote, work_dir=args.work_dir
     )
@@ -307,10 +305,6 @@ def main(
             where = prog if prog != "textinv" else f"{prog} {args.command}"
             raise UserError(unrecognized_message(unknown, option_strings([subcommand(parser, args.command)]), where))
         _configure_logging(bool(getattr(args, "verbose", False)))
-        if args.command in ("train", "generate", "demo", "eval"):
-            from textinv.training.memory import return_freed_memory_promptly
-
-            return_freed_memory_promptly()
         return int(args.handler(args) or 0)
     except UserError as error:
         _traceback_if(debug)

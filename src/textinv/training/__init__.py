@@ -19,8 +19,8 @@ __all__ = ["TrainingRecipe", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    """``train`` and ``TrainingRecipe`` on first use: importing ``textinv.training.memory`` (the CLI does,
-    before it checks the arguments) must not pay for torch."""
+    """``train`` and ``TrainingRecipe`` on first use: importing a submodule (``textinv.training.held_out``, say)
+    must not pay for the whole recipe."""
     if name in __all__:
         from textinv.training import recipe
 

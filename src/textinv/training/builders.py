@@ -141,9 +141,10 @@ def example_stream(
 
 
 # What a step costs on a CPU, per example and UNet parameter: fitted to an SD 1.5-sized UNet (860M parameters)
-# on this project's 2-core CPU, 5.2 s a step at 256 px and 18.8 s at 512 px (batch 1, fp32; docs/speed.md).
-_CPU_SECONDS_PER_PARAMETER = 7.9e-10
-_CPU_SECONDS_PER_PARAMETER_AND_LATENT_PIXEL = 5.15e-12
+# on this project's 2-core CPU, 3.60 s a step at 256 px and 10.95 s at 512 px (batch 1, fp32, two threads;
+# bench/user_speed.py, 2026-12-03, docs/speed.md).
+_CPU_SECONDS_PER_PARAMETER = 1.34e-9
+_CPU_SECONDS_PER_PARAMETER_AND_LATENT_PIXEL = 2.784e-12
 _CPU_THREADS_MEASURED = 2
 
 

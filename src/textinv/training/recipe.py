@@ -211,9 +211,8 @@ class TrainingRecipe:
         run.save_record()
         self.stop_reason = "max_train_steps"
         for word in words:  # None with --eval_steps 0
-            word.evaluation = HeldOutEvaluation.for_run(
-                word.config, parts, word.latent_cache, word.stream, device, word.weights, self.lora, word.name, max_steps
-            )
+            inputs = (word.latent_cache, word.stream, device, word.weights, self.lora, word.name, max_steps)
+            word.evaluation = HeldOutEvaluation.for_run(word.config, parts, *inputs)
         if resume_state is not None:
             concepts.load_held_out_state(words, resume_state.held_out, self.start_step)
         for word in words:

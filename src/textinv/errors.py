@@ -18,6 +18,12 @@ def first_line(error: BaseException) -> str:
     return lines[0][:200] if lines else type(error).__name__
 
 
+def printable(text: object) -> str:
+    """``text`` as a one-line message can quote it: control characters (a newline, a carriage return) as '?'
+    (fuzzing found names of one newline or one carriage return breaking one-line errors)."""
+    return "".join(char if char.isprintable() else "?" for char in str(text))
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM stopped training after a step, and a checkpoint was written (or before the first step, and
     nothing was: step 0, no checkpoint)."""

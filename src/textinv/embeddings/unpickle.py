@@ -33,6 +33,8 @@ def _load_torch_zip(path: Path) -> Any:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
         raise UserError(f"{str(path)!r} is truncated or corrupt (not a complete zip archive)") from None
+    except NotImplementedError as error:  # a zip version or feature Python's zipfile does not read (make fuzz)
+        raise UserError(f"{str(path)!r} is not a torch file: its zip archive says {first_line(error)}") from None
     # Nothing is extracted, but a member named outside the archive's folder is no torch.save output (zip-slip names).
     strange = next(
         (m.filename for m in members if m.filename.startswith(("/", "\\")) or ".." in re.split(r"[\\/]", m.filename)),

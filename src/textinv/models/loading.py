@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from textinv.config import UserError, first_line
+from textinv.errors import printable
 from textinv.models.families import SUPPORTED_TEXT, TEXT_ENCODER_CLASSES, FolderLayout, declared, detect
 from textinv.models.families.base import SINGLE, EncoderRole, ModelFamily
 from textinv.models.quiet import quiet_loading
@@ -167,7 +168,7 @@ def check_pipeline_dir(path: Path) -> dict[str, Any]:
 def _components_text(index: dict[str, Any]) -> str:
     """``unet: UNet2DConditionModel, transformer: ...``: what a model_index.json declares."""
     found = [
-        f"{name}: {spec[1]}"
+        printable(f"{name}: {spec[1]}")
         for name, spec in index.items()
         if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and spec[-1]
     ]
@@ -176,7 +177,7 @@ def _components_text(index: dict[str, Any]) -> str:
 
 def _check_supported_components(path: Path, index: dict[str, Any]) -> None:
     """A pipeline without a denoiser or without a first text encoder is another kind of model (a refiner, a VAE...)."""
-    pipeline_class = index.get("_class_name", "an unnamed pipeline")
+    pipeline_class = printable(index.get("_class_name", "nameless pipeline"))
     if not declared(index, "unet") and not declared(index, "transformer"):
         raise UserError(
             f"model {str(path)!r} is a {pipeline_class} with no UNet or transformer ({_components_text(index)}); "

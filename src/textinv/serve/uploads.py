@@ -22,6 +22,7 @@ from typing import Optional
 from textinv.config import UserError, first_line
 from textinv.data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, check_image
 from textinv.embeddings import MAX_FILE_BYTES
+from textinv.errors import printable
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +212,7 @@ def store_embedding_file(
 def shown_name(original_name: str) -> str:
     """A browser's file name as a message shows it: the last path part, 80 characters, control characters as '?'
     (fuzzing found a name of one newline breaking the one-line error)."""
-    name = safe_stem_with_suffix(original_name)[:80]
-    return "".join(char if char.isprintable() else "?" for char in name) or "upload"
+    return printable(safe_stem_with_suffix(original_name)[:80]) or "upload"
 
 
 def safe_stem_with_suffix(original_name: str) -> str:

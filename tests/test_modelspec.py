@@ -127,7 +127,9 @@ def test_an_sdxl_run_writes_the_xl_architecture_into_its_two_encoder_files(tmp_p
     since = _now()
     model = build_tiny_pipeline(tmp_path / "tiny-sdxl", family="sdxl", seed=0)
     output_dir = tmp_path / "out"
-    config = train_config(model, train_images, output_dir, **{**RUN, "max_train_steps": 2, "save_steps": 1})
+    config = train_config(
+        model, train_images, output_dir, **{**RUN, "max_train_steps": 2, "save_steps": 1, "eval_steps": 1}
+    )
     textinv.train(config, show_progress=False)
     best_step = json.loads((output_dir / "run.json").read_text())["eval"]["best_step"]
     expected = {

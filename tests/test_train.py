@@ -160,13 +160,13 @@ def test_only_save_embeds_skips_pipeline_and_snapshots_follow_save_steps(
     tiny_model: Path, train_images: Path, tmp_path: Path
 ) -> None:
     config = train_config(
-        tiny_model, train_images, tmp_path / "out", max_train_steps=9, save_steps=4, only_save_embeds=True
+        tiny_model, train_images, tmp_path / "out", max_train_steps=9, save_steps=4, only_save_embeds=True, eval_steps=5
     )
     result = train(config, show_progress=False)
     names = sorted(p.name for p in result.output_dir.iterdir())
     assert names == [
         "README.md",  # the model card
-        "learned_embeds-best.safetensors",  # the lowest eval_loss (textinv train evaluates every 10 steps)
+        "learned_embeds-best.safetensors",  # the lowest eval_loss (evaluated at 0, 5 and 9)
         "learned_embeds-steps-4.safetensors",
         "learned_embeds-steps-8.safetensors",
         "learned_embeds.safetensors",
